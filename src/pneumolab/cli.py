@@ -1,0 +1,215 @@
+"""The ``pneumolab`` command: thin Typer commands that parse, call the library and print.
+
+Bad input ends with one line on stderr naming the file and the reason, and exit status 2; ``--debug`` shows the
+traceback instead. ``--json`` prints one JSON object on stdout and nothing else there (progress goes to stderr).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from pneumolab import __version__
+from pneumolab.errors import PneumolabError
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="pneumolab",
+    help="Chest X-ray pneumonia classification: data, training, evaluation, explanation and serving.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+data_app = typer.Typer(help="Get, check and prepare a dataset.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+stdout = Console(soft_wrap=True)
+
+
+def _error_line(text: str) -> None:
+    """One plain line on stderr: no colour, no wrapping, so scripts can grep it."""
+    sys.stderr.write(text.replace("\n", " ") + "\n")
+
+
+DataDir = Annotated[Path, typer.Argument(help="Dataset folder (Kaggle layout: train/, test/, optional val/).")]
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout and nothing else.")]
+QuietFlag = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+
+
+def _print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2) + "\n")
+
+
+def _version(value: bool) -> None:
+    if value:
+        stdout.print(f"pneumolab {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks of errors.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    """Chest X-ray pneumonia classification."""  # --debug is read by `main`, which sees the exception
+
+
+@data_app.command("check")
+def data_check(
+    data: DataDir,
+    json_out: JsonFlag = False,
+    near_bits: Annotated[
+        int, typer.Option(help="Bits of the 256-bit perceptual hash that may differ in near duplicates.")
+    ] = 12,
+    workers: Annotated[int | None, typer.Option(help="Decoding processes (default: all cores).")] = None,
+    quiet: QuietFlag = False,
+) -> None:
+    """Counts per split and class, patients, unreadable files, duplicates and leakage across splits."""
+    from pneumolab.data.check import check_dataset
+
+    report = check_dataset(data, workers=workers, near_bits=near_bits, progress=not quiet and not json_out)
+    if json_out:
+        _print_json(report)
+    else:
+        _print_check(report)
+    if report["unreadable"]:
+        raise typer.Exit(2)
+
+
+def _print_check(report: dict[str, Any]) -> None:
+    stdout.print(f"[bold]{report['root']}[/bold]: {report['n_images']:,} readable images")
+    table = Table("split", "NORMAL", "PNEUMONIA", "total", "patients")
+    for split, counts in report["counts"].items():
+        table.add_row(
+            split,
+            f"{counts['NORMAL']:,}",
+            f"{counts['PNEUMONIA']:,}",
+            f"{counts['total']:,}",
+            f"{report['patients'][split]:,}",
+        )
+    stdout.print(table)
+    if report["patient_ids_one_per_file"]:
+        stdout.print(f"{report['patient_ids_one_per_file']:,} file names match no known pattern: one patient per file.")
+    for name, label in (("exact_duplicates", "exact duplicate"), ("near_duplicates", "near-duplicate")):
+        dup = report[name]
+        stdout.print(
+            f"{dup['n_groups']} {label} groups ({dup['n_images']} images): {dup['cross_split_groups']} cross "
+            f"splits, {dup['conflicting_label_groups']} have conflicting labels, "
+            f"{dup['cross_patient_groups']} span patients"
+        )
+    for pair, crossing in report["patients_across_splits"].items():
+        if crossing["n"]:
+            examples = ", ".join(crossing["examples"])
+            stdout.print(f"patient ids in both {pair.replace('&', ' and ')}: {crossing['n']} (e.g. {examples})")
+    if report["skipped"]:
+        stdout.print(f"{len(report['skipped'])} files skipped (not images), e.g. {report['skipped'][0]}")
+    for bad in report["unreadable"]:
+        _error_line(f"{Path(report['root']) / bad['path']}: {bad['reason']}")
+
+
+@data_app.command("prepare")
+def data_prepare(
+    data: DataDir,
+    size: Annotated[int, typer.Option(help="Side of the cached square images, in pixels.")] = 256,
+    cache: Annotated[Path | None, typer.Option(help="Cache folder (default: the user's cache folder).")] = None,
+    workers: Annotated[int | None, typer.Option(help="Decoding processes (default: all cores).")] = None,
+    skip_unreadable: Annotated[bool, typer.Option(help="Leave unreadable files out instead of failing.")] = False,
+    json_out: JsonFlag = False,
+    quiet: QuietFlag = False,
+) -> None:
+    """Decode every image once into a uint8 memory-mapped cache (a no-op when the data did not change)."""
+    from pneumolab.data.cache import prepare_cache
+
+    cached, built = prepare_cache(
+        data,
+        size=size,
+        cache_root=cache,
+        workers=workers,
+        skip_unreadable=skip_unreadable,
+        progress=not quiet and not json_out,
+    )
+    summary = {"cache": str(cached.path), "built": built, "n": len(cached.manifest), "size": cached.size}
+    if json_out:
+        _print_json(summary)
+    else:
+        verb = "built" if built else "up to date"
+        stdout.print(f"cache {verb}: {cached.path} ({summary['n']:,} images, {cached.size} px)")
+
+
+@data_app.command("split")
+def data_split(
+    data: DataDir,
+    out: Annotated[Path, typer.Option(help="Where to write the split CSV.")] = Path("split.csv"),
+    val_fraction: Annotated[float, typer.Option(help="Share of train (per label) carved out for validation.")] = 0.1,
+    seed: Annotated[int, typer.Option(help="Seed of the patient choice.")] = 0,
+    json_out: JsonFlag = False,
+) -> None:
+    """Carve the patient-grouped, label-stratified validation split from train and write split.csv."""
+    from pneumolab.data.dataset import build_manifest, find_dataset_root
+    from pneumolab.data.splits import carve_validation, write_split
+
+    manifest = build_manifest(find_dataset_root(data))
+    splits = carve_validation(manifest, fraction=val_fraction, seed=seed)
+    write_split(manifest, splits, out)
+    counts = manifest.groupby([splits, "label_name"]).size().unstack(fill_value=0)
+    summary = {"split_csv": str(out), "counts": {s: row.to_dict() for s, row in counts.iterrows()}}
+    if json_out:
+        _print_json(summary)
+    else:
+        stdout.print(f"wrote {out}")
+        stdout.print(counts.to_string())
+
+
+@data_app.command("download")
+def data_download(
+    source: Annotated[str, typer.Option(help="kaggle, medmnist or url.")] = "kaggle",
+    to: Annotated[Path, typer.Option(help="Folder to download into.")] = Path("data"),
+    url: Annotated[str | None, typer.Option(help="Zip URL (with --source url), e.g. a Mendeley mirror.")] = None,
+    sha256: Annotated[str | None, typer.Option(help="Expected SHA-256 of the zip (--source url).")] = None,
+    size: Annotated[int, typer.Option(help="MedMNIST+ image size (28, 64, 128 or 224).")] = 224,
+    quiet: QuietFlag = False,
+) -> None:
+    """Download the dataset (Kaggle, MedMNIST+ PneumoniaMNIST, or any zip URL) and show where it is."""
+    from pneumolab.data import download as dl
+    from pneumolab.data.dataset import find_dataset_root
+    from pneumolab.errors import did_you_mean
+
+    if source == "kaggle":
+        folder = dl.download_kaggle(to, progress=not quiet)
+    elif source == "medmnist":
+        folder = dl.download_medmnist(to, size=size, progress=not quiet)
+    elif source == "url":
+        if not url:
+            raise PneumolabError("--source url needs --url URL")
+        folder = dl.download_url(url, to, sha256=sha256, progress=not quiet)
+    else:
+        raise did_you_mean("source", source, ["kaggle", "medmnist", "url"])
+    root = find_dataset_root(folder)
+    stdout.print(f"dataset ready: {root}\nnext: pneumolab data check {root}")
+
+
+def main() -> None:
+    """Console entry point: run the app, turning library errors into one line and exit status 2."""
+    try:
+        app()
+    except PneumolabError as error:
+        if "--debug" in sys.argv[1:]:
+            raise
+        _error_line(f"error: {error}")
+        sys.exit(2)
+    except KeyboardInterrupt:
+        _error_line("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
