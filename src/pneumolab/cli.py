@@ -197,6 +197,101 @@ def data_download(
     stdout.print(f"dataset ready: {root}\nnext: pneumolab data check {root}")
 
 
+@app.command("models")
+def models_command(
+    pattern: Annotated[str, typer.Argument(help="Shell-style filter, e.g. 'resnet*'.")] = "*",
+    json_out: JsonFlag = False,
+) -> None:
+    """List the architectures, their input size and whether ImageNet weights are available offline here."""
+    from pneumolab.models import imagenet_weights_available, list_models, model_spec
+
+    rows = []
+    for name in list_models(pattern):
+        spec = model_spec(name)
+        rows.append(
+            {
+                "name": name,
+                "input_size": spec.input_size,
+                "feature_dim": spec.feature_dim,
+                "imagenet_here": imagenet_weights_available(name),
+                "imagenet_source": spec.imagenet_source,
+            }
+        )
+    if json_out:
+        _print_json({"models": rows})
+        return
+    table = Table("model", "input", "features", "ImageNet weights here")
+    for row in rows:
+        here = "yes" if row["imagenet_here"] else "no (trains from scratch)"
+        table.add_row(row["name"], str(row["input_size"]), str(row["feature_dim"]), here)
+    stdout.print(table)
+    stdout.print("sources: pneumolab models --json")
+
+
+@app.command("train")
+def train_command(
+    data: Annotated[Path | None, typer.Option(help="Dataset folder (Kaggle layout).")] = None,
+    model: Annotated[str | None, typer.Option(help="Architecture name (see `pneumolab models`).")] = None,
+    weights: Annotated[str | None, typer.Option(help="imagenet, none, or a weights file.")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML config; the flags below override it.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Run folder (default: runs/<model>-<time>).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out after its last finished epoch.")] = False,
+    epochs: Annotated[int | None, typer.Option(help="Epochs.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Images per batch (per process under torchrun).")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
+    image_size: Annotated[int | None, typer.Option(help="Training and evaluation input size in pixels.")] = None,
+    freeze: Annotated[str | None, typer.Option(help="full, plan, linear or gradual.")] = None,
+    head: Annotated[str | None, typer.Option(help="linear, plan or attention.")] = None,
+    augment: Annotated[str | None, typer.Option(help="Augmentation preset: plan, cxr or none.")] = None,
+    strategy: Annotated[str | None, typer.Option(help="finetune, or features (frozen-feature fast path).")] = None,
+    precision: Annotated[str | None, typer.Option(help="auto, fp32, bf16 or fp16.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the order, augmentation and initial weights.")] = None,
+    ema: Annotated[bool | None, typer.Option("--ema/--no-ema", help="Validate and keep an EMA of weights.")] = None,
+    deterministic: Annotated[bool, typer.Option(help="Deterministic algorithms only (slower).")] = False,
+    tensorboard: Annotated[bool, typer.Option(help="Write TensorBoard scalars into RUN/tensorboard.")] = False,
+    threads: Annotated[int | None, typer.Option(help="CPU threads.")] = None,
+    max_batches: Annotated[int | None, typer.Option(help="Cap on batches per epoch (smoke tests).")] = None,
+    json_out: JsonFlag = False,
+    quiet: QuietFlag = False,
+) -> None:
+    """Train a model into a run folder (config, split, history, checkpoints, env)."""
+    from pneumolab.config import apply_overrides, load_config
+    from pneumolab.train.api import default_run_dir, train
+
+    settings = apply_overrides(
+        load_config(config),
+        {
+            "data.root": str(data) if data else None,
+            "model.name": model,
+            "model.weights": weights,
+            "model.head": head,
+            "augment.preset": augment,
+            "optim.lr": lr,
+            "epochs": epochs,
+            "batch_size": batch_size,
+            "image_size": image_size,
+            "freeze": freeze,
+            "strategy": strategy,
+            "precision": precision,
+            "seed": seed,
+            "ema": ema,
+            "deterministic": deterministic or None,
+            "tensorboard": tensorboard or None,
+            "threads": threads,
+            "max_batches": max_batches,
+        },
+    )
+    if resume and out is None:
+        raise PneumolabError("--resume needs --out RUN (the run folder to continue)")
+    summary = train(settings, out or default_run_dir(settings), resume=resume, progress=not quiet and not json_out)
+    if summary.get("epochs") is None:  # a non-zero torchrun rank: rank 0 reports
+        return
+    if json_out:
+        _print_json(summary)
+    else:
+        stdout.print(f"run: {summary['run']} (best epoch {summary['best_epoch']}, {summary['wall_seconds']} s)")
+
+
 def main() -> None:
     """Console entry point: run the app, turning library errors into one line and exit status 2."""
     try:

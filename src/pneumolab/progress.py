@@ -18,7 +18,7 @@ from rich.progress import (
 
 __all__ = ["progress_bar", "stderr_console"]
 
-stderr_console = Console(stderr=True)
+stderr_console = Console(stderr=True, soft_wrap=True)
 
 
 @contextlib.contextmanager

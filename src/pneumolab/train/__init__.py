@@ -1,0 +1,1 @@
+"""Training: the loop, its callbacks, losses and class weights, and the feature-cache fast path."""

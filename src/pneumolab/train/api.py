@@ -1,0 +1,54 @@
+"""`train`: one entry point for both strategies, with the run-folder rules (new, resume, refuse to overwrite)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from pneumolab.config import TrainConfig, load_config
+from pneumolab.errors import PneumolabError
+from pneumolab.fsutil import write_json_atomic
+from pneumolab.runs import RunDir
+
+__all__ = ["default_run_dir", "train"]
+
+
+def default_run_dir(config: TrainConfig, root: str | os.PathLike[str] = "runs") -> Path:
+    """``runs/<model>-<YYYYmmdd-HHMMSS>``."""
+    return Path(root) / f"{config.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def train(
+    config: TrainConfig,
+    out: str | os.PathLike[str],
+    *,
+    resume: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train into the run folder `out` and return a summary (best epoch, its metric, wall time).
+
+    With `resume`, the run's own ``config.yaml`` is used and training continues after the last finished epoch.
+    Without it, a folder that already holds a run is refused rather than overwritten.
+    """
+    run = RunDir(out)
+    if resume:
+        if not run.config.is_file():
+            raise PneumolabError(f"{run.path}: nothing to resume (no config.yaml)")
+        config = load_config(run.config)
+    elif run.config.is_file() or run.last.is_file():
+        raise PneumolabError(f"{run.path}: already holds a run; pass --resume to continue it or choose another --out")
+
+    if config.strategy == "features":
+        from pneumolab.train.features import FeatureTrainer as trainer_class
+    else:
+        from pneumolab.train.loop import Trainer as trainer_class
+    trainer = trainer_class(config, run, resume=resume, progress=progress)
+    summary = trainer.fit()
+    if trainer.is_main:
+        env = json.loads(run.env.read_text()) if run.env.is_file() else {}
+        env["train_summary"] = summary
+        write_json_atomic(run.env, env)
+    return summary
