@@ -292,6 +292,122 @@ def train_command(
         stdout.print(f"run: {summary['run']} (best epoch {summary['best_epoch']}, {summary['wall_seconds']} s)")
 
 
+@app.command("evaluate")
+def evaluate_command(
+    model: Annotated[Path, typer.Argument(help="A trained run folder.")],
+    data: Annotated[Path | None, typer.Option(help="Dataset folder (default: the run's).")] = None,
+    split: Annotated[str, typer.Option(help="Which split's metrics to print: val or test.")] = "test",
+    tta: Annotated[bool, typer.Option(help="Print the metrics with test-time augmentation.")] = False,
+    tta_views: Annotated[str, typer.Option(help="TTA preset (plan, cxr) or comma-separated views.")] = "cxr",
+    threshold: Annotated[
+        str,
+        typer.Option(
+            help="How the threshold is chosen on validation: balanced_accuracy, youden, f1, target_sensitivity, fixed."
+        ),
+    ] = "balanced_accuracy",
+    target_sensitivity: Annotated[float | None, typer.Option(help="With --threshold target_sensitivity.")] = None,
+    resamples: Annotated[int, typer.Option(help="Bootstrap resamples for the 95 % intervals.")] = 2000,
+    force: Annotated[bool, typer.Option(help="Evaluate again even if the run's metrics are up to date.")] = False,
+    json_out: JsonFlag = False,
+    quiet: QuietFlag = False,
+) -> None:
+    """Evaluate a run on validation and test (operating point fit on validation) and print the metrics."""
+    from pneumolab.evaluate.runner import evaluate_run
+
+    if split not in ("val", "test"):
+        raise PneumolabError(f"--split must be val or test, not {split!r}")
+    if target_sensitivity is not None and threshold == "balanced_accuracy":
+        threshold = "target_sensitivity"
+    results = evaluate_run(
+        model,
+        data=data,
+        tta=tta_views,
+        threshold_method=threshold,
+        target_sensitivity=target_sensitivity,
+        n_resamples=resamples,
+        force=force,
+        progress=not quiet and not json_out,
+    )
+    metrics = results[f"{split}_tta" if tta else split]
+    if json_out:
+        _print_json(metrics)
+        return
+    _print_metrics(metrics)
+
+
+def _print_metrics(metrics: dict[str, Any]) -> None:
+    table = Table("metric", "value", "95 % interval")
+    for key in ("accuracy", "balanced_accuracy", "precision", "recall", "specificity", "f1",
+                "average_precision", "roc_auc", "accuracy_at_0.5"):  # fmt: skip
+        low, high = metrics["ci95"][key]
+        table.add_row(key, f"{metrics[key]:.4f}", f"{low:.4f} - {high:.4f}")
+    stdout.print(table)
+    (tn, fp), (fn, tp) = metrics["confusion_matrix"]
+    stdout.print(
+        f"{metrics['split']}: n={metrics['n']}, threshold {metrics['threshold']:.4f} ({metrics['threshold_method']}), "
+        f"temperature {metrics['temperature']:.3f}, confusion [[tn {tn}, fp {fp}], [fn {fn}, tp {tp}]]"
+    )
+
+
+@app.command("ensemble")
+def ensemble_command(
+    runs: Annotated[list[Path], typer.Argument(help="Evaluated run folders (two or more).")],
+    out: Annotated[Path, typer.Option(help="Folder for the ensemble's predictions and metrics.")] = Path(
+        "runs/ensemble"
+    ),
+    method: Annotated[str, typer.Option(help="mean, weighted or stacking (fit on validation).")] = "mean",
+    threshold: Annotated[str, typer.Option(help="How the threshold is chosen on validation.")] = "balanced_accuracy",
+    target_sensitivity: Annotated[float | None, typer.Option(help="With --threshold target_sensitivity.")] = None,
+    json_out: JsonFlag = False,
+) -> None:
+    """Combine evaluated runs from their saved predictions (members may differ in architecture and size)."""
+    from pneumolab.evaluate.runner import ensemble_runs
+
+    if target_sensitivity is not None and threshold == "balanced_accuracy":
+        threshold = "target_sensitivity"
+    results = ensemble_runs(runs, out, method=method, threshold_method=threshold, target_sensitivity=target_sensitivity)
+    if json_out:
+        _print_json(results["test"])
+    else:
+        _print_metrics(results["test"])
+        stdout.print(f"ensemble written to {out}")
+
+
+@app.command("report")
+def report_command(
+    runs: Annotated[list[Path], typer.Argument(help="Run folders (trained and evaluated, or ensembles).")],
+    out: Annotated[Path, typer.Option(help="Folder for report.html, report.md and images.")] = Path("report"),
+    title: Annotated[str, typer.Option(help="Report title.")] = "pneumolab report",
+) -> None:
+    """Write the comparison report: one self-contained HTML page and its Markdown twin."""
+    from pneumolab.report import build_report
+
+    files = build_report(runs, out, title=title)
+    stdout.print(f"report: {files['html']}")
+
+
+@app.command("run")
+def run_command(
+    data: Annotated[
+        Path | None, typer.Option(help="Dataset folder (default: the config's, else data/chest_xray).")
+    ] = None,
+    config: Annotated[Path, typer.Option(help="Pipeline config.")] = Path("configs/default.yaml"),
+    out: Annotated[Path, typer.Option(help="Output folder: one run per model, the ensemble, the report.")] = Path(
+        "runs/default"
+    ),
+    json_out: JsonFlag = False,
+    quiet: QuietFlag = False,
+) -> None:
+    """The main job: prepare -> train each model -> evaluate (with and without TTA) -> ensemble -> report."""
+    from pneumolab.pipeline import load_pipeline_config, run_pipeline
+
+    summary = run_pipeline(load_pipeline_config(config), out, data=data, progress=not quiet and not json_out)
+    if json_out:
+        _print_json(summary)
+    else:
+        stdout.print(f"report: {summary['report']} ({summary['wall_seconds']} s)")
+
+
 def main() -> None:
     """Console entry point: run the app, turning library errors into one line and exit status 2."""
     try:

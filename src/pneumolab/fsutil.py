@@ -14,6 +14,17 @@ from typing import Any
 __all__ = ["atomic_dir", "atomic_path", "write_json_atomic", "write_text_atomic"]
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _usual_mode(path: Path, mode: int) -> None:
+    """mkstemp/mkdtemp create private (0600/0700) entries; give the result the permissions open() would."""
+    os.chmod(path, mode & ~_umask())
+
+
 @contextlib.contextmanager
 def atomic_path(dest: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside `dest`; on success it is renamed onto `dest`, on error removed."""
@@ -22,6 +33,7 @@ def atomic_path(dest: str | os.PathLike[str]) -> Iterator[Path]:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
     os.close(fd)
     tmp = Path(tmp_name)
+    _usual_mode(tmp, 0o666)
     try:
         yield tmp
         os.replace(tmp, dest)
@@ -35,6 +47,7 @@ def atomic_dir(dest: str | os.PathLike[str]) -> Iterator[Path]:
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    _usual_mode(tmp, 0o777)
     try:
         yield tmp
         if dest.exists():

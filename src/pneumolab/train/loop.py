@@ -185,6 +185,7 @@ class BaseTrainer:
             "model_name": self.config.model.name,
             "head": self.config.model.head,
             "image_size": self.config.image_size,
+            "cache_size": self.config.data.cache_size,
             "crop_fraction": self.crop_fraction,
             "normalize": list(self.normalize),
             "classes": list(CLASSES),

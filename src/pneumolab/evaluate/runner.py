@@ -1,0 +1,276 @@
+"""Evaluate a trained run: predictions on disk, operating point fit on validation, metrics with intervals.
+
+For each variant (plain, and with TTA views when asked) the model runs once over the validation and test images
+of the run's own ``split.csv``; the temperature and the threshold are fit on validation only, then applied
+unchanged to test (EVALUATION.md rules 2-4). The variant used by the model afterwards (``operating_point.json``)
+is the one with the higher validation ROC-AUC. Files written::
+
+    RUN/predictions/{val,test}[_tta].csv   path, label, probability, prediction, logit
+    RUN/metrics/{val,test}[_tta].json      the metric object with 95 % bootstrap intervals
+    RUN/operating_point.json               threshold, method, temperature, tta views
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from pneumolab.config import load_config
+from pneumolab.data.cache import prepare_cache
+from pneumolab.data.splits import read_split
+from pneumolab.data.tta import resolve_views
+from pneumolab.errors import PneumolabError
+from pneumolab.evaluate.calibration import TemperatureScaler, ThresholdSelector, expected_calibration_error
+from pneumolab.evaluate.metrics import evaluate_predictions
+from pneumolab.fsutil import atomic_path, write_json_atomic
+from pneumolab.infer import TrainedModel, load_trained
+from pneumolab.progress import progress_bar
+from pneumolab.runs import RunDir
+
+__all__ = ["ensemble_runs", "evaluate_run", "metrics_for", "write_predictions"]
+
+SPLITS = ("val", "test")
+
+
+def write_predictions(dest: Path, paths, labels, probabilities, threshold: float, logits=None) -> Path:
+    """``path,label,probability,prediction,logit`` CSV, written atomically."""
+    table = pd.DataFrame(
+        {
+            "path": list(paths),
+            "label": np.asarray(labels, dtype=int),
+            "probability": np.asarray(probabilities, dtype=float),
+            "prediction": (np.asarray(probabilities) >= threshold).astype(int),
+            "logit": np.asarray(logits, dtype=float) if logits is not None else np.nan,
+        }
+    )
+    with atomic_path(dest) as tmp:
+        table.to_csv(tmp, index=False, float_format="%.7g")
+    return dest
+
+
+def metrics_for(
+    labels: np.ndarray,
+    probabilities: np.ndarray,
+    *,
+    threshold: float,
+    threshold_method: str,
+    temperature: float | None,
+    n_resamples: int,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The metric object plus calibration error and the facts a report needs."""
+    metrics = evaluate_predictions(labels, probabilities, threshold, n_resamples=n_resamples)
+    metrics.update(
+        threshold_method=threshold_method,
+        temperature=temperature,
+        ece=expected_calibration_error(labels, probabilities),
+        **extra,
+    )
+    return metrics
+
+
+def _rows(run: RunDir, manifest: pd.DataFrame) -> dict[str, np.ndarray]:
+    split = read_split(run.split)
+    by_path = dict(zip(split["path"], split["split"], strict=True))
+    assigned = manifest["path"].map(by_path).to_numpy()
+    rows = {name: np.flatnonzero(assigned == name) for name in SPLITS}
+    if not len(rows["val"]):
+        raise PneumolabError(f"{run.split}: no validation images of this dataset; is --data the run's dataset?")
+    return rows
+
+
+def _newer(path: Path, than: Path) -> bool:
+    return path.is_file() and path.stat().st_mtime > than.stat().st_mtime
+
+
+def _timed_logits(trained: TrainedModel, images: np.ndarray, views, progress: bool, label: str):
+    started = time.perf_counter()
+    logits = []
+    batch = 64
+    with progress_bar(len(images), label, enabled=progress) as advance:
+        for start in range(0, len(images), batch):
+            logits.append(trained.logits(images[start : start + batch], views=views, batch_size=batch))
+            advance(min(batch, len(images) - start))
+    seconds = time.perf_counter() - started
+    return torch.cat(logits), seconds
+
+
+def evaluate_run(
+    run_dir: str | os.PathLike[str],
+    *,
+    data: str | os.PathLike[str] | None = None,
+    tta: str | None = "cxr",
+    threshold_method: str = "balanced_accuracy",
+    target_sensitivity: float | None = None,
+    n_resamples: int = 2000,
+    force: bool = False,
+    progress: bool = True,
+) -> dict[str, dict[str, Any]]:
+    """Evaluate a run on its validation and test images; return ``{"val": m, "test": m, "val_tta": ...}``.
+
+    Finished evaluations are reused (their files are newer than ``best.pt``) unless `force`.
+    """
+    run = RunDir(run_dir)
+    variants = {"": ("identity",)}
+    if tta:
+        variants["_tta"] = resolve_views(tta)
+    wanted = [run.path / "metrics" / f"{s}{v}.json" for v in variants for s in SPLITS]
+    if not force and run.best.is_file() and all(_newer(p, run.best) for p in wanted):
+        return {p.stem: json.loads(p.read_text()) for p in wanted}
+
+    config = load_config(run.config)
+    trained = load_trained(run.path)
+    root = data or config.data.root
+    if root is None:
+        raise PneumolabError(f"{run.path}: the run names no dataset; pass --data DIR")
+    cache, _ = prepare_cache(root, size=trained.cache_size, cache_root=config.data.cache_dir, progress=progress)
+    rows = _rows(run, cache.manifest)
+    labels = {s: cache.manifest["label"].to_numpy()[rows[s]] for s in SPLITS}
+    paths = {s: cache.manifest["path"].to_numpy()[rows[s]] for s in SPLITS}
+
+    results: dict[str, dict[str, Any]] = {}
+    points: dict[str, dict[str, Any]] = {}
+    for suffix, views in variants.items():
+        logits, seconds = {}, {}
+        for split in SPLITS:
+            images = np.asarray(cache.images[rows[split]])
+            logits[split], seconds[split] = _timed_logits(trained, images, views, progress, f"{split}{suffix}")
+        scaler = TemperatureScaler().fit(logits["val"].numpy(), labels["val"])
+        temperature = float(scaler.temperature_)
+        probabilities = {s: torch.softmax(logits[s] / temperature, 1)[:, 1].numpy() for s in SPLITS}
+        selector = ThresholdSelector(threshold_method, target_sensitivity=target_sensitivity)
+        selector.fit(labels["val"], probabilities["val"])
+        threshold = float(selector.threshold_)
+        for split in SPLITS:
+            margin = (logits[split][:, 1] - logits[split][:, 0]).numpy()
+            write_predictions(
+                run.path / "predictions" / f"{split}{suffix}.csv",
+                paths[split],
+                labels[split],
+                probabilities[split],
+                threshold,
+                margin,
+            )
+            metrics = metrics_for(
+                labels[split],
+                probabilities[split],
+                threshold=threshold,
+                threshold_method=selector.describe(),
+                temperature=temperature,
+                n_resamples=n_resamples,
+                split=split,
+                tta=list(views) if suffix else [],
+                model=run.path.name,
+                weights_source=trained.weights_source,
+                inference_images_per_s=len(rows[split]) * len(views) / seconds[split],
+                eval_seconds=seconds[split],
+            )
+            write_json_atomic(run.path / "metrics" / f"{split}{suffix}.json", metrics)
+            results[f"{split}{suffix}"] = metrics
+        points["tta" if suffix else "plain"] = {
+            "threshold": threshold,
+            "method": selector.describe(),
+            "temperature": temperature,
+            "tta": list(views) if suffix else [],
+            "val_roc_auc": results[f"val{suffix}"]["roc_auc"],
+        }
+    # which variant the model uses from now on: chosen on validation (a tie keeps the cheaper plain one)
+    chosen = max(points, key=lambda k: (points[k]["val_roc_auc"], k == "plain"))
+    write_json_atomic(
+        run.path / "operating_point.json", {**points[chosen], "chosen_on": "validation", "variants": points}
+    )
+    return results
+
+
+def _member_predictions(run: RunDir, split: str) -> pd.DataFrame:
+    """A member's predictions for `split`, in the variant its operating point chose (plain or TTA)."""
+    point_file = run.path / "operating_point.json"
+    if not point_file.is_file():
+        raise PneumolabError(f"{run.path}: not evaluated yet (no operating_point.json); run pneumolab evaluate first")
+    suffix = "_tta" if json.loads(point_file.read_text()).get("tta") else ""
+    return pd.read_csv(run.path / "predictions" / f"{split}{suffix}.csv")
+
+
+def ensemble_runs(
+    runs: list[str | os.PathLike[str]],
+    out: str | os.PathLike[str],
+    *,
+    method: str = "mean",
+    threshold_method: str = "balanced_accuracy",
+    target_sensitivity: float | None = None,
+    n_resamples: int = 2000,
+) -> dict[str, dict[str, Any]]:
+    """Combine evaluated runs from their saved predictions (no model runs again); fit on validation only.
+
+    The members may differ in architecture and input size: only their per-image probabilities meet, aligned by
+    image path. The ensemble folder gets predictions, metrics and an operating point like any run.
+    """
+    from pneumolab.evaluate.ensemble import EnsembleCombiner
+
+    if len(runs) < 2:
+        raise PneumolabError("an ensemble needs at least two runs")
+    members = [RunDir(r) for r in runs]
+    tables = {s: [_member_predictions(m, s) for m in members] for s in SPLITS}
+    for split, frames in tables.items():
+        reference = frames[0]["path"].tolist()
+        for member, frame in zip(members[1:], frames[1:], strict=True):
+            if frame["path"].tolist() != reference:
+                raise PneumolabError(
+                    f"{member.path}: its {split} images differ from {members[0].path}'s (other split?)"
+                )
+    labels = {s: tables[s][0]["label"].to_numpy() for s in SPLITS}
+    stacked = {s: np.stack([f["probability"].to_numpy() for f in tables[s]]) for s in SPLITS}
+    combiner = EnsembleCombiner(method).fit(stacked["val"], labels["val"])
+    probabilities = {s: combiner.predict_proba(stacked[s]) for s in SPLITS}
+    selector = ThresholdSelector(threshold_method, target_sensitivity=target_sensitivity).fit(
+        labels["val"], probabilities["val"]
+    )
+    threshold = float(selector.threshold_)
+    run = RunDir(out)
+    run.path.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for split in SPLITS:
+        write_predictions(
+            run.path / "predictions" / f"{split}.csv",
+            tables[split][0]["path"],
+            labels[split],
+            probabilities[split],
+            threshold,
+        )
+        metrics = metrics_for(
+            labels[split],
+            probabilities[split],
+            threshold=threshold,
+            threshold_method=selector.describe(),
+            temperature=None,
+            n_resamples=n_resamples,
+            split=split,
+            tta=[],
+            model=run.path.name,
+            weights_source="ensemble",
+        )
+        write_json_atomic(run.path / "metrics" / f"{split}.json", metrics)
+        results[split] = metrics
+    description = combiner.describe()
+    write_json_atomic(
+        run.path / "operating_point.json",
+        {
+            "threshold": threshold,
+            "method": selector.describe(),
+            "temperature": None,
+            "tta": [],
+            "chosen_on": "validation",
+        },
+    )
+    write_json_atomic(
+        run.env,
+        {"ensemble": {**description, "members": [str(m.path) for m in members]}, "weights_source": "ensemble"},
+    )
+    return results

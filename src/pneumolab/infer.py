@@ -1,0 +1,151 @@
+"""Load a trained model once and turn uint8 images into calibrated PNEUMONIA probabilities.
+
+`TrainedModel` carries the model and everything its preprocessing and decision need (image size, crop,
+normalisation, cache size, temperature, threshold, TTA views), so evaluation, predict and the service run the
+same steps: file -> `load_xray(size=cache_size)` -> `eval_transform` -> model (-> TTA views) -> mean logits ->
+softmax(logits / temperature) -> threshold.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pneumolab import CLASSES
+from pneumolab.data.augment import eval_transform
+from pneumolab.data.io import load_xray
+from pneumolab.data.tta import apply_view
+from pneumolab.errors import PneumolabError
+from pneumolab.hardware import Precision, default_device, resolve_precision
+from pneumolab.models import Classifier, create_model
+from pneumolab.runs import RunDir, load_checkpoint
+
+__all__ = ["TrainedModel", "load_trained"]
+
+
+@dataclass
+class TrainedModel:
+    """A trained classifier in eval mode plus its preprocessing and operating point."""
+
+    model: Classifier
+    name: str
+    image_size: int
+    crop_fraction: float
+    normalize: tuple[float, float]
+    cache_size: int
+    weights_source: str
+    source: Path
+    threshold: float = 0.5
+    temperature: float = 1.0
+    threshold_method: str = "fixed 0.5"
+    tta: tuple[str, ...] = ()
+    device: torch.device = field(default_factory=default_device)
+    precision: Precision | None = None
+
+    def __post_init__(self) -> None:
+        self.model = self.model.to(self.device).eval()
+        if self.precision is None:
+            self.precision = resolve_precision("auto", self.device)
+
+    @torch.no_grad()
+    def logits(
+        self, images_u8: torch.Tensor | np.ndarray, *, views: Sequence[str] = ("identity",), batch_size: int = 64
+    ) -> torch.Tensor:
+        """Mean logits (N x 2, float32, CPU) of uint8 N x S x S (or N x 1 x S x S) images over the TTA `views`.
+
+        Each view costs one forward pass per batch, never one per image.
+        """
+        images = torch.as_tensor(images_u8)
+        if images.ndim == 3:
+            images = images.unsqueeze(1)
+        outputs = []
+        for start in range(0, len(images), batch_size):
+            x = eval_transform(
+                images[start : start + batch_size].to(self.device),
+                image_size=self.image_size,
+                crop_fraction=self.crop_fraction,
+                normalize=self.normalize,
+            )
+            total = None
+            for view in views:
+                with self.precision.autocast():
+                    out = self.model(apply_view(view, x, self.normalize)).float()
+                total = out if total is None else total + out
+            outputs.append((total / len(views)).cpu())
+        return torch.cat(outputs) if outputs else torch.empty(0, len(CLASSES))
+
+    def probabilities(self, logits: torch.Tensor) -> np.ndarray:
+        """Calibrated P(PNEUMONIA): softmax of the temperature-scaled logits."""
+        return torch.softmax(logits.float() / self.temperature, dim=1)[:, 1].numpy()
+
+    def load_images(self, paths: Sequence[str | os.PathLike[str]]) -> np.ndarray:
+        """Read files with the training preprocessing (squash to the cache size, uint8)."""
+        return np.stack([load_xray(p, size=self.cache_size) for p in paths])
+
+    def card(self) -> dict[str, Any]:
+        """The facts a report or a service shows about this model."""
+        return {
+            "architecture": self.name,
+            "image_size": self.image_size,
+            "crop_fraction": self.crop_fraction,
+            "normalize": list(self.normalize),
+            "cache_size": self.cache_size,
+            "classes": list(CLASSES),
+            "threshold": self.threshold,
+            "threshold_method": self.threshold_method,
+            "temperature": self.temperature,
+            "tta": list(self.tta),
+            "weights_source": self.weights_source,
+        }
+
+
+def _checkpoint_path(path: Path) -> Path:
+    if path.is_dir():
+        best = RunDir(path).best
+        if not best.is_file():
+            raise PneumolabError(f"{path}: not a trained run (no checkpoints/best.pt)")
+        return best
+    if path.is_file():
+        return path
+    raise PneumolabError(f"{path}: no such run folder or model file")
+
+
+def load_trained(path: str | os.PathLike[str], *, device: torch.device | None = None) -> TrainedModel:
+    """Load a run folder (its ``best.pt`` and ``operating_point.json``) or a checkpoint file."""
+    path = Path(path)
+    checkpoint_file = _checkpoint_path(path)
+    state = load_checkpoint(checkpoint_file)
+    if "model_name" not in state:
+        raise PneumolabError(f"{checkpoint_file}: not a pneumolab model checkpoint (no model_name)")
+    model = create_model(state["model_name"], weights="none", head=state.get("head", "linear"))
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as error:
+        first = str(error).splitlines()[0]
+        raise PneumolabError(f"{checkpoint_file}: weights do not fit {state['model_name']} ({first})") from None
+    trained = TrainedModel(
+        model=model,
+        name=state["model_name"],
+        image_size=int(state["image_size"]),
+        crop_fraction=float(state["crop_fraction"]),
+        normalize=tuple(state["normalize"]),
+        cache_size=int(state.get("cache_size", 256)),
+        weights_source=state.get("weights_source", "unknown"),
+        source=path,
+        device=device or default_device(),
+    )
+    operating_point = path / "operating_point.json" if path.is_dir() else None
+    if operating_point is not None and operating_point.is_file():
+        point = json.loads(operating_point.read_text())
+        trained.threshold = float(point["threshold"])
+        trained.temperature = float(point["temperature"])
+        trained.threshold_method = point["method"]
+        trained.tta = tuple(point.get("tta", ()))
+    return trained

@@ -1,0 +1,170 @@
+"""`pneumolab run`, the main job: prepare -> train each configured model -> evaluate -> ensemble -> report.
+
+Idempotent and resumable: a model whose run finished is reused, an interrupted one resumes from ``last.pt``,
+evaluations whose files are newer than the checkpoint are reused, and the ensemble and report are cheap
+recomputations from files. One pipeline config (``configs/*.yaml``) lists the models; each model's ``train``
+block is a `TrainConfig` whose ``data`` settings come from the pipeline's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pneumolab.config import DataConfig, TrainConfig
+from pneumolab.errors import PneumolabError, SettingError
+from pneumolab.fsutil import write_json_atomic
+from pneumolab.progress import stderr_console
+from pneumolab.runs import RunDir
+
+__all__ = ["PipelineConfig", "load_pipeline_config", "run_pipeline"]
+
+DEFAULT_DATA = Path("data/chest_xray")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelRun(_Strict):
+    """One model of the comparison: a run name and its training settings."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9._-]+$")
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+
+class EvaluateSettings(_Strict):
+    tta: str | None = "cxr"
+    threshold: str = "balanced_accuracy"
+    target_sensitivity: float | None = None
+    resamples: int = Field(2000, ge=100)
+
+
+class EnsembleSettings(_Strict):
+    method: str = "mean"
+    members: list[str] | None = None  # None: every model of the config
+
+
+class PipelineConfig(_Strict):
+    """A whole comparison: data, the models, how they are evaluated, and their ensemble."""
+
+    title: str = "pneumolab report"
+    data: DataConfig = Field(default_factory=DataConfig)
+    models: list[ModelRun] = Field(min_length=1)
+    evaluate: EvaluateSettings = Field(default_factory=EvaluateSettings)
+    ensemble: EnsembleSettings | None = None
+
+
+def load_pipeline_config(path: str | os.PathLike[str]) -> PipelineConfig:
+    """Read a pipeline YAML (one-line errors, like `pneumolab.config.load_config`)."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+        return PipelineConfig.model_validate(raw)
+    except FileNotFoundError:
+        raise SettingError(f"{path}: no such config file") from None
+    except yaml.YAMLError as error:
+        raise SettingError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise SettingError(f"{path}: {where}: {first['msg']}") from None
+
+
+def _run_finished(run: RunDir) -> bool:
+    if not run.env.is_file() or not run.best.is_file():
+        return False
+    return "train_summary" in json.loads(run.env.read_text())
+
+
+def _log(message: str) -> None:
+    stderr_console.print(f"[bold]run[/bold] {message}", highlight=False)
+
+
+def run_pipeline(
+    config: PipelineConfig,
+    out: str | os.PathLike[str],
+    *,
+    data: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run the whole job into `out` (``out/<model name>/`` runs, ``out/ensemble/``, ``out/report/``)."""
+    from pneumolab.data.cache import prepare_cache
+    from pneumolab.evaluate.runner import ensemble_runs, evaluate_run
+    from pneumolab.report import build_report
+    from pneumolab.train.api import train
+
+    started = time.perf_counter()
+    out = Path(out)
+    root = Path(data) if data else (config.data.root or DEFAULT_DATA)
+    if not root.exists():
+        raise PneumolabError(
+            f"{root}: no dataset here; get it with `pneumolab data download --to {root.parent}` "
+            "or pass --data DIR (or make run DATA=DIR)"
+        )
+    data_config = config.data.model_copy(update={"root": root})
+    _log(f"preparing the cache of {root}")
+    prepare_cache(root, size=data_config.cache_size, cache_root=data_config.cache_dir, progress=progress)
+
+    timings: dict[str, float] = {}
+    run_dirs = []
+    for model in config.models:
+        run = RunDir(out / model.name)
+        run_dirs.append(run.path)
+        # the pipeline's data settings, except what the model's own data block sets (e.g. a larger cache_size)
+        own = model.train.data.model_dump(exclude_unset=True)
+        train_data = data_config.model_copy(update={**own, "root": root})
+        train_config = model.train.model_copy(update={"data": train_data})
+        step_started = time.perf_counter()
+        if _run_finished(run):
+            _log(f"{model.name}: trained already, reusing {run.path}")
+        else:
+            resume = run.last.is_file()
+            _log(f"{model.name}: {'resuming' if resume else 'training'} {train_config.model.name}")
+            train(train_config, run.path, resume=resume, progress=progress)
+        _log(f"{model.name}: evaluating")
+        evaluate_run(
+            run.path,
+            data=root,
+            tta=config.evaluate.tta,
+            threshold_method=config.evaluate.threshold,
+            target_sensitivity=config.evaluate.target_sensitivity,
+            n_resamples=config.evaluate.resamples,
+            progress=progress,
+        )
+        timings[model.name] = round(time.perf_counter() - step_started, 1)
+
+    report_runs = list(run_dirs)
+    if config.ensemble is not None and len(config.models) >= 2:
+        names = config.ensemble.members or [m.name for m in config.models]
+        unknown = sorted(set(names) - {m.name for m in config.models})
+        if unknown:
+            raise SettingError(f"ensemble.members: {unknown} are not models of this config")
+        _log(f"ensemble ({config.ensemble.method}) of {', '.join(names)}")
+        ensemble_runs(
+            [out / n for n in names],
+            out / "ensemble",
+            method=config.ensemble.method,
+            threshold_method=config.evaluate.threshold,
+            target_sensitivity=config.evaluate.target_sensitivity,
+            n_resamples=config.evaluate.resamples,
+        )
+        report_runs.append(out / "ensemble")
+
+    _log("writing the report")
+    files = build_report(report_runs, out / "report", title=config.title)
+    summary = {
+        "out": str(out),
+        "report": str(files["html"]),
+        "runs": [str(r) for r in report_runs],
+        "seconds_per_model": timings,
+        "wall_seconds": round(time.perf_counter() - started, 1),
+    }
+    write_json_atomic(out / "pipeline.json", summary)
+    return summary

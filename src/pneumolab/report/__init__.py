@@ -1,0 +1,30 @@
+"""Plots (matplotlib) and the HTML/Markdown report with a model card per model (jinja2).
+
+Everything is drawn and written from a run folder's files; nothing recomputes what a file holds.
+"""
+
+from pneumolab.report.plots import (
+    DPI,
+    figure_png,
+    plot_confusion,
+    plot_history,
+    plot_reliability,
+    plot_roc_pr,
+    plot_run,
+    save_figure,
+)
+from pneumolab.report.render import RANDOM_INIT_TEXT, build_report, describe_weights
+
+__all__ = [
+    "DPI",
+    "RANDOM_INIT_TEXT",
+    "build_report",
+    "describe_weights",
+    "figure_png",
+    "plot_confusion",
+    "plot_history",
+    "plot_reliability",
+    "plot_roc_pr",
+    "plot_run",
+    "save_figure",
+]

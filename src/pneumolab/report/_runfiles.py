@@ -1,0 +1,242 @@
+"""Read what a run folder holds, for plots and reports: every file is optional, nothing is recomputed.
+
+A trained run has ``config.yaml``, ``history.csv`` and ``env.json``; after evaluation ``operating_point.json``,
+``predictions/{val,test}[_tta].csv`` and ``metrics/{val,test}[_tta].json``. An ensemble folder has the predictions,
+metrics and an ``env.json`` with an ``ensemble`` entry, but no history. A missing file is ``None`` here; a file that
+exists but cannot be read raises `PneumolabError` naming the file and the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from pneumolab.errors import PneumolabError
+
+SPLITS = ("val", "test")
+SPLIT_NAMES = {"val": "validation", "test": "test"}
+PREDICTION_COLUMNS = ("path", "label", "probability", "prediction")
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """The files of one evaluated variant: a split, with or without test-time augmentation."""
+
+    split: str
+    tta: bool
+    metrics: dict[str, Any] | None = None
+    predictions: pd.DataFrame | None = None
+
+    @property
+    def key(self) -> str:
+        """The file stem: ``test`` or ``test_tta``."""
+        return f"{self.split}_tta" if self.tta else self.split
+
+    @property
+    def label(self) -> str:
+        """Human name: ``test`` or ``test + TTA``."""
+        name = SPLIT_NAMES.get(self.split, self.split)
+        return f"{name} + TTA" if self.tta else name
+
+    def metric(self, key: str) -> float | None:
+        """A finite metric value, or None when absent."""
+        return finite(self.metrics.get(key)) if self.metrics else None
+
+    def interval(self, key: str) -> tuple[float, float] | None:
+        """The 95 % interval of a metric, or None when absent."""
+        ci = (self.metrics or {}).get("ci95") or {}
+        pair = ci.get(key)
+        if not isinstance(pair, list | tuple) or len(pair) != 2:
+            return None
+        low, high = finite(pair[0]), finite(pair[1])
+        return None if low is None or high is None else (low, high)
+
+    def confusion(self) -> np.ndarray | None:
+        """``[[tn, fp], [fn, tp]]`` from the metrics file, else counted from the predictions' decisions."""
+        cm = (self.metrics or {}).get("confusion_matrix")
+        if cm is not None:
+            array = np.asarray(cm)
+            if array.shape == (2, 2):
+                return array.astype(np.int64)
+        if self.predictions is not None:
+            y = self.predictions["label"].to_numpy()
+            pred = self.predictions["prediction"].to_numpy()
+            return np.array([[np.sum((y == t) & (pred == p)) for p in (0, 1)] for t in (0, 1)], dtype=np.int64)
+        return None
+
+
+@dataclass
+class RunFiles:
+    """Everything a run folder holds that a report shows; absent files are None."""
+
+    path: Path
+    config: dict[str, Any] | None = None
+    env: dict[str, Any] | None = None
+    history: pd.DataFrame | None = None
+    operating_point: dict[str, Any] | None = None
+    evaluations: dict[str, Evaluation] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        """The run's name: its folder name."""
+        return self.path.name
+
+    @property
+    def ensemble(self) -> dict[str, Any] | None:
+        """The ``ensemble`` entry of env.json, for an ensemble folder."""
+        value = (self.env or {}).get("ensemble")
+        return value if isinstance(value, dict) else None
+
+    def evaluation(self, split: str, tta: bool = False) -> Evaluation | None:
+        """The evaluated variant, or None when neither its metrics nor its predictions exist."""
+        return self.evaluations.get(f"{split}_tta" if tta else split)
+
+    def threshold(self, split: str, tta: bool = False) -> float | None:
+        """The decision threshold of a variant: its metrics file, else the operating point's."""
+        evaluation = self.evaluation(split, tta)
+        value = evaluation.metric("threshold") if evaluation else None
+        if value is None and self.operating_point:
+            variants = self.operating_point.get("variants") or {}
+            point = variants.get("tta" if tta else "plain") or self.operating_point
+            value = finite(point.get("threshold"))
+        return value
+
+    @property
+    def chosen_tta(self) -> bool | None:
+        """Whether the operating point chose the TTA variant (None when not evaluated)."""
+        if not self.operating_point:
+            return None
+        return bool(self.operating_point.get("tta"))
+
+    @property
+    def best_epoch(self) -> int | None:
+        """The selected epoch: env.json's training summary, else the best validation loss of the history."""
+        summary = (self.env or {}).get("train_summary") or {}
+        if finite(summary.get("best_epoch")) is not None:
+            return int(summary["best_epoch"])
+        history = self.history
+        if history is not None and "val_loss" in history and history["val_loss"].notna().any():
+            return int(history.loc[history["val_loss"].idxmin(), "epoch"])
+        return None
+
+
+def finite(value: Any) -> float | None:
+    """`value` as a float when it is a finite number, else None."""
+    if isinstance(value, bool) or value is None:
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise PneumolabError(f"{path}: not readable JSON ({error})") from None
+    if not isinstance(value, dict):
+        raise PneumolabError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _read_yaml(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        value = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        raise PneumolabError(f"{path}: not readable YAML ({str(error).splitlines()[0]})") from None
+    if not isinstance(value, dict):
+        raise PneumolabError(f"{path}: expected a mapping of settings")
+    return value
+
+
+def _read_csv(path: Path) -> pd.DataFrame | None:
+    if not path.is_file():
+        return None
+    try:
+        return pd.read_csv(path)
+    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as error:
+        raise PneumolabError(f"{path}: not a readable CSV table ({str(error).splitlines()[0]})") from None
+
+
+def _read_history(path: Path) -> pd.DataFrame | None:
+    table = _read_csv(path)
+    if table is None or table.empty:
+        return None
+    if "epoch" not in table:
+        raise PneumolabError(f"{path}: no 'epoch' column")
+    for column in table.columns:
+        table[column] = pd.to_numeric(table[column], errors="coerce")
+    return table.dropna(subset=["epoch"]).sort_values("epoch").reset_index(drop=True)
+
+
+def _read_predictions(path: Path) -> pd.DataFrame | None:
+    table = _read_csv(path)
+    if table is None:
+        return None
+    missing = [c for c in PREDICTION_COLUMNS if c not in table]
+    if missing:
+        raise PneumolabError(f"{path}: missing column(s) {', '.join(missing)}")
+    if table.empty:
+        return None
+    table["path"] = table["path"].astype(str)
+    for column in ("label", "prediction"):
+        values = pd.to_numeric(table[column], errors="coerce")
+        if not values.isin((0, 1)).all():
+            raise PneumolabError(f"{path}: column {column!r} must hold 0 (NORMAL) or 1 (PNEUMONIA) only")
+        table[column] = values.astype(np.int64)
+    probability = pd.to_numeric(table["probability"], errors="coerce")
+    if not (probability.notna().all() and probability.between(0, 1).all()):
+        raise PneumolabError(f"{path}: column 'probability' must hold numbers within [0, 1]")
+    table["probability"] = probability.astype(float)
+    return table
+
+
+def read_run(run_dir: str | os.PathLike[str]) -> RunFiles:
+    """Read every report-relevant file of a run folder that exists.
+
+    Args:
+        run_dir: a training run or ensemble folder.
+
+    Returns:
+        The files' contents; missing files are None (or absent from ``evaluations``).
+
+    Raises:
+        PneumolabError: the folder does not exist, holds none of the run files, or a file is unreadable.
+    """
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise PneumolabError(f"{path}: no such run folder")
+    run = RunFiles(
+        path=path,
+        config=_read_yaml(path / "config.yaml"),
+        env=_read_json(path / "env.json"),
+        history=_read_history(path / "history.csv"),
+        operating_point=_read_json(path / "operating_point.json"),
+    )
+    for split in SPLITS:
+        for tta in (False, True):
+            stem = f"{split}_tta" if tta else split
+            metrics = _read_json(path / "metrics" / f"{stem}.json")
+            predictions = _read_predictions(path / "predictions" / f"{stem}.csv")
+            if metrics is not None or predictions is not None:
+                run.evaluations[stem] = Evaluation(split, tta, metrics, predictions)
+    known = (run.config, run.env, run.history, run.operating_point)
+    if all(v is None for v in known) and not run.evaluations:
+        raise PneumolabError(
+            f"{path}: not a run folder (none of config.yaml, env.json, history.csv, metrics/, predictions/)"
+        )
+    return run

@@ -1,0 +1,407 @@
+"""Plots of a run: training history, confusion matrices, ROC and precision-recall curves, reliability diagrams.
+
+Every function builds a `matplotlib.figure.Figure` directly (no ``pyplot``, so no global figure registry and no
+GUI backend: safe in threads and servers); `figure_png` turns it into PNG bytes and `save_figure` writes it
+atomically. `plot_run` draws all plots of one run folder from its files.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator, PercentFormatter
+from numpy.typing import ArrayLike
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
+
+from pneumolab import CLASSES
+from pneumolab.fsutil import atomic_path
+from pneumolab.report._runfiles import SPLITS, Evaluation, RunFiles, read_run
+
+__all__ = [
+    "DPI",
+    "figure_png",
+    "plot_confusion",
+    "plot_history",
+    "plot_reliability",
+    "plot_roc_pr",
+    "plot_run",
+    "save_figure",
+]
+
+DPI = 110
+"""Resolution of saved figures, in dots per inch."""
+
+_TRAIN, _VAL, _EXTRA, _MARK = "#1f77b4", "#d62728", "#9467bd", "#2ca02c"
+_CLASS_COLOURS = ("#4c72b0", "#dd8452")  # NORMAL, PNEUMONIA
+
+# (panel title, y axis is a rate, ((column, legend label, colour, line style), ...))
+_HISTORY_PANELS = (
+    ("Loss", False, (("train_loss", "train", _TRAIN, "-"), ("val_loss", "validation", _VAL, "-"))),
+    (
+        "Accuracy",
+        True,
+        (
+            ("train_accuracy", "train", _TRAIN, "-"),
+            ("val_accuracy", "validation", _VAL, "-"),
+            ("val_balanced_accuracy", "validation, balanced", _EXTRA, "--"),
+        ),
+    ),
+    ("ROC-AUC", False, (("train_roc_auc", "train", _TRAIN, "-"), ("val_roc_auc", "validation", _VAL, "-"))),
+)
+
+
+def _figure(width: float, height: float) -> Figure:
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def _binary_inputs(labels: ArrayLike, probabilities: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    y = np.asarray(labels).astype(np.int64).ravel()
+    p = np.asarray(probabilities, dtype=np.float64).ravel()
+    if y.shape != p.shape:
+        raise ValueError(f"labels and probabilities differ in length: {y.size} and {p.size}")
+    if not np.isin(y, (0, 1)).all():
+        raise ValueError("labels must be 0 (NORMAL) or 1 (PNEUMONIA)")
+    if p.size and (not np.isfinite(p).all() or p.min() < 0 or p.max() > 1):
+        raise ValueError("probabilities must be finite and within [0, 1]")
+    return y, p
+
+
+def _note(ax, text: str) -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="0.4", wrap=True)
+
+
+def figure_png(fig: Figure, *, dpi: int = DPI) -> bytes:
+    """Render a figure as PNG bytes.
+
+    Args:
+        fig: the figure.
+        dpi: resolution in dots per inch.
+
+    Returns:
+        The PNG file's bytes.
+    """
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi, metadata={"Software": None})
+    return buffer.getvalue()
+
+
+def save_figure(fig: Figure, path: str | os.PathLike[str], *, dpi: int = DPI) -> Path:
+    """Write a figure as PNG atomically (a temporary name, then a rename); parent folders are created.
+
+    Args:
+        fig: the figure.
+        path: destination file.
+        dpi: resolution in dots per inch.
+
+    Returns:
+        The destination path.
+    """
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi, metadata={"Software": None})
+    return Path(path)
+
+
+def plot_history(history: pd.DataFrame, *, best_epoch: int | None = None, title: str | None = None) -> Figure:
+    """Loss, accuracy and ROC-AUC over epochs, for training and validation where the columns exist.
+
+    Args:
+        history: ``history.csv`` as a table with an ``epoch`` column and any of ``train_loss``, ``val_loss``,
+            ``train_accuracy``, ``val_accuracy``, ``val_balanced_accuracy``, ``train_roc_auc``, ``val_roc_auc``.
+        best_epoch: the selected epoch, marked on every panel; by default the epoch of the lowest validation loss.
+        title: figure title.
+
+    Returns:
+        A figure with one panel per quantity that has data.
+    """
+    history = history.copy()
+    epochs = pd.to_numeric(history["epoch"], errors="coerce") if "epoch" in history else history.index + 1
+    if best_epoch is None and "val_loss" in history and history["val_loss"].notna().any():
+        best_epoch = int(epochs[history["val_loss"].astype(float).idxmin()])
+
+    def present(column: str) -> bool:
+        return column in history and pd.to_numeric(history[column], errors="coerce").notna().any()
+
+    panels = [(name, rate, [s for s in series if present(s[0])]) for name, rate, series in _HISTORY_PANELS]
+    panels = [p for p in panels if p[2]]
+    fig = _figure(4.2 * max(len(panels), 1), 3.4)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    if not panels:
+        _note(fig.add_subplot(), "no training history")
+        return fig
+    for index, (ax, (name, rate, series)) in enumerate(
+        zip(fig.subplots(1, len(panels), squeeze=False)[0], panels, strict=True)
+    ):
+        for column, label, colour, style in series:
+            values = pd.to_numeric(history[column], errors="coerce")
+            ax.plot(epochs, values, style, color=colour, marker="o", markersize=3.5, linewidth=1.5, label=label)
+        if best_epoch is not None:
+            ax.axvline(best_epoch, color=_MARK, linestyle=":", linewidth=1.5, label=f"best epoch ({best_epoch})")
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if rate:
+            ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="best", frameon=not index)
+    return fig
+
+
+def plot_confusion(cm: ArrayLike, *, title: str | None = None) -> Figure:
+    """Confusion matrix as counts and as row-normalised rates (rows: true class, columns: predicted class).
+
+    Args:
+        cm: ``[[tn, fp], [fn, tp]]``.
+        title: figure title.
+
+    Returns:
+        A figure with two panels.
+    """
+    counts = np.asarray(cm, dtype=np.int64)
+    if counts.shape != (2, 2):
+        raise ValueError(f"a confusion matrix must be 2 x 2 ([[tn, fp], [fn, tp]]), got shape {counts.shape}")
+    totals = counts.sum(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rates = np.where(totals > 0, counts / np.maximum(totals, 1), np.nan)
+    fig = _figure(8.4, 3.7)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    axes = fig.subplots(1, 2)
+    panels = (
+        (axes[0], counts, counts.max() or 1, "counts", lambda i, j: f"{counts[i, j]:,}"),
+        (
+            axes[1],
+            rates,
+            1.0,
+            "share of the true class",
+            lambda i, j: "\N{EN DASH}" if np.isnan(rates[i, j]) else f"{rates[i, j]:.1%}",
+        ),
+    )
+    for ax, values, vmax, name, text in panels:
+        ax.imshow(np.nan_to_num(values.astype(float)), cmap="Blues", vmin=0, vmax=vmax)
+        for i in range(2):
+            for j in range(2):
+                shade = np.nan_to_num(float(values[i, j])) / vmax
+                ax.text(
+                    j, i, text(i, j), ha="center", va="center", fontsize=11, color="white" if shade > 0.55 else "black"
+                )
+        ax.set_xticks((0, 1), CLASSES)
+        ax.set_yticks((0, 1), CLASSES, rotation=90, va="center")
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(name, fontsize=10)
+    return fig
+
+
+def _operating_point(y: np.ndarray, p: np.ndarray, threshold: float) -> tuple[float, float, float | None]:
+    """(false positive rate, recall, precision or None) of the decisions ``p >= threshold``."""
+    called = p >= threshold
+    positives, negatives = max(int(y.sum()), 1), max(int((1 - y).sum()), 1)
+    tp, fp = int(np.sum(called & (y == 1))), int(np.sum(called & (y == 0)))
+    precision = tp / (tp + fp) if tp + fp else None
+    return fp / negatives, tp / positives, precision
+
+
+def plot_roc_pr(
+    labels: ArrayLike, probabilities: ArrayLike, threshold: float | None, *, title: str | None = None
+) -> Figure:
+    """ROC and precision-recall curves, with AUC and average precision in the legends and the operating point.
+
+    Args:
+        labels: 0 (NORMAL) / 1 (PNEUMONIA) per image.
+        probabilities: PNEUMONIA probability per image.
+        threshold: the decision threshold (an image is PNEUMONIA when its probability is ``>=`` it); None marks
+            no operating point.
+        title: figure title.
+
+    Returns:
+        A figure with two panels; with a single class present the panels say the curves are undefined.
+    """
+    y, p = _binary_inputs(labels, probabilities)
+    fig = _figure(8.4, 3.7)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    roc_ax, pr_ax = fig.subplots(1, 2)
+    for ax, name, xlabel, ylabel in (
+        (roc_ax, "ROC", "false positive rate (1 - specificity)", "true positive rate (sensitivity)"),
+        (pr_ax, "Precision-recall", "recall (sensitivity)", "precision"),
+    ):
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_xlim(-0.02, 1.02)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_aspect("equal")
+        ax.grid(alpha=0.3)
+    if len(np.unique(y)) < 2:
+        for ax in (roc_ax, pr_ax):
+            _note(ax, "undefined: needs both classes")
+        return fig
+
+    fpr, tpr, _ = roc_curve(y, p)
+    roc_ax.plot(fpr, tpr, color=_TRAIN, linewidth=1.8, label=f"AUC {roc_auc_score(y, p):.3f}")
+    roc_ax.plot((0, 1), (0, 1), color="0.6", linestyle="--", linewidth=1, label="chance")
+    precision, recall, _ = precision_recall_curve(y, p)
+    pr_ax.plot(recall, precision, color=_TRAIN, linewidth=1.8, drawstyle="steps-post")
+    pr_ax.lines[-1].set_label(f"AP {average_precision_score(y, p):.3f}")
+    prevalence = float(y.mean())
+    pr_ax.axhline(prevalence, color="0.6", linestyle="--", linewidth=1, label=f"prevalence {prevalence:.2f}")
+    if threshold is not None:
+        op_fpr, op_recall, op_precision = _operating_point(y, p, threshold)
+        marker = {"marker": "o", "markersize": 8, "color": _VAL, "linestyle": "none"}
+        roc_ax.plot(op_fpr, op_recall, **marker, label=f"threshold {threshold:.3g}")
+        if op_precision is not None:
+            pr_ax.plot(op_recall, op_precision, **marker, label=f"threshold {threshold:.3g}")
+    roc_ax.legend(loc="lower right", fontsize=8)
+    pr_ax.legend(loc="lower left", fontsize=8)
+    return fig
+
+
+def _bins(y: np.ndarray, p: np.ndarray, n_bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per equal-width bin over [0, 1]: count, mean probability, observed PNEUMONIA share (NaN when empty)."""
+    index = np.minimum((p * n_bins).astype(np.int64), n_bins - 1)
+    counts = np.bincount(index, minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        confidence = np.bincount(index, weights=p, minlength=n_bins) / counts
+        observed = np.bincount(index, weights=y, minlength=n_bins) / counts
+    return counts, confidence, observed
+
+
+def plot_reliability(
+    labels: ArrayLike,
+    probabilities: ArrayLike,
+    n_bins: int = 10,
+    *,
+    ece: float | None = None,
+    threshold: float | None = None,
+    title: str | None = None,
+) -> Figure:
+    """Reliability diagram (observed PNEUMONIA share against predicted probability) beside a probability histogram.
+
+    Args:
+        labels: 0 (NORMAL) / 1 (PNEUMONIA) per image.
+        probabilities: calibrated PNEUMONIA probability per image.
+        n_bins: equal-width bins over [0, 1].
+        ece: the expected calibration error to show (e.g. from the metrics file); computed from the bins when None.
+        threshold: the decision threshold, drawn on the histogram when given.
+        title: figure title.
+
+    Returns:
+        A figure with the diagram (left) and the histogram of probabilities per true class (right).
+    """
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be at least 1, got {n_bins}")
+    y, p = _binary_inputs(labels, probabilities)
+    fig = _figure(8.4, 3.7)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    diagram, histogram = fig.subplots(1, 2)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    centres = (edges[:-1] + edges[1:]) / 2
+    counts, confidence, observed = _bins(y, p, n_bins)
+    filled = counts > 0
+    if ece is None and y.size:
+        ece = float(np.sum(counts[filled] / y.size * np.abs(observed[filled] - confidence[filled])))
+    diagram.plot((0, 1), (0, 1), color="0.6", linestyle="--", linewidth=1, label="perfect calibration")
+    diagram.bar(
+        centres[filled], observed[filled], width=1 / n_bins, color=_TRAIN, alpha=0.2, edgecolor=_TRAIN,
+        linewidth=0.8, label="observed share per bin",
+    )  # fmt: skip
+    diagram.plot(confidence[filled], observed[filled], "o-", color=_TRAIN, markersize=4, label="bin mean probability")
+    diagram.set_xlim(0, 1)
+    diagram.set_ylim(0, 1.02)
+    diagram.set_aspect("equal")
+    diagram.set_xlabel("predicted PNEUMONIA probability")
+    diagram.set_ylabel("observed PNEUMONIA share")
+    diagram.set_title("Reliability" + (f" (ECE {ece:.3f})" if ece is not None else ""), fontsize=10)
+    diagram.grid(alpha=0.3)
+    diagram.legend(fontsize=8, loc="upper left")
+    for label, (name, colour) in enumerate(zip(CLASSES, _CLASS_COLOURS, strict=True)):
+        values = p[y == label]
+        if values.size:
+            histogram.hist(values, bins=edges, color=colour, alpha=0.45, edgecolor=colour, label=f"true {name}")
+    if threshold is not None:
+        histogram.axvline(threshold, color=_VAL, linestyle=":", linewidth=1.8, label=f"threshold {threshold:.3g}")
+    histogram.set_xlim(0, 1)
+    histogram.set_xlabel("predicted PNEUMONIA probability")
+    histogram.set_ylabel("images")
+    histogram.set_title("Probabilities by true class", fontsize=10)
+    histogram.yaxis.set_major_locator(MaxNLocator(integer=True))
+    histogram.grid(alpha=0.3)
+    histogram.legend(fontsize=8, loc="upper center")
+    return fig
+
+
+def _file_name(kind: str, evaluation: Evaluation) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", f"{kind}_{evaluation.key}") + ".png"
+
+
+def _plot_run_files(
+    run: RunFiles, out_dir: str | os.PathLike[str], *, splits: Iterable[str] = SPLITS, dpi: int = DPI
+) -> dict[str, Path]:
+    """Draw and save the plots of an already read run (see `plot_run`)."""
+    out = Path(out_dir)
+    written: dict[str, Path] = {}
+    if run.history is not None and len(run.history):
+        fig = plot_history(run.history, best_epoch=run.best_epoch, title=f"{run.name}: training history")
+        written["history"] = save_figure(fig, out / "history.png", dpi=dpi)
+    for split in splits:
+        for tta in (False, True):
+            evaluation = run.evaluation(split, tta)
+            if evaluation is None:
+                continue
+            heading = f"{run.name}: {evaluation.label}"
+            threshold = run.threshold(split, tta)
+            cm = evaluation.confusion()
+            if cm is not None:
+                fig = plot_confusion(cm, title=heading)
+                written[f"confusion_{evaluation.key}"] = save_figure(
+                    fig, out / _file_name("confusion", evaluation), dpi=dpi
+                )
+            predictions = evaluation.predictions
+            if predictions is None:
+                continue
+            y, p = predictions["label"].to_numpy(), predictions["probability"].to_numpy()
+            fig = plot_roc_pr(y, p, threshold, title=heading)
+            written[f"roc_pr_{evaluation.key}"] = save_figure(fig, out / _file_name("roc_pr", evaluation), dpi=dpi)
+            fig = plot_reliability(y, p, ece=evaluation.metric("ece"), threshold=threshold, title=heading)
+            written[f"reliability_{evaluation.key}"] = save_figure(
+                fig, out / _file_name("reliability", evaluation), dpi=dpi
+            )
+    return written
+
+
+def plot_run(
+    run_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str] | None = None,
+    *,
+    splits: Sequence[str] = SPLITS,
+    dpi: int = DPI,
+) -> dict[str, Path]:
+    """Draw every plot one run folder's files allow and save them as PNG files.
+
+    The training history comes from ``history.csv`` (best epoch from ``env.json``); per evaluated split and variant
+    (``test``, ``test_tta``, ...) the confusion matrix comes from ``metrics/`` (else the saved decisions), the ROC,
+    precision-recall and reliability plots from ``predictions/``. Missing files mean missing plots, not errors.
+
+    Args:
+        run_dir: a training run or an ensemble folder.
+        out_dir: where the PNG files go; ``RUN/plots/`` by default.
+        splits: which splits to plot (``val``, ``test``).
+        dpi: resolution of the PNG files.
+
+    Returns:
+        ``{plot name: path}``, e.g. ``history``, ``confusion_test``, ``roc_pr_test_tta``, ``reliability_val``.
+
+    Raises:
+        PneumolabError: the folder is not a run folder or one of its files is unreadable.
+    """
+    run = read_run(run_dir)
+    return _plot_run_files(run, run.path / "plots" if out_dir is None else out_dir, splits=splits, dpi=dpi)

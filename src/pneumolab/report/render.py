@@ -1,0 +1,579 @@
+"""The report: one self-contained HTML page and its Markdown twin, comparing runs and carrying a model card each.
+
+Everything shown comes from the run folders' files (``metrics/``, ``predictions/``, ``history.csv``, ``env.json``,
+``config.yaml``, ``operating_point.json``); what a file does not hold is said to be missing ("not evaluated",
+"not recorded"), never recomputed or guessed. The HTML page embeds its images as data URIs and its CSS inline, so it
+makes no request of any kind when opened; the Markdown file links the same images, written under ``images/``.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+from datetime import UTC, datetime
+from importlib import resources
+from pathlib import Path, PurePath
+from typing import Any
+
+import jinja2
+import numpy as np
+
+from pneumolab import __version__
+from pneumolab.errors import PneumolabError
+from pneumolab.fsutil import atomic_dir, write_text_atomic
+from pneumolab.report._runfiles import Evaluation, RunFiles, finite, read_run
+from pneumolab.report.plots import _plot_run_files
+
+__all__ = ["RANDOM_INIT_TEXT", "build_report", "describe_weights"]
+
+RANDOM_INIT_TEXT = "random initialisation (no ImageNet weights here)"
+"""How a backbone that started from random weights is described; such a model is never called pretrained."""
+
+# (metrics-file key, column header, "%" for rates shown in percent or "" for scores shown with 3 decimals)
+METRIC_COLUMNS = (
+    ("accuracy", "Accuracy", "%"),
+    ("balanced_accuracy", "Balanced accuracy", "%"),
+    ("recall", "Sensitivity (recall)", "%"),
+    ("specificity", "Specificity", "%"),
+    ("precision", "Precision", "%"),
+    ("f1", "F1", "%"),
+    ("roc_auc", "ROC-AUC", ""),
+    ("average_precision", "Average precision", ""),
+    ("accuracy_at_0.5", "Accuracy at 0.5", "%"),
+    ("ece", "ECE", ""),
+)
+CARD_METRICS = ("accuracy", "recall", "specificity", "precision", "f1", "roc_auc", "average_precision")
+
+# Published results on the same 624 official test images (docs/EVALUATION.md).
+REFERENCES = (
+    ("Kermany et al., Cell 2018 (InceptionV3, ImageNet weights)", "92.8", "93.2", "90.1", "0.968"),
+    ("MedMNIST v2 ResNet-50 (28 px upsampled to 224)", "88.4", "", "", "0.962"),
+    ("MedMNIST v2 Google AutoML Vision", "94.6", "", "", "0.991"),
+)
+
+INTENDED_USE = (
+    "Research and teaching on pediatric chest X-ray classification (NORMAL vs PNEUMONIA): comparing training recipes, "
+    "architectures and evaluation methods.",
+    "Not a medical device. Not for diagnosis, triage, screening or any other clinical decision; it has not been "
+    "validated clinically, prospectively or on any population other than its test set.",
+    "Input: one frontal chest X-ray of a child. Adults, lateral views and findings other than pneumonia are out of "
+    "scope.",
+)
+DATA_FACTS = (
+    "Kermany D. S., Goldbaum M., Cai W. et al. (2018), Identifying Medical Diagnoses and Treatable Diseases by "
+    "Image-Based Deep Learning, Cell 172(5):1122-1131.",
+    "Dataset: Kermany D., Zhang K., Goldbaum M. (2018), Labeled Optical Coherence Tomography (OCT) and Chest X-Ray "
+    "Images for Classification, Mendeley Data v2, doi:10.17632/rscbjbr9sj.2; licence CC BY 4.0.",
+    "Anterior-posterior chest X-rays of pediatric patients aged 1-5 years from a single centre, Guangzhou Women and "
+    "Children's Medical Center (Guangzhou, China), graded by physicians; bacterial and viral pneumonia are both "
+    "labelled PNEUMONIA.",
+    "Official split: train/ 5,216 images (1,341 NORMAL, 3,875 PNEUMONIA), test/ 624 images (234 NORMAL, "
+    "390 PNEUMONIA). Validation is carved from train/ by patient; test/ chose nothing.",
+)
+
+_KIND = re.compile(r"(?:^|[_\-.])(bacteria|virus)(?:[_\-.]|$)", re.IGNORECASE)
+_KIND_NAMES = {"bacteria": "bacterial pneumonia", "virus": "viral pneumonia"}
+_MISSING = "\N{EN DASH}"
+
+
+# ----------------------------------------------------------------------------------------------------- formatting
+
+
+def _rate(value: float | None) -> str:
+    return _MISSING if value is None else f"{100 * value:.1f}"
+
+
+def _score(value: float | None) -> str:
+    return _MISSING if value is None else f"{value:.3f}"
+
+
+def _metric_cell(evaluation: Evaluation, key: str, unit: str) -> dict[str, str]:
+    fmt = _rate if unit == "%" else _score
+    interval = evaluation.interval(key)
+    return {
+        "value": fmt(evaluation.metric(key)),
+        "interval": f"{fmt(interval[0])}-{fmt(interval[1])}" if interval else "",
+    }
+
+
+def _count(value: float | None) -> str:
+    if value is None:
+        return _MISSING
+    if value >= 1e6:
+        return f"{value / 1e6:.2f} M"
+    if value >= 1e4:
+        return f"{value / 1e3:.1f} k"
+    return f"{value:,.0f}"
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return _MISSING
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+def _speed(value: float | None) -> str:
+    if value is None:
+        return _MISSING
+    return f"{value:,.0f}" if value >= 100 else f"{value:.1f}"
+
+
+def _get(mapping: Any, *keys: str) -> Any:
+    for key in keys:
+        if not isinstance(mapping, dict):
+            return None
+        mapping = mapping.get(key)
+    return mapping
+
+
+def _member_names(members: Any) -> list[str]:
+    return [PurePath(str(m)).name or str(m) for m in members] if isinstance(members, list) else []
+
+
+def describe_weights(source: str | None, *, ensemble: dict[str, Any] | None = None) -> str:
+    """Say in words what a backbone started from.
+
+    Args:
+        source: ``env.json``'s ``weights_source``: ``imagenet:<source>``, ``random``, ``file:<path>`` or None.
+        ensemble: ``env.json``'s ``ensemble`` entry, for an ensemble folder.
+
+    Returns:
+        A phrase for tables and model cards; ``random`` becomes `RANDOM_INIT_TEXT`, never "pretrained".
+    """
+    if ensemble is not None or source == "ensemble":
+        names = _member_names((ensemble or {}).get("members"))
+        method = (ensemble or {}).get("method")
+        how = f" ({method})" if method else ""
+        return f"ensemble{how} of {', '.join(names)}" if names else f"ensemble{how} of evaluated runs"
+    if not source:
+        return "not recorded"
+    if source in ("random", "none"):
+        return RANDOM_INIT_TEXT
+    if source == "imagenet":
+        return "ImageNet weights (source not recorded)"
+    if source.startswith("imagenet:"):
+        return f"ImageNet weights ({source.removeprefix('imagenet:')})"
+    if source.startswith("file:"):
+        return f"weights file {source.removeprefix('file:')}"
+    return source
+
+
+def _weights_source(run: RunFiles) -> str | None:
+    source = _get(run.env, "weights_source")
+    if not source:
+        for evaluation in run.evaluations.values():
+            source = source or _get(evaluation.metrics, "weights_source")
+    if not source:
+        requested = _get(run.config, "model", "weights")
+        source = {"none": "random", "imagenet": "imagenet"}.get(requested) if requested else None
+        if requested and source is None:
+            source = f"file:{requested}"
+    return str(source) if source else None
+
+
+# ------------------------------------------------------------------------------------------------------- context
+
+
+def _slug(name: str, taken: set[str]) -> str:
+    base = re.sub(r"[^A-Za-z0-9_-]+", "-", name).strip("-") or "run"
+    slug, index = base, 2
+    while slug in taken:
+        slug, index = f"{base}-{index}", index + 1
+    taken.add(slug)
+    return slug
+
+
+def _run_facts(run: RunFiles) -> dict[str, str]:
+    """Per-run columns of the comparison table."""
+    parameters = _get(run.env, "parameters") or {}
+    total, trainable = finite(parameters.get("total")), finite(parameters.get("trainable"))
+    train_speed = None
+    if run.history is not None and "train_images_per_s" in run.history:
+        speeds = run.history["train_images_per_s"].dropna()
+        train_speed = float(np.median(speeds)) if len(speeds) else None
+    return {
+        "parameters": _count(total),
+        "trainable": f"{_count(trainable)} trainable" if trainable is not None and trainable != total else "",
+        "wall_time": _duration(finite(_get(run.env, "train_summary", "wall_seconds"))),
+        "train_speed": _speed(train_speed),
+        "weights": describe_weights(_weights_source(run), ensemble=run.ensemble),
+    }
+
+
+def _gap(val: Evaluation | None, test: Evaluation, key: str, unit: str) -> str:
+    if val is None or val.metric(key) is None or test.metric(key) is None:
+        return _MISSING
+    difference = val.metric(key) - test.metric(key)
+    return f"{100 * difference:+.1f}" if unit == "%" else f"{difference:+.3f}"
+
+
+def _row(run: RunFiles, anchor: str, split: str, tta: bool, facts: dict[str, str]) -> dict[str, Any]:
+    evaluation = run.evaluation(split, tta)
+    label = ("test" if split == "test" else "validation") + (" + TTA" if tta else "")
+    row: dict[str, Any] = {
+        "run": run.name,
+        "anchor": anchor,
+        "split": split,
+        "tta": tta,
+        "evaluation": label,
+        "chosen": run.chosen_tta is not None and run.chosen_tta == tta and evaluation is not None,
+        "evaluated": evaluation is not None and evaluation.metrics is not None,
+        **facts,
+    }
+    if not row["evaluated"]:
+        return row
+    temperature = evaluation.metric("temperature")
+    row.update(
+        n=_count(evaluation.metric("n")),
+        cells=[_metric_cell(evaluation, key, unit) for key, _, unit in METRIC_COLUMNS],
+        gap_accuracy=_gap(run.evaluation("val", tta), evaluation, "accuracy", "%") if split == "test" else "",
+        gap_auc=_gap(run.evaluation("val", tta), evaluation, "roc_auc", "") if split == "test" else "",
+        threshold=_score(evaluation.metric("threshold")),
+        threshold_method=str(evaluation.metrics.get("threshold_method") or "how chosen: not recorded"),
+        temperature="none" if temperature is None else f"{temperature:.2f}",
+        inference_speed=_speed(evaluation.metric("inference_images_per_s")),
+    )
+    return row
+
+
+def _comparison(runs: list[tuple[RunFiles, str]]) -> list[dict[str, Any]]:
+    """Row sets of the comparison table: test first, then validation; TTA rows where any run has TTA metrics."""
+    facts = {anchor: _run_facts(run) for run, anchor in runs}
+    row_sets = []
+    for split, name, note in (
+        ("test", "Test", "official test/ images: evaluated once per configuration, every configuration shown"),
+        ("val", "Validation", "carved from train/ by patient and used for all selection: easier than test"),
+    ):
+        variants = [False] + ([True] if any(r.evaluation(split, True) for r, _ in runs) else [])
+        rows = [_row(run, anchor, split, tta, facts[anchor]) for run, anchor in runs for tta in variants]
+        row_sets.append({"split": split, "name": name, "note": note, "rows": rows})
+    return row_sets
+
+
+def _errors(evaluation: Evaluation, worst: int = 5) -> dict[str, Any] | None:
+    """False positives / negatives on one evaluated variant, recall by pneumonia kind, the most confident errors."""
+    table = evaluation.predictions
+    if table is None:
+        return None
+    y, pred, p = table["label"].to_numpy(), table["prediction"].to_numpy(), table["probability"].to_numpy()
+    names = [PurePath(path).name for path in table["path"]]
+
+    def examples(mask: np.ndarray, descending: bool) -> list[dict[str, str]]:
+        index = np.flatnonzero(mask)
+        index = index[np.argsort(-p[index] if descending else p[index], kind="stable")][:worst]
+        return [{"name": names[i], "path": str(table["path"].iloc[i]), "probability": f"{p[i]:.3f}"} for i in index]
+
+    kinds = np.array([(m.group(1).lower() if (m := _KIND.search(n)) else "") for n in names])
+    groups = []
+    if (kinds[y == 1] != "").any():
+        normal = y == 0
+        if normal.any():
+            groups.append(("NORMAL", "specificity", normal, pred == 0))
+        for kind in ("bacteria", "virus", ""):
+            mask = (y == 1) & (kinds == kind)
+            if mask.any():
+                groups.append((_KIND_NAMES.get(kind, "pneumonia, kind not in the name"), "recall", mask, pred == 1))
+    by_kind = [
+        {
+            "group": group,
+            "measure": measure,
+            "n": f"{int(mask.sum()):,}",
+            "correct": f"{int((mask & right).sum()):,}",
+            "rate": _rate(float((mask & right).sum() / mask.sum())),
+        }
+        for group, measure, mask, right in groups
+    ]
+    return {
+        "label": evaluation.label,
+        "n": f"{len(y):,}",
+        "n_normal": f"{int((y == 0).sum()):,}",
+        "n_pneumonia": f"{int((y == 1).sum()):,}",
+        "false_positives": f"{int(((y == 0) & (pred == 1)).sum()):,}",
+        "false_negatives": f"{int(((y == 1) & (pred == 0)).sum()):,}",
+        "by_kind": by_kind,
+        "worst_false_positives": examples((y == 0) & (pred == 1), descending=True),
+        "worst_false_negatives": examples((y == 1) & (pred == 0), descending=False),
+    }
+
+
+def _training_facts(run: RunFiles, weights: str) -> list[tuple[str, str]]:
+    if run.ensemble is not None:
+        ensemble = run.ensemble
+        weights_list = ensemble.get("weights")
+        return [
+            ("Kind", "ensemble of evaluated runs (no training of its own)"),
+            ("Method", str(ensemble.get("method") or "not recorded")),
+            ("Members", ", ".join(_member_names(ensemble.get("members"))) or "not recorded"),
+            (
+                "Member weights",
+                ", ".join(f"{w:.3g}" if finite(w) is not None else str(w) for w in weights_list)
+                if isinstance(weights_list, list)
+                else "not recorded",
+            ),
+            ("Fitted on", "the members' validation predictions"),
+        ]
+    config = run.config
+    if config is None:
+        return [("Initial weights", weights), ("Training settings", "not recorded (no config.yaml)")]
+
+    def setting(*keys: str) -> str:
+        value = _get(config, *keys)
+        return _MISSING if value is None else str(value)
+
+    epochs_run = len(run.history) if run.history is not None else None
+    epochs = f"{setting('epochs')} planned"
+    if epochs_run is not None:
+        epochs += f", {epochs_run} run"
+    if run.best_epoch is not None:
+        epochs += f", best epoch {run.best_epoch} (selected on {setting('select_metric')})"
+    head = _get(config, "model", "head")
+    facts = [
+        ("Architecture", setting("model", "name") + (f" ({head} head)" if head else "")),
+        ("Initial weights", weights),
+        ("Strategy", f"{setting('strategy')} (freeze: {setting('freeze')})"),
+        ("Epochs", epochs),
+        ("Image size", f"{setting('image_size')} px"),
+        ("Augmentation preset", setting("augment", "preset")),
+        (
+            "Optimiser",
+            f"{setting('optim', 'optimizer')}, lr {setting('optim', 'lr')}, weight decay "
+            f"{setting('optim', 'weight_decay')}, batch size {setting('batch_size')}",
+        ),
+        ("Loss", f"cross-entropy, class weights {setting('loss', 'class_weights')}"),
+        ("Precision", str(_get(run.env, "precision") or setting("precision"))),
+    ]
+    fraction = finite(_get(config, "data", "val_fraction"))
+    if fraction is not None:
+        facts.append(
+            (
+                "Validation split",
+                f"{100 * fraction:.0f} % of train/, grouped by patient (seed {setting('data', 'split_seed')})",
+            )
+        )
+    return facts
+
+
+def _card_metrics(run: RunFiles) -> list[dict[str, Any]]:
+    blocks = []
+    for tta in (False, True):
+        evaluation = run.evaluation("test", tta)
+        if evaluation is None or evaluation.metrics is None:
+            continue
+        items = []
+        for key in CARD_METRICS:
+            unit = next(u for k, _, u in METRIC_COLUMNS if k == key)
+            header = next(h for k, h, _ in METRIC_COLUMNS if k == key)
+            cell = _metric_cell(evaluation, key, unit)
+            suffix = " %" if unit == "%" and cell["value"] != _MISSING else ""
+            interval = f" (95 % CI {cell['interval']})" if cell["interval"] else ""
+            items.append((header, f"{cell['value']}{suffix}{interval}"))
+        temperature = evaluation.metric("temperature")
+        method = evaluation.metrics.get("threshold_method") or "how chosen: not recorded"
+        items.append(("Threshold", f"{_score(evaluation.metric('threshold'))}, {method}"))
+        items.append(("Temperature", "none" if temperature is None else f"{temperature:.2f}"))
+        items.append(
+            ("Images", f"{_count(evaluation.metric('n'))} ({_count(evaluation.metric('n_positive'))} PNEUMONIA)")
+        )
+        blocks.append({"label": evaluation.label, "chosen": run.chosen_tta == tta, "facts": items})
+    return blocks
+
+
+def _limitations(run: RunFiles, weights: str) -> list[str]:
+    gap = ""
+    for tta in (False, True):
+        val, test = run.evaluation("val", tta), run.evaluation("test", tta)
+        if val and test and val.metric("roc_auc") is not None and test.metric("roc_auc") is not None:
+            gap = (
+                f" For this model{' with TTA' if tta else ''}: validation ROC-AUC {val.metric('roc_auc'):.3f} vs "
+                f"test {test.metric('roc_auc'):.3f}"
+            )
+            if val.metric("accuracy") is not None and test.metric("accuracy") is not None:
+                gap += f", accuracy {_rate(val.metric('accuracy'))} % vs {_rate(test.metric('accuracy'))} %"
+            gap += "."
+            break
+    items = [
+        "Single-centre pediatric data (one hospital, ages 1-5): performance on adults, other hospitals, scanners, "
+        "image processing or populations is unknown.",
+        "Label noise: labels are physicians' gradings of the images, not confirmed diagnoses; some are wrong or "
+        "debatable, which also limits what any metric here can show.",
+        "Frontal views only: no lateral views and no clinical context (symptoms, history, laboratory results); "
+        "bacterial and viral pneumonia are not told apart.",
+        "Distribution shift: a different device, exposure, resolution, compression or patient mix can change the "
+        "predictions without any warning; the release also holds exact duplicate images.",
+        "The validation set is easier than test: it is carved from train/, and scores near 1.0 there say little "
+        "about test." + gap,
+    ]
+    if weights == RANDOM_INIT_TEXT:
+        items.append(
+            "Trained from random initialisation, not from ImageNet weights: on about 5,000 images such models usually "
+            "generalise worse than ImageNet-initialised ones."
+        )
+    temperature = None
+    for evaluation in run.evaluations.values():
+        temperature = temperature or evaluation.metric("temperature")
+    if temperature is not None:
+        items.append(
+            f"Probabilities are temperature-scaled on validation (T = {temperature:.2f}); they are not calibrated "
+            "for other populations."
+        )
+    return items
+
+
+def _machine(run: RunFiles) -> list[tuple[str, str]]:
+    env = run.env
+    if env is None:
+        return [("Machine", "not recorded (no env.json)")]
+    facts = []
+    for label, keys in (
+        ("CPU", ("cpu",)),
+        ("CPU cores", ("cpu_count",)),
+        ("GPU", ("cuda_device",)),
+        ("Precision", ("precision",)),
+        ("Processes", ("world_size",)),
+        ("Python", ("python",)),
+        ("PyTorch", ("packages", "torch")),
+        ("Git commit", ("git_sha",)),
+    ):
+        value = _get(env, *keys)
+        if label == "GPU" and value is None and "cpu" in env:
+            value = "none (CPU only)"
+        if value is not None:
+            facts.append((label, str(value)[:12] if label == "Git commit" else str(value)))
+    return facts or [("Machine", "not recorded in env.json")]
+
+
+_PLOT_TITLES = {
+    "history": ("Training history", "Loss, accuracy and ROC-AUC per epoch; the dotted line marks the selected epoch."),
+    "confusion": ("Confusion matrix", "Counts and shares of each true class at the chosen threshold."),
+    "roc_pr": ("ROC and precision-recall", "The dot is the operating point at the chosen threshold."),
+    "reliability": ("Calibration", "Observed PNEUMONIA share per probability bin, and how probabilities spread."),
+}
+
+
+def _plots(run: RunFiles, slug: str, images: Path) -> list[dict[str, str]]:
+    written = _plot_run_files(run, images / slug, splits=("test",))
+    # plain and TTA side by side, kind by kind, so the two variants can be compared at a glance
+    order = ["history"] + [
+        f"{kind}_test{variant}" for kind in ("confusion", "roc_pr", "reliability") for variant in ("", "_tta")
+    ]
+    plots = []
+    for key in sorted(written, key=lambda k: order.index(k) if k in order else len(order)):
+        path = written[key]
+        kind, _, variant = key.partition("_test")
+        title, caption = _PLOT_TITLES.get(kind, (key, ""))
+        if key != "history":
+            title += " (test + TTA)" if variant == "_tta" else " (test)"
+        plots.append(
+            {
+                "key": key,
+                "title": title,
+                "caption": caption,
+                "alt": f"{run.name}: {title}",
+                "file": f"images/{slug}/{path.name}",
+                "data_uri": "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii"),
+            }
+        )
+    return plots
+
+
+def _run_section(run: RunFiles, slug: str, images: Path) -> dict[str, Any]:
+    weights = describe_weights(_weights_source(run), ensemble=run.ensemble)
+    errors = [e for tta in (False, True) if (ev := run.evaluation("test", tta)) and (e := _errors(ev))]
+    return {
+        "name": run.name,
+        "anchor": slug,
+        "path": str(run.path),
+        "kind": "ensemble" if run.ensemble is not None else "trained model",
+        "machine": _machine(run),
+        "plots": _plots(run, slug, images),
+        "errors": errors,
+        "evaluated_test": run.evaluation("test") is not None or run.evaluation("test", True) is not None,
+        "card": {
+            "intended_use": INTENDED_USE,
+            "data": DATA_FACTS,
+            "training": _training_facts(run, weights),
+            "metrics": _card_metrics(run),
+            "limitations": _limitations(run, weights),
+        },
+    }
+
+
+# ------------------------------------------------------------------------------------------------------ rendering
+
+
+def _template_source(name: str) -> str:
+    return resources.files("pneumolab.report").joinpath("templates", name).read_text(encoding="utf-8")
+
+
+_MD_SPECIAL = re.compile(r"([\\`*_\[\]|#])")
+
+
+def _markdown_escape(value: Any) -> str:
+    """Escape text for a Markdown table cell or paragraph: Markdown syntax, HTML and line breaks."""
+    text = str(value).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return _MD_SPECIAL.sub(r"\\\1", " ".join(text.split()))
+
+
+def _environment(html: bool) -> jinja2.Environment:
+    environment = jinja2.Environment(
+        loader=jinja2.FunctionLoader(_template_source),
+        autoescape=html,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+    environment.filters["md"] = _markdown_escape
+    return environment
+
+
+def build_report(
+    runs: list[str | os.PathLike[str]], out: str | os.PathLike[str], *, title: str = "pneumolab report"
+) -> dict[str, Path]:
+    """Write the comparison report of some run folders: ``report.html``, ``report.md`` and ``images/``.
+
+    The HTML page is self-contained (images as base64 data URIs, inline CSS, no script, no external request);
+    the Markdown twin shows the same content with the images as files under ``out/images/``. Both are written
+    atomically; ``out/images/`` is replaced as a whole.
+
+    Args:
+        runs: training run and ensemble folders, in the order they should appear.
+        out: output folder (created).
+        title: the report's title.
+
+    Returns:
+        ``{"html": report.html, "markdown": report.md, "images": images folder}``.
+
+    Raises:
+        PneumolabError: no runs, a folder that is not a run folder, or an unreadable run file.
+    """
+    if not runs:
+        raise PneumolabError("no run folders to report on")
+    out = Path(out)
+    taken: set[str] = set()
+    loaded = [(run, _slug(run.name, taken)) for run in (read_run(path) for path in runs)]
+    with atomic_dir(out / "images") as images:
+        sections = [_run_section(run, slug, images) for run, slug in loaded]
+    context = {
+        "title": title,
+        "generated": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "version": __version__,
+        "metric_columns": [{"key": k, "header": h, "unit": u} for k, h, u in METRIC_COLUMNS],
+        "row_sets": _comparison(loaded),
+        "references": REFERENCES,
+        "runs": sections,
+        "random_init_text": RANDOM_INIT_TEXT,
+    }
+    html = _environment(html=True).get_template("report.html.j2").render(context)
+    markdown = _environment(html=False).get_template("report.md.j2").render(context)
+    return {
+        "html": write_text_atomic(out / "report.html", html),
+        "markdown": write_text_atomic(out / "report.md", markdown),
+        "images": out / "images",
+    }

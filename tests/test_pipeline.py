@@ -1,0 +1,138 @@
+"""Evaluation, ensembles and the main job end to end, on small generated datasets and tiny models."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pneumolab.config import TrainConfig, apply_overrides
+from pneumolab.evaluate.runner import ensemble_runs, evaluate_run
+from pneumolab.infer import load_trained
+from pneumolab.pipeline import load_pipeline_config, run_pipeline
+from pneumolab.train.api import train
+
+METRIC_KEYS = {
+    "accuracy", "balanced_accuracy", "precision", "recall", "specificity", "f1", "average_precision", "roc_auc",
+    "threshold", "confusion_matrix", "n", "ci95",
+}  # fmt: skip
+
+TINY_TRAIN = {
+    "model": {"name": "resnet18", "weights": "none"},
+    "image_size": 64,
+    "batch_size": 8,
+    "epochs": 1,
+    "threads": 2,
+}
+
+
+@pytest.fixture
+def dataset(make_dataset):
+    return make_dataset(per_class=16)
+
+
+def _train(root: Path, out: Path, cache: Path, **overrides) -> Path:
+    settings = {"data.root": str(root), "data.cache_dir": str(cache), "data.val_fraction": 0.25}
+    settings |= {"model.name": "resnet18", "model.weights": "none", "image_size": 64, "batch_size": 8, "epochs": 1}
+    train(apply_overrides(TrainConfig(), settings | overrides), out, progress=False)
+    return out
+
+
+def test_evaluate_writes_predictions_metrics_and_operating_point(dataset, tmp_path):
+    run = _train(dataset, tmp_path / "run", tmp_path / "cache")
+    results = evaluate_run(run, tta="plan", n_resamples=200, progress=False)
+    assert set(results) == {"val", "test", "val_tta", "test_tta"}
+    test = results["test"]
+    assert set(test) >= METRIC_KEYS and set(test["ci95"]) >= {"accuracy", "roc_auc"}
+    assert test["n"] == 32 and sum(map(sum, test["confusion_matrix"])) == 32
+    assert test["tta"] == [] and results["test_tta"]["tta"] == ["identity", "hflip", "vflip", "rot90"]
+    for name in ("val.csv", "test.csv", "val_tta.csv", "test_tta.csv"):
+        header = (run / "predictions" / name).read_text().splitlines()[0]
+        assert header == "path,label,probability,prediction,logit"
+    point = json.loads((run / "operating_point.json").read_text())
+    assert point["chosen_on"] == "validation" and point["threshold"] == pytest.approx(
+        results["val_tta" if point["tta"] else "val"]["threshold"]
+    )
+    trained = load_trained(run)
+    assert trained.threshold == pytest.approx(point["threshold"]) and list(trained.tta) == point["tta"]
+
+    # a second evaluation reuses the files; the CLI prints the metric object
+    mtime = (run / "metrics" / "test.json").stat().st_mtime
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pneumolab.cli",
+            "evaluate",
+            str(run),
+            "--split",
+            "test",
+            "--tta-views",
+            "plan",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["accuracy"] == pytest.approx(test["accuracy"])
+    assert (run / "metrics" / "test.json").stat().st_mtime == mtime
+
+
+def test_ensemble_of_two_runs(dataset, tmp_path):
+    runs = [
+        _train(dataset, tmp_path / "a", tmp_path / "cache"),
+        _train(dataset, tmp_path / "b", tmp_path / "cache", **{"model.name": "mobilenet_v2", "image_size": 72}),
+    ]
+    for run in runs:
+        evaluate_run(run, tta=None, n_resamples=200, progress=False)
+    results = ensemble_runs(runs, tmp_path / "ens", method="stacking", n_resamples=200)
+    assert results["test"]["n"] == 32
+    env = json.loads((tmp_path / "ens" / "env.json").read_text())
+    assert env["ensemble"]["method"] == "stacking" and len(env["ensemble"]["members"]) == 2
+    with pytest.raises(Exception, match="at least two"):
+        ensemble_runs(runs[:1], tmp_path / "ens1")
+
+
+def test_run_pipeline_is_idempotent(dataset, tmp_path):
+    config_file = tmp_path / "tiny.yaml"
+    config_file.write_text(
+        yaml.safe_dump(
+            {
+                "title": "tiny",
+                "data": {"cache_dir": str(tmp_path / "cache"), "val_fraction": 0.25},
+                "evaluate": {"tta": "cxr", "resamples": 200},
+                "ensemble": {"method": "mean"},
+                "models": [
+                    {"name": "r18", "train": TINY_TRAIN},
+                    {"name": "r18-plan", "train": {**TINY_TRAIN, "model": {**TINY_TRAIN["model"], "head": "plan"}}},
+                ],
+            }
+        )
+    )
+    config = load_pipeline_config(config_file)
+    summary = run_pipeline(config, tmp_path / "out", data=dataset, progress=False)
+    report = Path(summary["report"])
+    assert report.is_file() and "r18-plan" in report.read_text()
+    assert (tmp_path / "out" / "ensemble" / "metrics" / "test.json").is_file()
+    best = (tmp_path / "out" / "r18" / "checkpoints" / "best.pt").stat().st_mtime
+    again = run_pipeline(config, tmp_path / "out", data=dataset, progress=False)
+    assert (tmp_path / "out" / "r18" / "checkpoints" / "best.pt").stat().st_mtime == best
+    assert again["wall_seconds"] < summary["wall_seconds"]
+
+
+def test_missing_dataset_offers_the_download_command(tmp_path):
+    config_file = tmp_path / "c.yaml"
+    config_file.write_text(yaml.safe_dump({"models": [{"name": "x", "train": TINY_TRAIN}]}))
+    result = subprocess.run(
+        [sys.executable, "-m", "pneumolab.cli", "run", "--config", str(config_file), "--data", str(tmp_path / "no")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2 and "pneumolab data download" in result.stderr
