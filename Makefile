@@ -8,7 +8,7 @@ DATA   ?= data/chest_xray
 EXTRAS := dicom,download,serve,weights,dev
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint format install clean
+.PHONY: run test lint format install browser clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,15 +21,23 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+CONFIG ?= configs/default.yaml
+OUT    ?= runs/default
+
+# prepare -> train -> evaluate (with and without TTA) -> ensemble -> report; prints where the report is
 run: $(STAMP)
-	$(BIN)/pneumolab data check $(DATA)
-	$(BIN)/pneumolab data prepare $(DATA)
+	$(BIN)/pneumolab run --data $(DATA) --config $(CONFIG) --out $(OUT)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
 
-test: lint
+# Debian's chromium for the browser tests (Playwright drives it; its own browser download is not possible here)
+browser:
+	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
+	  || echo "chromium could not be installed: the browser tests will be skipped"
+
+test: lint browser
 	$(BIN)/python -m pytest
 
 format: $(STAMP)

@@ -343,9 +343,11 @@ def _print_metrics(metrics: dict[str, Any]) -> None:
         table.add_row(key, f"{metrics[key]:.4f}", f"{low:.4f} - {high:.4f}")
     stdout.print(table)
     (tn, fp), (fn, tp) = metrics["confusion_matrix"]
+    temperature = "none" if metrics.get("temperature") is None else f"{metrics['temperature']:.3f}"
     stdout.print(
         f"{metrics['split']}: n={metrics['n']}, threshold {metrics['threshold']:.4f} ({metrics['threshold_method']}), "
-        f"temperature {metrics['temperature']:.3f}, confusion [[tn {tn}, fp {fp}], [fn {fn}, tp {tp}]]"
+        f"temperature {temperature}, confusion [[tn {tn}, fp {fp}], [fn {fn}, tp {tp}]]",
+        markup=False,
     )
 
 

@@ -50,7 +50,8 @@ class TrainedModel:
     precision: Precision | None = None
 
     def __post_init__(self) -> None:
-        self.model = self.model.to(self.device).eval()
+        # channels_last: oneDNN's and cuDNN's fast convolution layout (1.6x on the development CPU)
+        self.model = self.model.to(self.device, memory_format=torch.channels_last).eval()
         if self.precision is None:
             self.precision = resolve_precision("auto", self.device)
 
@@ -75,8 +76,9 @@ class TrainedModel:
             )
             total = None
             for view in views:
+                batch = apply_view(view, x, self.normalize).contiguous(memory_format=torch.channels_last)
                 with self.precision.autocast():
-                    out = self.model(apply_view(view, x, self.normalize)).float()
+                    out = self.model(batch).float()
                 total = out if total is None else total + out
             outputs.append((total / len(views)).cpu())
         return torch.cat(outputs) if outputs else torch.empty(0, len(CLASSES))

@@ -28,7 +28,7 @@ def progress_bar(total: int, description: str, *, enabled: bool = True) -> Itera
     if not enabled:
         yield lambda n=1: None
         return
-    if not stderr_console.is_terminal:  # a log file: a plain line every 10 % or 30 s instead of a live bar
+    if not stderr_console.is_terminal:  # a log: after 5 s, a plain line every 10 % or 30 s instead of a live bar
         yield _log_lines(total, description)
         return
     columns = (
@@ -54,6 +54,8 @@ def _log_lines(total: int, description: str) -> Callable[[int], None]:
         nonlocal done, last, next_share
         done += n
         now = time.monotonic()
+        if now - started < 5:  # short jobs stay quiet in logs
+            return
         if done >= total or done / max(total, 1) >= next_share or now - last >= 30:
             elapsed = now - started
             eta = elapsed / done * (total - done) if done else 0.0

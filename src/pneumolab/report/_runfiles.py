@@ -87,7 +87,7 @@ class RunFiles:
     @property
     def name(self) -> str:
         """The run's name: its folder name."""
-        return self.path.name
+        return self.path.name or self.path.resolve().name
 
     @property
     def ensemble(self) -> dict[str, Any] | None:

@@ -335,7 +335,7 @@ def plot_reliability(
     histogram.set_title("Probabilities by true class", fontsize=10)
     histogram.yaxis.set_major_locator(MaxNLocator(integer=True))
     histogram.grid(alpha=0.3)
-    histogram.legend(fontsize=8, loc="upper center")
+    histogram.legend(fontsize=8, loc="best")
     return fig
 
 

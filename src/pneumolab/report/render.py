@@ -224,6 +224,7 @@ def _row(run: RunFiles, anchor: str, split: str, tta: bool, facts: dict[str, str
         "evaluation": label,
         "chosen": run.chosen_tta is not None and run.chosen_tta == tta and evaluation is not None,
         "evaluated": evaluation is not None and evaluation.metrics is not None,
+        "missing": "not evaluated" if evaluation is None else "no metrics file (predictions only)",
         **facts,
     }
     if not row["evaluated"]:
