@@ -5,18 +5,20 @@
 #
 #   bash benchmarks/gpu_smoke.sh                       # random pixels of the dataset's shape (speed only)
 #   DATA=path/to/chest_xray bash benchmarks/gpu_smoke.sh
+#   PYTHON=.venv/bin/python DEVICE=cpu IMAGES=64 PRECISIONS=bf16 BATCH=16 bash benchmarks/gpu_smoke.sh   # dry run on CPU
 #
 # On the device machine, missing wheels (none are needed for this script) can travel in .whl/ (device README).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3}"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH="/tmp/site:$PYTHONPATH"
 fi
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+"$PYTHON" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 DEVICE="${DEVICE:-cuda}"
 if [ -n "${DATA:-}" ]; then source_args=(--data "$DATA"); else source_args=(--synthetic "${IMAGES:-5216}"); fi
-python3 benchmarks/train_speed.py "${source_args[@]}" --device "$DEVICE" --models resnet50 tf_efficientnet_lite0 \
+"$PYTHON" benchmarks/train_speed.py "${source_args[@]}" --device "$DEVICE" --models resnet50 tf_efficientnet_lite0 \
   --precisions ${PRECISIONS:-bf16 fp16} --batch-size "${BATCH:-128}" --epoch
