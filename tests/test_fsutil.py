@@ -29,3 +29,13 @@ def test_atomic_entries_get_the_usual_permissions(tmp_path):
     finally:
         os.umask(mask)
     assert file_mode == 0o644 and dir_mode == 0o755
+
+
+def test_atomic_dir_can_keep_a_folder_another_process_finished(tmp_path):
+    dest = tmp_path / "cache"
+    with atomic_dir(dest, keep_existing=True) as tmp:
+        (tmp / "a").write_text("mine")
+        dest.mkdir()  # another process renamed its finished copy into place meanwhile
+        (dest / "a").write_text("theirs")
+    assert (dest / "a").read_text() == "theirs"
+    assert [p.name for p in tmp_path.iterdir()] == ["cache"]

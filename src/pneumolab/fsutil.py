@@ -42,8 +42,12 @@ def atomic_path(dest: str | os.PathLike[str]) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_dir(dest: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary folder beside `dest`; on success it replaces `dest`, on error it is removed."""
+def atomic_dir(dest: str | os.PathLike[str], *, keep_existing: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside `dest`; on success it replaces `dest`, on error it is removed.
+
+    With `keep_existing`, a `dest` that appeared meanwhile (another process built the same content-keyed
+    folder) is kept and the new copy dropped, so no reader ever sees its folder deleted.
+    """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
@@ -51,6 +55,8 @@ def atomic_dir(dest: str | os.PathLike[str]) -> Iterator[Path]:
     try:
         yield tmp
         if dest.exists():
+            if keep_existing:
+                return
             shutil.rmtree(dest)
         os.replace(tmp, dest)
     finally:

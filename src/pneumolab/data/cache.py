@@ -139,7 +139,7 @@ def prepare_cache(
         return replace(DatasetCache.open(dest), root=root), False
     workers = workers or os.cpu_count() or 1
     started = time.perf_counter()
-    with atomic_dir(dest) as tmp:
+    with atomic_dir(dest, keep_existing=True) as tmp:
         images_path = tmp / "images.npy"
         images = np.lib.format.open_memmap(images_path, mode="w+", dtype=np.uint8, shape=(len(manifest), size, size))
         del images  # workers open the file themselves

@@ -130,11 +130,13 @@ class BaseTrainer:
         self.device = default_device()
         self.precision = resolve_precision(config.precision, self.device)
 
+        # rank 0 builds the cache and writes split.csv first; the other ranks then find both
         if self.is_main:
             self.run.create()
+            self.data = load_run_data(config, self.run, write=True, progress=self.progress)
         self._barrier()
-        self.data = load_run_data(config, self.run, write=self.is_main, progress=self.progress)
-        self._barrier()
+        if not self.is_main:
+            self.data = load_run_data(config, self.run, write=False, progress=False)
 
         torch.manual_seed(config.seed)  # the initial weights of anything not loaded from a file
         self.model = create_model(
