@@ -6,7 +6,21 @@ import sys
 
 import pytest
 
-COMMANDS = [[], ["data"], ["data", "check"], ["data", "prepare"], ["data", "split"], ["data", "download"]]
+COMMANDS = [
+    [],
+    ["data"],
+    ["data", "check"],
+    ["data", "prepare"],
+    ["data", "split"],
+    ["data", "download"],
+    ["models"],
+    ["train"],
+    ["evaluate"],
+    ["ensemble"],
+    ["report"],
+    ["run"],
+    ["predict"],
+]
 
 
 def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:

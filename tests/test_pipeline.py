@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 import yaml
 
@@ -136,3 +139,28 @@ def test_missing_dataset_offers_the_download_command(tmp_path):
         timeout=120,
     )
     assert result.returncode == 2 and "pneumolab data download" in result.stderr
+
+
+def test_predict_matches_evaluate_and_reports_bad_files(dataset, tmp_path):
+    run = _train(dataset, tmp_path / "run", tmp_path / "cache")
+    evaluate_run(run, tta="cxr", n_resamples=200, progress=False)
+    point = json.loads((run / "operating_point.json").read_text())
+    evaluated = pd.read_csv(run / "predictions" / ("test_tta.csv" if point["tta"] else "test.csv"))
+    (tmp_path / "bad.jpeg").write_text("not an image")
+    result = subprocess.run(
+        [sys.executable, "-m", "pneumolab.cli", "predict", str(dataset / "test"), str(tmp_path / "bad.jpeg"),
+         str(tmp_path / "missing*.png"), "--model", str(run), "--csv"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2
+    errors = result.stderr.strip().splitlines()
+    assert len(errors) == 2
+    assert any("bad.jpeg: not a JPEG, PNG or DICOM image" in line for line in errors)
+    assert any("missing*.png: no file matches this pattern" in line for line in errors)
+    predicted = pd.read_csv(io.StringIO(result.stdout))
+    assert len(predicted) == 32
+    predicted["path"] = [str(Path(f).relative_to(dataset)) for f in predicted["file"]]
+    merged = evaluated.merge(predicted, on="path")
+    assert len(merged) == 32
+    assert np.abs(merged["probability_x"] - merged["probability_y"]).max() < 1e-4
+    assert ((merged["label_y"] == "PNEUMONIA").astype(int) == merged["prediction"]).all()

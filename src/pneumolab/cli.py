@@ -410,6 +410,52 @@ def run_command(
         stdout.print(f"report: {summary['report']} ({summary['wall_seconds']} s)")
 
 
+@app.command("predict")
+def predict_command(
+    paths: Annotated[list[str], typer.Argument(help="Image files, folders (searched recursively) or glob patterns.")],
+    model: Annotated[Path | None, typer.Option(help="A trained and evaluated run folder.")] = None,
+    json_out: JsonFlag = False,
+    csv_out: Annotated[bool, typer.Option("--csv", help="Print CSV (file,label,probability,threshold).")] = False,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
+) -> None:
+    """Predict NORMAL / PNEUMONIA for X-ray files (JPEG, PNG, DICOM) with the model's validation-fit threshold.
+
+    A file that cannot be read gets its own error line on stderr; the others are still predicted; the exit status
+    is then 2.
+    """
+    import csv
+
+    from pneumolab.infer import collect_image_paths, load_trained, predict_files
+
+    if model is None:
+        raise PneumolabError("no bundled default model yet: pass --model RUN (a trained, evaluated run folder)")
+    trained = load_trained(model)
+    files, problems = collect_image_paths(paths)
+    rows, failures = predict_files(trained, files, batch_size=batch_size)
+    failures = problems + failures
+    if json_out:
+        _print_json(
+            {
+                "model": trained.card(),
+                "predictions": rows,
+                "errors": [{"file": f, "reason": r} for f, r in failures],
+            }
+        )
+    elif csv_out:
+        writer = csv.DictWriter(sys.stdout, fieldnames=["file", "label", "probability", "threshold"])
+        writer.writeheader()
+        writer.writerows(rows)
+    else:
+        table = Table("file", "label", "probability", "threshold")
+        for row in rows:
+            table.add_row(row["file"], row["label"], f"{row['probability']:.4f}", f"{row['threshold']:.4f}")
+        stdout.print(table)
+    for file, reason in failures:
+        _error_line(f"{file}: {reason}")
+    if failures:
+        raise typer.Exit(2)
+
+
 def main() -> None:
     """Console entry point: run the app, turning library errors into one line and exit status 2."""
     try:

@@ -20,14 +20,14 @@ import torch
 
 from pneumolab import CLASSES
 from pneumolab.data.augment import eval_transform
-from pneumolab.data.io import load_xray
+from pneumolab.data.io import IMAGE_SUFFIXES, load_xray
 from pneumolab.data.tta import apply_view
-from pneumolab.errors import PneumolabError
+from pneumolab.errors import ImageReadError, PneumolabError
 from pneumolab.hardware import Precision, default_device, resolve_precision
 from pneumolab.models import Classifier, create_model
 from pneumolab.runs import RunDir, load_checkpoint
 
-__all__ = ["TrainedModel", "load_trained"]
+__all__ = ["TrainedModel", "collect_image_paths", "load_trained", "predict_files"]
 
 
 @dataclass
@@ -151,3 +151,67 @@ def load_trained(path: str | os.PathLike[str], *, device: torch.device | None = 
         trained.threshold_method = point["method"]
         trained.tta = tuple(point.get("tta", ()))
     return trained
+
+
+def collect_image_paths(inputs: Sequence[str | os.PathLike[str]]) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Expand files, folders (recursively) and glob patterns into image paths.
+
+    Returns:
+        ``(paths, problems)``: image files in a stable order, and ``(input, reason)`` for inputs that matched
+        nothing.
+    """
+    import glob
+
+    paths: list[Path] = []
+    problems: list[tuple[str, str]] = []
+    for item in map(str, inputs):
+        candidates = (
+            [Path(p) for p in sorted(glob.glob(item, recursive=True))] if glob.has_magic(item) else [Path(item)]
+        )
+        if not candidates:
+            problems.append((item, "no file matches this pattern"))
+        for candidate in candidates:
+            if candidate.is_dir():
+                found = sorted(p for p in candidate.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+                if not found:
+                    problems.append((str(candidate), "folder holds no JPEG, PNG or DICOM file"))
+                paths.extend(found)
+            elif candidate.is_file():
+                paths.append(candidate)
+            else:
+                problems.append((str(candidate), "no such file or folder"))
+    return paths, problems
+
+
+def predict_files(
+    trained: TrainedModel, paths: Sequence[Path], *, batch_size: int = 32
+) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+    """Predict image files in batches; a file that cannot be read is reported and the rest still predicted.
+
+    Returns:
+        ``(rows, failures)``: per readable file ``{file, label, probability, threshold}``, and ``(file, reason)``.
+    """
+    rows: list[dict[str, Any]] = []
+    failures: list[tuple[str, str]] = []
+    views = trained.tta or ("identity",)
+    for start in range(0, len(paths), batch_size):
+        images, kept = [], []
+        for path in paths[start : start + batch_size]:
+            try:
+                images.append(load_xray(path, size=trained.cache_size))
+                kept.append(path)
+            except ImageReadError as error:
+                failures.append((str(path), error.reason))
+        if not images:
+            continue
+        probabilities = trained.probabilities(trained.logits(np.stack(images), views=views))
+        for path, probability in zip(kept, probabilities, strict=True):
+            rows.append(
+                {
+                    "file": str(path),
+                    "label": CLASSES[int(probability >= trained.threshold)],
+                    "probability": float(probability),
+                    "threshold": trained.threshold,
+                }
+            )
+    return rows, failures
