@@ -20,6 +20,7 @@ COMMANDS = [
     ["report"],
     ["run"],
     ["predict"],
+    ["export"],
 ]
 
 

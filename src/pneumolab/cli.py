@@ -456,6 +456,37 @@ def predict_command(
         raise typer.Exit(2)
 
 
+@app.command("export")
+def export_command(
+    model: Annotated[Path, typer.Argument(help="A trained, evaluated run folder (or an artefact folder).")],
+    out: Annotated[Path | None, typer.Option(help="Artefact folder, or a path ending in .onnx for ONNX.")] = None,
+    check_data: Annotated[
+        Path | None, typer.Option(help="ONNX: folder of images to check the export on (up to 64 are used).")
+    ] = None,
+    json_out: JsonFlag = False,
+) -> None:
+    """Export a model: safetensors weights + JSON card (default), or ONNX with a dynamic batch axis."""
+    from pneumolab.export import export_artefact, export_onnx
+
+    target = out or Path("artefacts") / model.resolve().name
+    if target.suffix.lower() == ".onnx":
+        images = None
+        if check_data is not None:
+            from pneumolab.infer import collect_image_paths, load_trained
+
+            trained = load_trained(model)
+            files, _ = collect_image_paths([str(check_data)])
+            images = trained.load_images(files[:: max(1, len(files) // 64)][:64])
+        result = export_onnx(model, target, check_images=images)
+    else:
+        result = {"artefact": str(export_artefact(model, target))}
+    if json_out:
+        _print_json(result)
+    else:
+        for key, value in result.items():
+            stdout.print(f"{key}: {value}", markup=False)
+
+
 def main() -> None:
     """Console entry point: run the app, turning library errors into one line and exit status 2."""
     try:

@@ -119,9 +119,58 @@ def _checkpoint_path(path: Path) -> Path:
     raise PneumolabError(f"{path}: no such run folder or model file")
 
 
+def _load_artefact(folder: Path, device: torch.device | None) -> TrainedModel:
+    """An exported artefact: ``model.safetensors`` + ``card.json``, checked against each other."""
+    import hashlib
+
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    card_file, weights_file = folder / "card.json", folder / "model.safetensors"
+    try:
+        card = json.loads(card_file.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise PneumolabError(f"{card_file}: not a readable model card ({error})") from None
+    if not weights_file.is_file():
+        raise PneumolabError(f"{weights_file}: missing; the card {card_file} describes weights that are not there")
+    with open(weights_file, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    if card.get("weights_sha256") not in (None, digest):
+        raise PneumolabError(f"{weights_file}: does not match its card (SHA-256 {digest[:12]}..., card says "
+                             f"{str(card['weights_sha256'])[:12]}...)")  # fmt: skip
+    model = create_model(card["architecture"], weights="none", head=card["head"], in_chans=card.get("in_chans", 1))
+    try:
+        model.load_state_dict(load_file(str(weights_file)))
+    except (RuntimeError, SafetensorError) as error:
+        first = str(error).splitlines()[0]
+        raise PneumolabError(
+            f"{weights_file}: weights do not fit the card's {card['architecture']} ({first})"
+        ) from None
+    return TrainedModel(
+        model=model,
+        name=card["architecture"],
+        image_size=int(card["image_size"]),
+        crop_fraction=float(card["crop_fraction"]),
+        normalize=tuple(card["normalize"]),
+        cache_size=int(card["cache_size"]),
+        weights_source=card.get("weights_source", "unknown"),
+        source=folder,
+        threshold=float(card["threshold"]),
+        temperature=float(card["temperature"]),
+        threshold_method=card.get("threshold_method", "from the card"),
+        tta=tuple(card.get("tta", ())),
+        device=device or default_device(),
+    )
+
+
 def load_trained(path: str | os.PathLike[str], *, device: torch.device | None = None) -> TrainedModel:
-    """Load a run folder (its ``best.pt`` and ``operating_point.json``) or a checkpoint file."""
+    """Load a run folder (its ``best.pt`` and ``operating_point.json``), an exported artefact folder (or its
+    ``card.json``), or a checkpoint file."""
     path = Path(path)
+    if path.name == "card.json":
+        path = path.parent
+    if (path / "card.json").is_file():
+        return _load_artefact(path, device)
     checkpoint_file = _checkpoint_path(path)
     state = load_checkpoint(checkpoint_file)
     if "model_name" not in state:
