@@ -21,6 +21,7 @@ COMMANDS = [
     ["run"],
     ["predict"],
     ["export"],
+    ["explain"],
 ]
 
 

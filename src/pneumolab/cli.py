@@ -487,6 +487,33 @@ def export_command(
             stdout.print(f"{key}: {value}", markup=False)
 
 
+@app.command("explain")
+def explain_command(
+    image: Annotated[Path, typer.Argument(help="An X-ray file (JPEG, PNG or DICOM).")],
+    model: Annotated[Path | None, typer.Option(help="A trained run folder or exported artefact.")] = None,
+    out: Annotated[Path | None, typer.Option(help="PNG to write (default: <image name>.gradcam.png).")] = None,
+    json_out: JsonFlag = False,
+) -> None:
+    """Classify one X-ray and draw its Grad-CAM heatmap for PNEUMONIA beside the film."""
+    from pneumolab.explain import explain_image
+    from pneumolab.fsutil import atomic_path
+    from pneumolab.infer import load_trained
+
+    if model is None:
+        raise PneumolabError("no bundled default model yet: pass --model RUN (a trained, evaluated run folder)")
+    trained = load_trained(model)
+    explanation = explain_image(trained, image)
+    target = out or Path(f"{image.stem}.gradcam.png")
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(explanation.png)
+    summary = {"file": str(image), "label": explanation.label, "probability": explanation.probability,
+               "threshold": trained.threshold, "heatmap": str(target)}  # fmt: skip
+    if json_out:
+        _print_json(summary)
+    else:
+        stdout.print(f"{image}: {explanation.label} (P(pneumonia) {explanation.probability:.3f}); heatmap {target}")
+
+
 def main() -> None:
     """Console entry point: run the app, turning library errors into one line and exit status 2."""
     try:
