@@ -12,7 +12,6 @@ card written beside the ``.onnx`` file.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -25,18 +24,13 @@ from safetensors.torch import save
 from pneumolab import __version__
 from pneumolab.data.augment import eval_transform
 from pneumolab.errors import PneumolabError
-from pneumolab.fsutil import atomic_dir, atomic_path, write_json_atomic
+from pneumolab.fsutil import atomic_dir, atomic_path, file_sha256, write_json_atomic
 from pneumolab.infer import TrainedModel, load_trained
 from pneumolab.models import count_parameters
 
 __all__ = ["CARD_FORMAT", "build_card", "export_artefact", "export_onnx"]
 
 CARD_FORMAT = 1
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _run_facts(source: Path) -> dict[str, Any]:
@@ -83,7 +77,7 @@ def export_artefact(model: str | os.PathLike[str], out: str | os.PathLike[str]) 
         state = {k: v.detach().contiguous().cpu() for k, v in trained.model.state_dict().items()}
         # bytes then write_bytes: the file gets the usual permissions (save_file creates it private)
         weights.write_bytes(save(state, metadata={"format": "pt", "architecture": trained.name}))
-        card["weights_sha256"] = _sha256(weights)
+        card["weights_sha256"] = file_sha256(weights)
         card["weights_bytes"] = weights.stat().st_size
         (tmp / "card.json").write_text(json.dumps(card, indent=2) + "\n")
     return out
@@ -142,7 +136,7 @@ def export_onnx(
             raise PneumolabError(f"{out}: ONNX output differs from PyTorch by {difference:.2e} (limit 1e-4)")
     card = {
         **build_card(trained),
-        "onnx_sha256": _sha256(out),
+        "onnx_sha256": file_sha256(out),
         "onnx_input": ["batch", trained.model.in_chans, size, size],
     }
     card_path = write_json_atomic(out.with_suffix(".json"), card)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -11,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_dir", "atomic_path", "write_json_atomic", "write_text_atomic"]
+__all__ = ["atomic_dir", "atomic_path", "file_sha256", "write_json_atomic", "write_text_atomic"]
 
 
 def _umask() -> int:
@@ -74,3 +75,9 @@ def write_text_atomic(dest: str | os.PathLike[str], text: str) -> Path:
 def write_json_atomic(dest: str | os.PathLike[str], obj: Any) -> Path:
     """Write `obj` as indented JSON to `dest` atomically and return the path."""
     return write_text_atomic(dest, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()

@@ -23,6 +23,7 @@ from pneumolab.data.augment import eval_transform
 from pneumolab.data.io import IMAGE_SUFFIXES, load_xray
 from pneumolab.data.tta import apply_view
 from pneumolab.errors import ImageReadError, PneumolabError
+from pneumolab.fsutil import file_sha256
 from pneumolab.hardware import Precision, default_device, resolve_precision
 from pneumolab.models import Classifier, create_model
 from pneumolab.runs import RunDir, load_checkpoint
@@ -121,8 +122,6 @@ def _checkpoint_path(path: Path) -> Path:
 
 def _load_artefact(folder: Path, device: torch.device | None) -> TrainedModel:
     """An exported artefact: ``model.safetensors`` + ``card.json``, checked against each other."""
-    import hashlib
-
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -133,8 +132,7 @@ def _load_artefact(folder: Path, device: torch.device | None) -> TrainedModel:
         raise PneumolabError(f"{card_file}: not a readable model card ({error})") from None
     if not weights_file.is_file():
         raise PneumolabError(f"{weights_file}: missing; the card {card_file} describes weights that are not there")
-    with open(weights_file, "rb") as f:
-        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    digest = file_sha256(weights_file)
     if card.get("weights_sha256") not in (None, digest):
         raise PneumolabError(f"{weights_file}: does not match its card (SHA-256 {digest[:12]}..., card says "
                              f"{str(card['weights_sha256'])[:12]}...)")  # fmt: skip

@@ -7,7 +7,6 @@ found, and ``__MACOSX`` and dot-files are ignored. Patient ids come from the fil
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ import pandas as pd
 from pneumolab import CLASSES
 from pneumolab.data.io import IMAGE_SUFFIXES
 from pneumolab.errors import DatasetLayoutError
+from pneumolab.fsutil import file_sha256
 
 __all__ = [
     "EXPECTED_LAYOUT",
@@ -25,7 +25,6 @@ __all__ = [
     "SPLITS",
     "NameInfo",
     "build_manifest",
-    "file_sha256",
     "find_dataset_root",
     "parse_name",
     "scan_dataset",
@@ -164,12 +163,6 @@ def scan_dataset(root: str | os.PathLike[str]) -> tuple[list[tuple[str, str, str
         raise DatasetLayoutError(f"{root}: no split folder with images; {EXPECTED_LAYOUT}")
     images.sort()
     return images, skipped
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def build_manifest(root: str | os.PathLike[str]) -> pd.DataFrame:
