@@ -22,6 +22,7 @@ COMMANDS = [
     ["predict"],
     ["export"],
     ["explain"],
+    ["serve"],
 ]
 
 

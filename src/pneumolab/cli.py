@@ -514,6 +514,22 @@ def explain_command(
         stdout.print(f"{image}: {explanation.label} (P(pneumonia) {explanation.probability:.3f}); heatmap {target}")
 
 
+@app.command("serve")
+def serve_command(
+    model: Annotated[Path | None, typer.Option(help="A trained run folder or exported artefact.")] = None,
+    host: Annotated[str, typer.Option(help="Interface to listen on (127.0.0.1: this machine only).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.", min=0, max=65535)] = 8000,
+    api_key: Annotated[
+        str | None,
+        typer.Option(help="Require this X-API-Key header on /v1/* requests.", envvar="PNEUMOLAB_API_KEY"),
+    ] = None,
+) -> None:
+    """Serve a model over HTTP: an upload page at /, JSON API at /v1/predict and /v1/explain, docs at /docs."""
+    from pneumolab.serve import serve
+
+    serve(model, host=host, port=port, api_key=api_key)
+
+
 def main() -> None:
     """Console entry point: run the app, turning library errors into one line and exit status 2."""
     try:
