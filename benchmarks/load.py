@@ -1,0 +1,86 @@
+"""A bounded load on the real service: `pneumolab serve` (uvicorn on 127.0.0.1) and N requests, C at a time.
+
+The server runs in its own process (as users run it); the client posts real X-ray files from a folder to
+/v1/predict with a thread pool of C connections, then reports throughput, p50 / p95 / p99 latency and failures.
+
+    python benchmarks/load.py --model runs/default/lite0-plan --data ../shared/data/chest_xray/test \
+        --requests 500 --concurrency 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from pneumolab.infer import collect_image_paths
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_until_up(url: str, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    raise SystemExit(f"the server at {url} did not come up in {seconds} s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--data", required=True, help="folder of images to send")
+    parser.add_argument("--requests", type=int, default=500)
+    parser.add_argument("--concurrency", type=int, default=16)
+    args = parser.parse_args()
+
+    files, _ = collect_image_paths([args.data])
+    payloads = [(f.name, f.read_bytes()) for f in files]
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "pneumolab.cli", "serve", "--model", args.model, "--port", str(port)]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until_up(url)
+        limits = httpx.Limits(max_connections=args.concurrency)
+        with httpx.Client(base_url=url, timeout=120, limits=limits) as client:
+
+            def post(index: int) -> tuple[float, int]:
+                name, body = payloads[index % len(payloads)]
+                started = time.perf_counter()
+                response = client.post("/v1/predict", files={"file": (name, body, "image/jpeg")})
+                return time.perf_counter() - started, response.status_code
+
+            post(0)  # warm-up, not counted
+            started = time.perf_counter()
+            with ThreadPoolExecutor(args.concurrency) as pool:
+                results = list(pool.map(post, range(args.requests)))
+            wall = time.perf_counter() - started
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    latencies = np.array([seconds for seconds, _ in results]) * 1000
+    failures = sum(status != 200 for _, status in results)
+    print(f"{args.requests} requests, {args.concurrency} at a time, model {Path(args.model).name}: {wall:.1f} s")
+    summary = f"throughput {args.requests / wall:.1f} req/s; latency p50 {statistics.median(latencies):.0f} ms"
+    summary += f", p95 {np.percentile(latencies, 95):.0f} ms, p99 {np.percentile(latencies, 99):.0f} ms"
+    print(f"{summary}; failures {failures}")
+
+
+if __name__ == "__main__":
+    main()
