@@ -5,45 +5,26 @@ from __future__ import annotations
 import io
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from pneumolab.explain import explain_image, grad_cam
-from pneumolab.infer import TrainedModel
-from pneumolab.models import create_model, list_models
-
-
-def _trained(name: str, size: int = 64) -> TrainedModel:
-    torch.manual_seed(0)
-    model = create_model(name, weights="none", head="linear")
-    spec = model.spec
-    return TrainedModel(
-        model=model,
-        name=name,
-        image_size=size,
-        crop_fraction=1.0,
-        normalize=(spec.gray_mean, spec.gray_std),
-        cache_size=size,
-        weights_source="random",
-        source=Path("."),
-        device=torch.device("cpu"),
-    )
+from pneumolab.models import list_models
+from tests.serve import tiny_trained
 
 
 @pytest.mark.parametrize("name", list_models())
 def test_grad_cam_works_for_every_architecture(name):
     image = (np.random.default_rng(0).random((64, 64)) * 255).astype(np.uint8)
-    heatmap = grad_cam(_trained(name), image)
+    heatmap = grad_cam(tiny_trained(name), image)
     assert heatmap.shape == (64, 64) and heatmap.dtype == np.float32
     assert np.isfinite(heatmap).all() and heatmap.min() >= 0.0 and heatmap.max() <= 1.0
 
 
 def test_explain_renders_the_film_and_the_heatmap(tmp_path):
-    trained = _trained("resnet18", size=96)
+    trained = tiny_trained("resnet18", size=96)
     source = tmp_path / "xray.png"
     Image.fromarray((np.random.default_rng(1).random((120, 100)) * 255).astype(np.uint8)).save(source)
     explanation = explain_image(trained, source)
