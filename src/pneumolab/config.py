@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -24,18 +24,25 @@ __all__ = [
     "LossConfig",
     "ModelConfig",
     "OptimConfig",
+    "StrictModel",
     "TrainConfig",
     "apply_overrides",
     "dump_config",
     "load_config",
+    "load_yaml_model",
 ]
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
+    """Base of every config model: unknown keys are errors, so a typo never passes silently."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class DataConfig(_Strict):
+_M = TypeVar("_M", bound=BaseModel)
+
+
+class DataConfig(StrictModel):
     """Where the images come from and how validation is carved."""
 
     root: Path | None = None
@@ -45,7 +52,7 @@ class DataConfig(_Strict):
     split_seed: int = 0
 
 
-class ModelConfig(_Strict):
+class ModelConfig(StrictModel):
     """Architecture, initial weights and head."""
 
     name: str = "tf_efficientnet_lite0"
@@ -54,13 +61,13 @@ class ModelConfig(_Strict):
     drop_rate: float = Field(0.2, ge=0, lt=1)
 
 
-class AugmentSettings(_Strict):
+class AugmentSettings(StrictModel):
     """Which augmentation preset trains the model."""
 
     preset: str = "cxr"
 
 
-class OptimConfig(_Strict):
+class OptimConfig(StrictModel):
     """Optimiser and learning-rate schedule (cosine annealing with linear warm-up)."""
 
     optimizer: Literal["adamw", "sgd"] = "adamw"
@@ -72,7 +79,7 @@ class OptimConfig(_Strict):
     grad_clip: float | None = Field(1.0, gt=0)
 
 
-class LossConfig(_Strict):
+class LossConfig(StrictModel):
     """Class weighting of the cross-entropy (the plan's formula by default) and sampling."""
 
     class_weights: Literal["plan", "balanced", "none", "custom"] = "plan"
@@ -81,7 +88,7 @@ class LossConfig(_Strict):
     sampler: Literal["uniform", "weighted"] = "uniform"
 
 
-class TrainConfig(_Strict):
+class TrainConfig(StrictModel):
     """Everything that defines one training run."""
 
     data: DataConfig = Field(default_factory=DataConfig)
@@ -119,10 +126,8 @@ def _one_line(error: ValidationError, source: str) -> str:
     return f"{source}: {where}: {first['msg']}{more}"
 
 
-def load_config(path: str | os.PathLike[str] | None = None) -> TrainConfig:
-    """Read a YAML config (missing keys take their defaults); no path gives the defaults."""
-    if path is None:
-        return TrainConfig()
+def load_yaml_model(path: str | os.PathLike[str], model: type[_M]) -> _M:
+    """Read a YAML file into a pydantic `model`; every problem is one `SettingError` line naming the file."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text()) or {}
@@ -133,9 +138,14 @@ def load_config(path: str | os.PathLike[str] | None = None) -> TrainConfig:
     if not isinstance(raw, dict):
         raise SettingError(f"{path}: a config must be a mapping of settings")
     try:
-        return TrainConfig.model_validate(raw)
+        return model.model_validate(raw)
     except ValidationError as error:
         raise SettingError(_one_line(error, str(path))) from None
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> TrainConfig:
+    """Read a YAML config (missing keys take their defaults); no path gives the defaults."""
+    return TrainConfig() if path is None else load_yaml_model(path, TrainConfig)
 
 
 def apply_overrides(config: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:

@@ -14,10 +14,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field
 
-from pneumolab.config import DataConfig, TrainConfig
+from pneumolab.config import DataConfig, StrictModel, TrainConfig, load_yaml_model
 from pneumolab.errors import PneumolabError, SettingError
 from pneumolab.fsutil import write_json_atomic
 from pneumolab.progress import stderr_console
@@ -28,30 +27,26 @@ __all__ = ["PipelineConfig", "load_pipeline_config", "run_pipeline"]
 DEFAULT_DATA = Path("data/chest_xray")
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class ModelRun(_Strict):
+class ModelRun(StrictModel):
     """One model of the comparison: a run name and its training settings."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9._-]+$")
     train: TrainConfig = Field(default_factory=TrainConfig)
 
 
-class EvaluateSettings(_Strict):
+class EvaluateSettings(StrictModel):
     tta: str | None = "cxr"
     threshold: str = "balanced_accuracy"
     target_sensitivity: float | None = None
     resamples: int = Field(2000, ge=100)
 
 
-class EnsembleSettings(_Strict):
+class EnsembleSettings(StrictModel):
     method: str = "mean"
     members: list[str] | None = None  # None: every model of the config
 
 
-class PipelineConfig(_Strict):
+class PipelineConfig(StrictModel):
     """A whole comparison: data, the models, how they are evaluated, and their ensemble."""
 
     title: str = "pneumolab report"
@@ -63,18 +58,7 @@ class PipelineConfig(_Strict):
 
 def load_pipeline_config(path: str | os.PathLike[str]) -> PipelineConfig:
     """Read a pipeline YAML (one-line errors, like `pneumolab.config.load_config`)."""
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-        return PipelineConfig.model_validate(raw)
-    except FileNotFoundError:
-        raise SettingError(f"{path}: no such config file") from None
-    except yaml.YAMLError as error:
-        raise SettingError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
-    except ValidationError as error:
-        first = error.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise SettingError(f"{path}: {where}: {first['msg']}") from None
+    return load_yaml_model(path, PipelineConfig)
 
 
 def _run_finished(run: RunDir) -> bool:

@@ -76,6 +76,24 @@ def metrics_for(
     return metrics
 
 
+def _write_split(
+    run: RunDir,
+    name: str,
+    paths,
+    labels: np.ndarray,
+    probabilities: np.ndarray,
+    threshold: float,
+    *,
+    margins: np.ndarray | None = None,
+    **facts: Any,
+) -> dict[str, Any]:
+    """Write ``predictions/<name>.csv`` and ``metrics/<name>.json`` of one split (and variant); return the metrics."""
+    write_predictions(run.path / "predictions" / f"{name}.csv", paths, labels, probabilities, threshold, margins)
+    metrics = metrics_for(labels, probabilities, threshold=threshold, model=run.path.name, **facts)
+    write_json_atomic(run.path / "metrics" / f"{name}.json", metrics)
+    return metrics
+
+
 def _rows(run: RunDir, manifest: pd.DataFrame) -> dict[str, np.ndarray]:
     split = read_split(run.split)
     by_path = dict(zip(split["path"], split["split"], strict=True))
@@ -149,31 +167,23 @@ def evaluate_run(
         selector.fit(labels["val"], probabilities["val"])
         threshold = float(selector.threshold_)
         for split in SPLITS:
-            margin = (logits[split][:, 1] - logits[split][:, 0]).numpy()
-            write_predictions(
-                run.path / "predictions" / f"{split}{suffix}.csv",
+            results[f"{split}{suffix}"] = _write_split(
+                run,
+                f"{split}{suffix}",
                 paths[split],
                 labels[split],
                 probabilities[split],
                 threshold,
-                margin,
-            )
-            metrics = metrics_for(
-                labels[split],
-                probabilities[split],
-                threshold=threshold,
+                margins=(logits[split][:, 1] - logits[split][:, 0]).numpy(),
                 threshold_method=selector.describe(),
                 temperature=temperature,
                 n_resamples=n_resamples,
                 split=split,
                 tta=list(views) if suffix else [],
-                model=run.path.name,
                 weights_source=trained.weights_source,
                 inference_images_per_s=len(rows[split]) * len(views) / seconds[split],
                 eval_seconds=seconds[split],
             )
-            write_json_atomic(run.path / "metrics" / f"{split}{suffix}.json", metrics)
-            results[f"{split}{suffix}"] = metrics
         points["tta" if suffix else "plain"] = {
             "threshold": threshold,
             "method": selector.describe(),
@@ -237,27 +247,20 @@ def ensemble_runs(
     run.path.mkdir(parents=True, exist_ok=True)
     results = {}
     for split in SPLITS:
-        write_predictions(
-            run.path / "predictions" / f"{split}.csv",
+        results[split] = _write_split(
+            run,
+            split,
             tables[split][0]["path"],
             labels[split],
             probabilities[split],
             threshold,
-        )
-        metrics = metrics_for(
-            labels[split],
-            probabilities[split],
-            threshold=threshold,
             threshold_method=selector.describe(),
             temperature=None,
             n_resamples=n_resamples,
             split=split,
             tta=[],
-            model=run.path.name,
             weights_source="ensemble",
         )
-        write_json_atomic(run.path / "metrics" / f"{split}.json", metrics)
-        results[split] = metrics
     description = combiner.describe()
     write_json_atomic(
         run.path / "operating_point.json",
