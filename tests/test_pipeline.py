@@ -14,7 +14,9 @@ import pytest
 import yaml
 
 from pneumolab.config import TrainConfig, apply_overrides
-from pneumolab.evaluate.runner import ensemble_runs, evaluate_run
+from pneumolab.errors import SettingError
+from pneumolab.evaluate.runner import ensemble_runs, evaluate_artefact, evaluate_run
+from pneumolab.export import export_artefact
 from pneumolab.infer import load_trained
 from pneumolab.pipeline import load_pipeline_config, run_pipeline
 from pneumolab.train.api import train
@@ -102,7 +104,7 @@ def test_ensemble_of_two_runs(dataset, tmp_path):
         ensemble_runs(runs[:1], tmp_path / "ens1")
 
 
-def test_run_pipeline_is_idempotent(dataset, tmp_path):
+def _write_tiny_config(tmp_path: Path) -> Path:
     config_file = tmp_path / "tiny.yaml"
     config_file.write_text(
         yaml.safe_dump(
@@ -118,7 +120,11 @@ def test_run_pipeline_is_idempotent(dataset, tmp_path):
             }
         )
     )
-    config = load_pipeline_config(config_file)
+    return config_file
+
+
+def test_run_pipeline_is_idempotent(dataset, tmp_path):
+    config = load_pipeline_config(_write_tiny_config(tmp_path))
     summary = run_pipeline(config, tmp_path / "out", data=dataset, progress=False)
     report = Path(summary["report"])
     assert report.is_file() and "r18-plan" in report.read_text()
@@ -127,6 +133,33 @@ def test_run_pipeline_is_idempotent(dataset, tmp_path):
     again = run_pipeline(config, tmp_path / "out", data=dataset, progress=False)
     assert (tmp_path / "out" / "r18" / "checkpoints" / "best.pt").stat().st_mtime == best
     assert again["wall_seconds"] < summary["wall_seconds"]
+
+
+def test_run_only_trains_the_named_models_and_ensembles_once_all_are_done(dataset, tmp_path):
+    config = load_pipeline_config(_write_tiny_config(tmp_path))
+    out = tmp_path / "out"
+    first = run_pipeline(config, out, data=dataset, only=["r18"], progress=False)
+    assert (out / "r18" / "operating_point.json").is_file() and not (out / "r18-plan").exists()
+    assert not (out / "ensemble").exists() and [Path(r).name for r in first["runs"]] == ["r18"]
+    best = (out / "r18" / "checkpoints" / "best.pt").stat().st_mtime
+    second = run_pipeline(config, out, data=dataset, only=["r18-plan"], progress=False)
+    assert (out / "r18" / "checkpoints" / "best.pt").stat().st_mtime == best  # reused, not trained again
+    assert [Path(r).name for r in second["runs"]] == ["r18", "r18-plan", "ensemble"]
+    with pytest.raises(SettingError, match="nope"):
+        run_pipeline(config, out, data=dataset, only=["nope"], progress=False)
+
+
+def test_exported_model_evaluates_like_its_run(dataset, tmp_path):
+    run = _train(dataset, tmp_path / "run", tmp_path / "cache")
+    results = evaluate_run(run, tta="cxr", n_resamples=200, progress=False)
+    point = json.loads((run / "operating_point.json").read_text())
+    artefact = export_artefact(run, tmp_path / "artefact")
+    for split in ("test", "val"):
+        expected = results[f"{split}_tta" if point["tta"] else split]
+        got = evaluate_artefact(artefact, data=dataset, split=split, n_resamples=200, progress=False)
+        assert got["n"] == expected["n"] and got["threshold"] == pytest.approx(expected["threshold"])
+        assert got["confusion_matrix"] == expected["confusion_matrix"]
+        assert got["roc_auc"] == pytest.approx(expected["roc_auc"], abs=1e-6)
 
 
 def test_missing_dataset_offers_the_download_command(tmp_path):

@@ -41,6 +41,9 @@ def _error_line(text: str) -> None:
 DataDir = Annotated[Path, typer.Argument(help="Dataset folder (Kaggle layout: train/, test/, optional val/).")]
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout and nothing else.")]
 QuietFlag = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+ModelOption = Annotated[
+    Path | None, typer.Option(help="A run folder or exported artefact (default: the bundled model).")
+]
 
 
 def _print_json(obj: Any) -> None:
@@ -294,7 +297,9 @@ def train_command(
 
 @app.command("evaluate")
 def evaluate_command(
-    model: Annotated[Path, typer.Argument(help="A trained run folder.")],
+    model: Annotated[
+        Path, typer.Argument(help="A trained run folder, an exported artefact, or `default` (the bundled model).")
+    ],
     data: Annotated[Path | None, typer.Option(help="Dataset folder (default: the run's).")] = None,
     split: Annotated[str, typer.Option(help="Which split's metrics to print: val or test.")] = "test",
     tta: Annotated[bool, typer.Option(help="Print the metrics with test-time augmentation.")] = False,
@@ -311,11 +316,28 @@ def evaluate_command(
     json_out: JsonFlag = False,
     quiet: QuietFlag = False,
 ) -> None:
-    """Evaluate a run on validation and test (operating point fit on validation) and print the metrics."""
-    from pneumolab.evaluate.runner import evaluate_run
+    """Evaluate a run on validation and test (operating point fit on validation) and print the metrics.
+
+    An exported artefact or the bundled model is evaluated with its card's operating point on the chosen split.
+    """
+    from pneumolab.evaluate.runner import evaluate_artefact, evaluate_run
+    from pneumolab.infer import DEFAULT_MODEL
 
     if split not in ("val", "test"):
         raise PneumolabError(f"--split must be val or test, not {split!r}")
+    bundled = str(model) == DEFAULT_MODEL and not model.exists()
+    if bundled or (model / "card.json").is_file():
+        if data is None:
+            raise PneumolabError(f"{model}: an exported model names no dataset; pass --data DIR")
+        progress = not quiet and not json_out
+        metrics = evaluate_artefact(
+            None if bundled else model, data=data, split=split, n_resamples=resamples, progress=progress
+        )
+        if json_out:
+            _print_json(metrics)
+        else:
+            _print_metrics(metrics)
+        return
     if target_sensitivity is not None and threshold == "balanced_accuracy":
         threshold = "target_sensitivity"
     results = evaluate_run(
@@ -397,13 +419,17 @@ def run_command(
     out: Annotated[Path, typer.Option(help="Output folder: one run per model, the ensemble, the report.")] = Path(
         "runs/default"
     ),
+    only: Annotated[
+        list[str] | None,
+        typer.Option(help="Train and evaluate only this model of the config (repeatable); finished others join in."),
+    ] = None,
     json_out: JsonFlag = False,
     quiet: QuietFlag = False,
 ) -> None:
     """The main job: prepare -> train each model -> evaluate (with and without TTA) -> ensemble -> report."""
     from pneumolab.pipeline import load_pipeline_config, run_pipeline
 
-    summary = run_pipeline(load_pipeline_config(config), out, data=data, progress=not quiet and not json_out)
+    summary = run_pipeline(load_pipeline_config(config), out, data=data, only=only, progress=not quiet and not json_out)
     if json_out:
         _print_json(summary)
     else:
@@ -413,7 +439,7 @@ def run_command(
 @app.command("predict")
 def predict_command(
     paths: Annotated[list[str], typer.Argument(help="Image files, folders (searched recursively) or glob patterns.")],
-    model: Annotated[Path | None, typer.Option(help="A trained and evaluated run folder.")] = None,
+    model: ModelOption = None,
     json_out: JsonFlag = False,
     csv_out: Annotated[bool, typer.Option("--csv", help="Print CSV (file,label,probability,threshold).")] = False,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
@@ -427,8 +453,6 @@ def predict_command(
 
     from pneumolab.infer import collect_image_paths, load_trained, predict_files
 
-    if model is None:
-        raise PneumolabError("no bundled default model yet: pass --model RUN (a trained, evaluated run folder)")
     trained = load_trained(model)
     files, problems = collect_image_paths(paths)
     rows, failures = predict_files(trained, files, batch_size=batch_size)
@@ -490,7 +514,7 @@ def export_command(
 @app.command("explain")
 def explain_command(
     image: Annotated[Path, typer.Argument(help="An X-ray file (JPEG, PNG or DICOM).")],
-    model: Annotated[Path | None, typer.Option(help="A trained run folder or exported artefact.")] = None,
+    model: ModelOption = None,
     out: Annotated[Path | None, typer.Option(help="PNG to write (default: <image name>.gradcam.png).")] = None,
     json_out: JsonFlag = False,
 ) -> None:
@@ -499,8 +523,6 @@ def explain_command(
     from pneumolab.fsutil import atomic_path
     from pneumolab.infer import load_trained
 
-    if model is None:
-        raise PneumolabError("no bundled default model yet: pass --model RUN (a trained, evaluated run folder)")
     trained = load_trained(model)
     explanation = explain_image(trained, image)
     target = out or Path(f"{image.stem}.gradcam.png")
@@ -516,7 +538,7 @@ def explain_command(
 
 @app.command("serve")
 def serve_command(
-    model: Annotated[Path | None, typer.Option(help="A trained run folder or exported artefact.")] = None,
+    model: ModelOption = None,
     host: Annotated[str, typer.Option(help="Interface to listen on (127.0.0.1: this machine only).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.", min=0, max=65535)] = 8000,
     api_key: Annotated[

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from pneumolab import CLASSES
+from pneumolab.config import load_config
 from pneumolab.data.augment import eval_transform
 from pneumolab.data.io import IMAGE_SUFFIXES, load_xray
 from pneumolab.data.tta import apply_view
@@ -28,7 +29,10 @@ from pneumolab.hardware import Precision, default_device, resolve_precision
 from pneumolab.models import Classifier, create_model
 from pneumolab.runs import RunDir, load_checkpoint
 
-__all__ = ["TrainedModel", "collect_image_paths", "load_trained", "predict_files"]
+__all__ = ["DEFAULT_MODEL", "TrainedModel", "bundled_model_dir", "collect_image_paths", "load_trained", "predict_files"]
+
+# The name that selects the model shipped inside the package (`pneumolab predict IMAGE` with no --model).
+DEFAULT_MODEL = "default"
 
 
 @dataclass
@@ -47,6 +51,7 @@ class TrainedModel:
     temperature: float = 1.0
     threshold_method: str = "fixed 0.5"
     tta: tuple[str, ...] = ()
+    validation_split: dict[str, Any] | None = None  # {"fraction", "seed"} of the carve the model was tuned on
     device: torch.device = field(default_factory=default_device)
     precision: Precision | None = None
 
@@ -105,6 +110,7 @@ class TrainedModel:
             "threshold_method": self.threshold_method,
             "temperature": self.temperature,
             "tta": list(self.tta),
+            "validation_split": self.validation_split,
             "weights_source": self.weights_source,
         }
 
@@ -157,13 +163,24 @@ def _load_artefact(folder: Path, device: torch.device | None) -> TrainedModel:
         temperature=float(card["temperature"]),
         threshold_method=card.get("threshold_method", "from the card"),
         tta=tuple(card.get("tta", ())),
+        validation_split=card.get("validation_split"),
         device=device or default_device(),
     )
 
 
-def load_trained(path: str | os.PathLike[str], *, device: torch.device | None = None) -> TrainedModel:
+def bundled_model_dir(name: str = DEFAULT_MODEL) -> Path:
+    """The artefact folder of a model shipped inside the package (``pneumolab/bundled/<name>/``)."""
+    folder = Path(__file__).parent / "bundled" / name
+    if not (folder / "card.json").is_file():
+        raise PneumolabError(f"{folder}: no bundled model {name!r} in this installation; pass --model RUN")
+    return folder
+
+
+def load_trained(path: str | os.PathLike[str] | None = None, *, device: torch.device | None = None) -> TrainedModel:
     """Load a run folder (its ``best.pt`` and ``operating_point.json``), an exported artefact folder (or its
-    ``card.json``), or a checkpoint file."""
+    ``card.json``), a checkpoint file, or the bundled model (``None`` or ``"default"`` when no such path exists)."""
+    if path is None or (str(path) == DEFAULT_MODEL and not Path(path).exists()):
+        path = bundled_model_dir()
     path = Path(path)
     if path.name == "card.json":
         path = path.parent
@@ -197,6 +214,10 @@ def load_trained(path: str | os.PathLike[str], *, device: torch.device | None = 
         trained.temperature = float(point["temperature"])
         trained.threshold_method = point["method"]
         trained.tta = tuple(point.get("tta", ()))
+    config = path / "config.yaml" if path.is_dir() else None
+    if config is not None and config.is_file():
+        data = load_config(config).data
+        trained.validation_split = {"fraction": data.val_fraction, "seed": data.split_seed}
     return trained
 
 

@@ -76,9 +76,15 @@ def run_pipeline(
     out: str | os.PathLike[str],
     *,
     data: str | os.PathLike[str] | None = None,
+    only: list[str] | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Run the whole job into `out` (``out/<model name>/`` runs, ``out/ensemble/``, ``out/report/``)."""
+    """Run the whole job into `out` (``out/<model name>/`` runs, ``out/ensemble/``, ``out/report/``).
+
+    Args:
+        only: train and evaluate just these models (e.g. to split a comparison across machines); the others
+            join the ensemble and the report when their runs are already finished and evaluated in `out`.
+    """
     from pneumolab.data.cache import prepare_cache
     from pneumolab.evaluate.runner import ensemble_runs, evaluate_run
     from pneumolab.report import build_report
@@ -86,6 +92,10 @@ def run_pipeline(
 
     started = time.perf_counter()
     out = Path(out)
+    names = [m.name for m in config.models]
+    unknown = sorted(set(only or []) - set(names))
+    if unknown:
+        raise SettingError(f"--only: {unknown} are not models of this config ({', '.join(names)})")
     root = Path(data) if data else (config.data.root or DEFAULT_DATA)
     if not root.exists():
         raise PneumolabError(
@@ -100,6 +110,10 @@ def run_pipeline(
     run_dirs = []
     for model in config.models:
         run = RunDir(out / model.name)
+        if only and model.name not in only:
+            if _run_finished(run) and (run.path / "operating_point.json").is_file():
+                run_dirs.append(run.path)
+            continue
         run_dirs.append(run.path)
         # the pipeline's data settings, except what the model's own data block sets (e.g. a larger cache_size)
         own = model.train.data.model_dump(exclude_unset=True)
@@ -125,14 +139,17 @@ def run_pipeline(
         timings[model.name] = round(time.perf_counter() - step_started, 1)
 
     report_runs = list(run_dirs)
-    if config.ensemble is not None and len(config.models) >= 2:
-        names = config.ensemble.members or [m.name for m in config.models]
-        unknown = sorted(set(names) - {m.name for m in config.models})
-        if unknown:
-            raise SettingError(f"ensemble.members: {unknown} are not models of this config")
-        _log(f"ensemble ({config.ensemble.method}) of {', '.join(names)}")
+    members = (config.ensemble.members or names) if config.ensemble is not None else []
+    unknown = sorted(set(members) - set(names))
+    if unknown:
+        raise SettingError(f"ensemble.members: {unknown} are not models of this config")
+    ready = {Path(r).name for r in run_dirs}
+    if len(members) >= 2 and not set(members) <= ready:
+        _log(f"ensemble skipped: {', '.join(sorted(set(members) - ready))} not finished yet")
+    elif config.ensemble is not None and len(members) >= 2:
+        _log(f"ensemble ({config.ensemble.method}) of {', '.join(members)}")
         ensemble_runs(
-            [out / n for n in names],
+            [out / n for n in members],
             out / "ensemble",
             method=config.ensemble.method,
             threshold_method=config.evaluate.threshold,

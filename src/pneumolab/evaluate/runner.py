@@ -24,7 +24,7 @@ import torch
 
 from pneumolab.config import load_config
 from pneumolab.data.cache import prepare_cache
-from pneumolab.data.splits import read_split
+from pneumolab.data.splits import carve_validation, read_split
 from pneumolab.data.tta import resolve_views
 from pneumolab.errors import PneumolabError
 from pneumolab.evaluate.calibration import TemperatureScaler, ThresholdSelector, expected_calibration_error
@@ -34,7 +34,7 @@ from pneumolab.infer import TrainedModel, load_trained
 from pneumolab.progress import progress_bar
 from pneumolab.runs import RunDir
 
-__all__ = ["ensemble_runs", "evaluate_run", "metrics_for", "write_predictions"]
+__all__ = ["ensemble_runs", "evaluate_artefact", "evaluate_run", "metrics_for", "write_predictions"]
 
 SPLITS = ("val", "test")
 
@@ -197,6 +197,53 @@ def evaluate_run(
         run.path / "operating_point.json", {**points[chosen], "chosen_on": "validation", "variants": points}
     )
     return results
+
+
+def evaluate_artefact(
+    model: str | os.PathLike[str] | None,
+    *,
+    data: str | os.PathLike[str],
+    split: str = "test",
+    n_resamples: int = 2000,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Metrics of an exported artefact (or the bundled ``default``) on one split, with its own operating point.
+
+    Nothing is fit here: the threshold, temperature and TTA views are the card's (chosen on validation when the
+    model was evaluated). ``test`` is the dataset's official test folder; ``val`` is carved again from the card's
+    split settings, which the patient-grouped carve reproduces on any machine.
+    """
+    if split not in SPLITS:
+        raise PneumolabError(f"--split must be val or test, not {split!r}")
+    trained = load_trained(model)
+    cache, _ = prepare_cache(data, size=trained.cache_size, progress=progress)
+    manifest = cache.manifest
+    if split == "test":
+        assigned = manifest["split"].to_numpy()
+    else:
+        settings = trained.validation_split
+        if settings is None:
+            raise PneumolabError(f"{trained.source}: the card records no validation split; only --split test works")
+        assigned = carve_validation(manifest, fraction=settings["fraction"], seed=settings["seed"]).to_numpy()
+    rows = np.flatnonzero(assigned == split)
+    if not len(rows):
+        raise PneumolabError(f"{data}: no {split} images in this dataset")
+    views = trained.tta or ("identity",)
+    logits, seconds = _timed_logits(trained, np.asarray(cache.images[rows]), views, progress, split)
+    return metrics_for(
+        manifest["label"].to_numpy()[rows],
+        trained.probabilities(logits),
+        threshold=trained.threshold,
+        threshold_method=trained.threshold_method,
+        temperature=trained.temperature,
+        n_resamples=n_resamples,
+        model=str(trained.source),
+        split=split,
+        tta=list(trained.tta),
+        weights_source=trained.weights_source,
+        inference_images_per_s=len(rows) * len(views) / seconds,
+        eval_seconds=seconds,
+    )
 
 
 def _member_predictions(run: RunDir, split: str) -> pd.DataFrame:

@@ -219,7 +219,5 @@ def serve(
 
     from pneumolab.infer import load_trained
 
-    if model_path is None:
-        raise PneumolabError("no bundled default model yet: pass --model RUN (a trained, evaluated run folder)")
     api_key = api_key or os.environ.get("PNEUMOLAB_API_KEY") or None
     uvicorn.run(create_app(load_trained(model_path), api_key=api_key), host=host, port=port)
