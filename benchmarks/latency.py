@@ -2,9 +2,10 @@
 
 The input is a real test image upscaled to 2000 x 2000 and saved as a grayscale JPEG in a temporary folder (the
 original release has films of that size; the shared copy is 224 px). Reports p50 / p95 over repeated calls.
+``--backend onnx`` runs the network in onnxruntime (a run or artefact is exported first; an .onnx file also works).
 
     python benchmarks/latency.py --model runs/default/lite0-plan \
-        --image ../shared/data/chest_xray/test/NORMAL/IM-0001-0001.jpeg --repeats 30
+        --image ../shared/data/chest_xray/test/NORMAL/IM-0001-0001.jpeg --repeats 30 [--backend onnx]
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 from PIL import Image
 
 from pneumolab.data.io import load_xray
-from pneumolab.infer import load_trained
+from pneumolab.onnx_backend import BACKENDS, load_backend
 
 
 def main() -> None:
@@ -29,9 +30,10 @@ def main() -> None:
     parser.add_argument("--image", required=True, help="an X-ray to upscale")
     parser.add_argument("--size", type=int, default=2000)
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--backend", choices=BACKENDS, default="pytorch")
     args = parser.parse_args()
 
-    trained = load_trained(args.model, device=torch.device("cpu"))
+    trained = load_backend(args.model, args.backend, device=torch.device("cpu"))
     with tempfile.TemporaryDirectory() as tmp:
         big = Path(tmp) / "big.jpeg"
         Image.open(args.image).convert("L").resize((args.size, args.size), Image.Resampling.BICUBIC).save(
@@ -53,7 +55,8 @@ def main() -> None:
                 if index:  # the first call warms up
                     times[name].append(time.perf_counter() - started)
                     read_times.append(read - started)
-    print(f"{trained.name}, {args.size} x {args.size} JPEG, {torch.get_num_threads()} threads, {args.repeats} calls")
+    threads = torch.get_num_threads()  # onnxruntime's intra-op threads too
+    print(f"{trained.name} ({args.backend}), {args.size} x {args.size} JPEG, {threads} threads, {args.repeats} calls")
     print(f"read + preprocess alone: p50 {1000 * statistics.median(read_times):.1f} ms")
     for name, values in times.items():
         p95 = float(np.percentile(values, 95))

@@ -44,6 +44,13 @@ QuietFlag = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.
 ModelOption = Annotated[
     Path | None, typer.Option(help="A run folder or exported artefact (default: the bundled model).")
 ]
+BackendOption = Annotated[
+    str,
+    typer.Option(
+        help="pytorch, or onnx (onnxruntime on the CPU; --model may then also be an .onnx file with its card, "
+        "and a run or artefact is exported on the fly)."
+    ),
+]
 
 
 def _print_json(obj: Any) -> None:
@@ -443,6 +450,7 @@ def predict_command(
     json_out: JsonFlag = False,
     csv_out: Annotated[bool, typer.Option("--csv", help="Print CSV (file,label,probability,threshold).")] = False,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
+    backend: BackendOption = "pytorch",
 ) -> None:
     """Predict NORMAL / PNEUMONIA for X-ray files (JPEG, PNG, DICOM) with the model's validation-fit threshold.
 
@@ -451,16 +459,17 @@ def predict_command(
     """
     import csv
 
-    from pneumolab.infer import collect_image_paths, load_trained, predict_files
+    from pneumolab.infer import collect_image_paths, predict_files
+    from pneumolab.onnx_backend import load_backend
 
-    trained = load_trained(model)
+    trained = load_backend(model, backend)
     files, problems = collect_image_paths(paths)
     rows, failures = predict_files(trained, files, batch_size=batch_size)
     failures = problems + failures
     if json_out:
         _print_json(
             {
-                "model": trained.card(),
+                "model": {**trained.card(), "backend": trained.backend},
                 "predictions": rows,
                 "errors": [{"file": f, "reason": r} for f, r in failures],
             }
@@ -545,11 +554,12 @@ def serve_command(
         str | None,
         typer.Option(help="Require this X-API-Key header on /v1/* requests.", envvar="PNEUMOLAB_API_KEY"),
     ] = None,
+    backend: BackendOption = "pytorch",
 ) -> None:
     """Serve a model over HTTP: an upload page at /, JSON API at /v1/predict and /v1/explain, docs at /docs."""
     from pneumolab.serve import serve
 
-    serve(model, host=host, port=port, api_key=api_key)
+    serve(model, host=host, port=port, api_key=api_key, backend=backend)
 
 
 def main() -> None:

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
@@ -29,10 +29,57 @@ from pneumolab.hardware import Precision, default_device, resolve_precision
 from pneumolab.models import Classifier, create_model
 from pneumolab.runs import RunDir, load_checkpoint
 
-__all__ = ["DEFAULT_MODEL", "TrainedModel", "bundled_model_dir", "collect_image_paths", "load_trained", "predict_files"]
+if TYPE_CHECKING:  # the ONNX backend builds on this module
+    from pneumolab.onnx_backend import OnnxModel
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "TrainedModel",
+    "bundled_model_dir",
+    "collect_image_paths",
+    "load_trained",
+    "predict_files",
+    "tta_logits",
+]
 
 # The name that selects the model shipped inside the package (`pneumolab predict IMAGE` with no --model).
 DEFAULT_MODEL = "default"
+
+
+@torch.no_grad()
+def tta_logits(
+    images_u8: torch.Tensor | np.ndarray,
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    image_size: int,
+    crop_fraction: float,
+    normalize: tuple[float, float],
+    views: Sequence[str],
+    batch_size: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """Mean logits (N x 2, float32, CPU) of uint8 images over TTA `views`: eval_transform -> view -> `forward`.
+
+    The one preprocessing and TTA loop of every inference backend (PyTorch, ONNX Runtime), so their network inputs
+    are the same tensors; `forward` maps a normalised float N x 1 x H x W batch on `device` to N x 2 logits.
+    """
+    images = torch.as_tensor(images_u8)
+    if images.ndim == 3:
+        images = images.unsqueeze(1)
+    outputs = []
+    for start in range(0, len(images), batch_size):
+        x = eval_transform(
+            images[start : start + batch_size].to(device),
+            image_size=image_size,
+            crop_fraction=crop_fraction,
+            normalize=normalize,
+        )
+        total = None
+        for view in views:
+            out = forward(apply_view(view, x, normalize)).float()
+            total = out if total is None else total + out
+        outputs.append((total / len(views)).cpu())
+    return torch.cat(outputs) if outputs else torch.empty(0, len(CLASSES))
 
 
 @dataclass
@@ -54,6 +101,7 @@ class TrainedModel:
     validation_split: dict[str, Any] | None = None  # {"fraction", "seed"} of the carve the model was tuned on
     device: torch.device = field(default_factory=default_device)
     precision: Precision | None = None
+    backend: ClassVar[str] = "pytorch"  # what runs the network; predict --json and /v1/model say it
 
     def __post_init__(self) -> None:
         # channels_last: oneDNN's and cuDNN's fast convolution layout (1.6x on the development CPU)
@@ -61,7 +109,6 @@ class TrainedModel:
         if self.precision is None:
             self.precision = resolve_precision("auto", self.device)
 
-    @torch.no_grad()
     def logits(
         self, images_u8: torch.Tensor | np.ndarray, *, views: Sequence[str] = ("identity",), batch_size: int = 64
     ) -> torch.Tensor:
@@ -69,25 +116,22 @@ class TrainedModel:
 
         Each view costs one forward pass per batch, never one per image.
         """
-        images = torch.as_tensor(images_u8)
-        if images.ndim == 3:
-            images = images.unsqueeze(1)
-        outputs = []
-        for start in range(0, len(images), batch_size):
-            x = eval_transform(
-                images[start : start + batch_size].to(self.device),
-                image_size=self.image_size,
-                crop_fraction=self.crop_fraction,
-                normalize=self.normalize,
-            )
-            total = None
-            for view in views:
-                batch = apply_view(view, x, self.normalize).contiguous(memory_format=torch.channels_last)
-                with self.precision.autocast():
-                    out = self.model(batch).float()
-                total = out if total is None else total + out
-            outputs.append((total / len(views)).cpu())
-        return torch.cat(outputs) if outputs else torch.empty(0, len(CLASSES))
+
+        def forward(batch: torch.Tensor) -> torch.Tensor:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+            with self.precision.autocast():
+                return self.model(batch)
+
+        return tta_logits(
+            images_u8,
+            forward,
+            image_size=self.image_size,
+            crop_fraction=self.crop_fraction,
+            normalize=self.normalize,
+            views=views,
+            batch_size=batch_size,
+            device=self.device,
+        )
 
     def probabilities(self, logits: torch.Tensor) -> np.ndarray:
         """Calibrated P(PNEUMONIA): softmax of the temperature-scaled logits."""
@@ -252,9 +296,9 @@ def collect_image_paths(inputs: Sequence[str | os.PathLike[str]]) -> tuple[list[
 
 
 def predict_files(
-    trained: TrainedModel, paths: Sequence[Path], *, batch_size: int = 32
+    trained: TrainedModel | OnnxModel, paths: Sequence[Path], *, batch_size: int = 32
 ) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
-    """Predict image files in batches; a file that cannot be read is reported and the rest still predicted.
+    """Predict image files in batches (either backend); a file that cannot be read is reported, the rest predicted.
 
     Returns:
         ``(rows, failures)``: per readable file ``{file, label, probability, threshold}``, and ``(file, reason)``.

@@ -1,9 +1,10 @@
 """Fixtures for the report tests: run folders with synthetic but self-consistent files, and one built report.
 
-`write_run` writes what training and evaluation would: ``config.yaml``, ``history.csv`` (5 epochs), ``env.json``,
-``operating_point.json``, ``predictions/{val,test}[_tta].csv`` and ``metrics/{val,test}[_tta].json`` whose numbers
-are computed from those predictions (scikit-learn point estimates, a small seeded stratified bootstrap). Validation
-logits are better separated than test ones, so the report has a validation-test gap to show.
+`write_run` writes what training and evaluation would: ``config.yaml``, ``split.csv``, ``history.csv`` (5 epochs),
+``env.json``, ``operating_point.json``, ``predictions/{val,test}[_tta].csv`` and ``metrics/{val,test}[_tta].json``
+whose numbers are computed from those predictions (scikit-learn point estimates, a small seeded stratified bootstrap).
+Validation logits are better separated than test ones, so the report has a validation-test gap to show. Four test
+images share a patient with train/ (`SHARED_TEST_IMAGES`).
 """
 
 from __future__ import annotations
@@ -26,22 +27,63 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
+from pneumolab import CLASSES
 from pneumolab.config import TrainConfig, apply_overrides, dump_config
+from pneumolab.data.dataset import parse_name
 
 N_IMAGES = {"val": 80, "test": 100}
 THRESHOLD_METHOD = "max balanced accuracy on validation"
 
+SPLIT_OVERLAP = (0, 3, 4)
+"""Test images whose patients `write_split` also puts in train/: IM-0000 (test images 0 and 1), person3, person4."""
+SHARED_TEST_IMAGES = (0, 1, 3, 4)
+
+
+def labels_of(split: str) -> np.ndarray:
+    """The synthetic labels of a split: 62.5 % PNEUMONIA, like the official test set."""
+    return (np.arange(N_IMAGES[split]) % 8 >= 3).astype(int)
+
 
 def image_paths(split: str, labels: np.ndarray) -> list[str]:
-    """Kermany-style file names: ``IM-XXXX-YYYY.jpeg`` for NORMAL, ``personN_{bacteria,virus}_M.jpeg`` otherwise."""
+    """Kermany-style names as evaluation writes them (relative to the dataset root; validation is carved from train/).
+
+    ``IM-XXXX-YYYY.jpeg`` for NORMAL, ``personN_{bacteria,virus}_M.jpeg`` otherwise; validation patients are numbered
+    from 1000, so they share no id with test.
+    """
+    folder, offset = ("test", 0) if split == "test" else ("train", 1000)
     names = []
     for index, label in enumerate(labels):
+        number = index + offset
         if label == 0:
-            names.append(f"chest_xray/{split}/NORMAL/IM-{index // 2:04d}-{index % 2 + 1:04d}.jpeg")
+            names.append(f"{folder}/NORMAL/IM-{number // 2:04d}-{number % 2 + 1:04d}.jpeg")
         else:
             kind = "virus" if index % 3 == 0 else "bacteria"
-            names.append(f"chest_xray/{split}/PNEUMONIA/person{index}_{kind}_{index}.jpeg")
+            names.append(f"{folder}/PNEUMONIA/person{number}_{kind}_{number}.jpeg")
     return names
+
+
+def write_split(run: Path, overlap: tuple[int, ...] = SPLIT_OVERLAP) -> Path:
+    """``split.csv``: 40 train images of their own patients, one more train image of the patient of each test image
+    in `overlap`, a file name without a patient id, and the validation and test images of the predictions."""
+    rows = []
+    for index in range(40):
+        label = int(index % 4 != 0)
+        name = f"IM-{2000 + index}-0001.jpeg" if label == 0 else f"person{2000 + index}_bacteria_{index}.jpeg"
+        rows.append((f"train/{CLASSES[label]}/{name}", "train", label))
+    for index in overlap:  # the patients of test image `index` (IM-XXXX = index // 2, personN = index)
+        label = int(labels_of("test")[index])
+        name = f"IM-{index // 2:04d}-0009.jpeg" if label == 0 else f"person{index}_bacteria_9999.jpeg"
+        rows.append((f"train/{CLASSES[label]}/{name}", "train", label))
+    rows.append(("train/NORMAL/scan-without-id.png", "train", 0))
+    for split in ("val", "test"):
+        labels = labels_of(split)
+        rows += [(path, split, int(y)) for path, y in zip(image_paths(split, labels), labels, strict=True)]
+    table = pd.DataFrame(rows, columns=["path", "split", "label"])
+    table["patient_id"] = [
+        parse_name(Path(p).name, CLASSES[y]).patient_id for p, y in zip(table["path"], table["label"], strict=True)
+    ]
+    table.to_csv(run / "split.csv", index=False)
+    return run / "split.csv"
 
 
 def _metric_values(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, float]:
@@ -141,7 +183,7 @@ def _predictions(
     rng: np.random.Generator, split: str, separation: float, threshold: float, temperature: float
 ) -> pd.DataFrame:
     n = N_IMAGES[split]
-    labels = (np.arange(n) % 8 >= 3).astype(int)  # 62.5 % PNEUMONIA, like the official test set
+    labels = labels_of(split)
     logits = np.where(labels == 1, separation, -separation) + rng.normal(0, 1.6, n)
     probability = 1 / (1 + np.exp(-logits / temperature))
     return pd.DataFrame(
@@ -203,16 +245,19 @@ def write_run(
     evaluated: bool = True,
     tta: bool = True,
     history: bool = True,
+    data_root: Path | None = None,
 ) -> Path:
-    """Write a trained run folder under `root` and return it."""
+    """Write a trained run folder under `root` and return it (`data_root`: config.yaml's data.root)."""
     run = root / name
     run.mkdir(parents=True)
     rng = np.random.default_rng(seed)
     weights = "none" if weights_source == "random" else "imagenet"
-    config = apply_overrides(
-        TrainConfig(), {"model.name": model, "model.weights": weights, "epochs": 5, "image_size": 224}
-    )
+    overrides = {"model.name": model, "model.weights": weights, "epochs": 5, "image_size": 224}
+    if data_root is not None:
+        overrides["data.root"] = str(data_root)
+    config = apply_overrides(TrainConfig(), overrides)
     dump_config(config, run / "config.yaml")
+    write_split(run)
     if history:
         _history(rng).to_csv(run / "history.csv", index=False)
     env = {

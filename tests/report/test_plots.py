@@ -132,3 +132,14 @@ def test_plot_run_names_an_unreadable_file(make_run, tmp_path: Path) -> None:
     shutil.rmtree(run)
     with pytest.raises(PneumolabError, match="no such run folder"):
         plot_run(run)
+
+
+def test_reliability_overlays_the_curve_before_temperature_scaling() -> None:
+    labels, probabilities = _scores()
+    assert "before temperature scaling (T = 1)" not in _texts(plot_reliability(labels, probabilities))
+    logits = np.log(probabilities / (1 - probabilities))
+    texts = _texts(plot_reliability(labels, 1 / (1 + np.exp(-logits / 1.5)), uncalibrated=probabilities))
+    assert "before temperature scaling (T = 1)" in texts
+    assert "bin mean probability, temperature-scaled" in texts
+    with pytest.raises(ValueError, match="differ in length"):
+        plot_reliability(labels, probabilities, uncalibrated=probabilities[:-1])

@@ -1,9 +1,9 @@
 """Read what a run folder holds, for plots and reports: every file is optional, nothing is recomputed.
 
-A trained run has ``config.yaml``, ``history.csv`` and ``env.json``; after evaluation ``operating_point.json``,
-``predictions/{val,test}[_tta].csv`` and ``metrics/{val,test}[_tta].json``. An ensemble folder has the predictions,
-metrics and an ``env.json`` with an ``ensemble`` entry, but no history. A missing file is ``None`` here; a file that
-exists but cannot be read raises `PneumolabError` naming the file and the reason.
+A trained run has ``config.yaml``, ``split.csv``, ``history.csv`` and ``env.json``; after evaluation
+``operating_point.json``, ``predictions/{val,test}[_tta].csv`` and ``metrics/{val,test}[_tta].json``. An ensemble folder
+has the predictions, metrics and an ``env.json`` with an ``ensemble`` entry, but no history. A missing file is ``None``
+here; a file that exists but cannot be read raises `PneumolabError` naming the file and the reason.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from pneumolab.errors import PneumolabError
 SPLITS = ("val", "test")
 SPLIT_NAMES = {"val": "validation", "test": "test"}
 PREDICTION_COLUMNS = ("path", "label", "probability", "prediction")
+SPLIT_FILE_COLUMNS = ("path", "split", "patient_id")
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,16 @@ class Evaluation:
             return np.array([[np.sum((y == t) & (pred == p)) for p in (0, 1)] for t in (0, 1)], dtype=np.int64)
         return None
 
+    def logits(self) -> np.ndarray | None:
+        """The saved logit margins (logit1 - logit0, before temperature scaling), or None when not every image has one.
+
+        An ensemble's predictions have no ``logit`` column, or an empty one.
+        """
+        if self.predictions is None or "logit" not in self.predictions:
+            return None
+        values = pd.to_numeric(self.predictions["logit"], errors="coerce").to_numpy(dtype=np.float64)
+        return values if values.size and np.isfinite(values).all() else None
+
 
 @dataclass
 class RunFiles:
@@ -82,6 +93,7 @@ class RunFiles:
     env: dict[str, Any] | None = None
     history: pd.DataFrame | None = None
     operating_point: dict[str, Any] | None = None
+    split_table: pd.DataFrame | None = None
     evaluations: dict[str, Evaluation] = field(default_factory=dict)
 
     @property
@@ -205,6 +217,28 @@ def _read_predictions(path: Path) -> pd.DataFrame | None:
     return table
 
 
+def read_split_table(path: Path) -> pd.DataFrame | None:
+    """``split.csv`` (``path``, ``split``, ``patient_id``, ...) with text columns as text, or None when absent.
+
+    Raises:
+        PneumolabError: the file exists but is unreadable or lacks one of those columns.
+    """
+    table = _read_csv(path)
+    if table is None:
+        return None
+    missing = [c for c in SPLIT_FILE_COLUMNS if c not in table]
+    if missing:
+        raise PneumolabError(f"{path}: missing column(s) {', '.join(missing)}")
+    for column in SPLIT_FILE_COLUMNS:
+        table[column] = table[column].astype(str)
+    return table
+
+
+def read_config(path: Path) -> dict[str, Any] | None:
+    """``config.yaml`` as a mapping, or None when absent (see `read_run`)."""
+    return _read_yaml(path)
+
+
 def read_run(run_dir: str | os.PathLike[str]) -> RunFiles:
     """Read every report-relevant file of a run folder that exists.
 
@@ -226,6 +260,7 @@ def read_run(run_dir: str | os.PathLike[str]) -> RunFiles:
         env=_read_json(path / "env.json"),
         history=_read_history(path / "history.csv"),
         operating_point=_read_json(path / "operating_point.json"),
+        split_table=read_split_table(path / "split.csv"),
     )
     for split in SPLITS:
         for tta in (False, True):

@@ -18,6 +18,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, PercentFormatter
 from numpy.typing import ArrayLike
+from scipy.special import expit
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
 from pneumolab import CLASSES
@@ -282,6 +283,7 @@ def plot_reliability(
     ece: float | None = None,
     threshold: float | None = None,
     title: str | None = None,
+    uncalibrated: ArrayLike | None = None,
 ) -> Figure:
     """Reliability diagram (observed PNEUMONIA share against predicted probability) beside a probability histogram.
 
@@ -292,6 +294,8 @@ def plot_reliability(
         ece: the expected calibration error to show (e.g. from the metrics file); computed from the bins when None.
         threshold: the decision threshold, drawn on the histogram when given.
         title: figure title.
+        uncalibrated: the same images' probabilities before temperature scaling (T = 1), drawn on the diagram as a
+            dashed curve of bin means when given.
 
     Returns:
         A figure with the diagram (left) and the histogram of probabilities per true class (right).
@@ -314,7 +318,27 @@ def plot_reliability(
         centres[filled], observed[filled], width=1 / n_bins, color=_TRAIN, alpha=0.2, edgecolor=_TRAIN,
         linewidth=0.8, label="observed share per bin",
     )  # fmt: skip
-    diagram.plot(confidence[filled], observed[filled], "o-", color=_TRAIN, markersize=4, label="bin mean probability")
+    diagram.plot(
+        confidence[filled],
+        observed[filled],
+        "o-",
+        color=_TRAIN,
+        markersize=4,
+        label="bin mean probability" + (", temperature-scaled" if uncalibrated is not None else ""),
+    )
+    if uncalibrated is not None:
+        _, before = _binary_inputs(y, uncalibrated)
+        counts_before, confidence_before, observed_before = _bins(y, before, n_bins)
+        kept = counts_before > 0
+        diagram.plot(
+            confidence_before[kept],
+            observed_before[kept],
+            "s--",
+            color="0.45",
+            markersize=3.5,
+            linewidth=1.2,
+            label="before temperature scaling (T = 1)",
+        )
     diagram.set_xlim(0, 1)
     diagram.set_ylim(0, 1.02)
     diagram.set_aspect("equal")
@@ -371,7 +395,15 @@ def _plot_run_files(
             y, p = predictions["label"].to_numpy(), predictions["probability"].to_numpy()
             fig = plot_roc_pr(y, p, threshold, title=heading)
             written[f"roc_pr_{evaluation.key}"] = save_figure(fig, out / _file_name("roc_pr", evaluation), dpi=dpi)
-            fig = plot_reliability(y, p, ece=evaluation.metric("ece"), threshold=threshold, title=heading)
+            logits = evaluation.logits() if evaluation.metric("temperature") is not None else None
+            fig = plot_reliability(
+                y,
+                p,
+                ece=evaluation.metric("ece"),
+                threshold=threshold,
+                title=heading,
+                uncalibrated=None if logits is None else expit(logits),
+            )
             written[f"reliability_{evaluation.key}"] = save_figure(
                 fig, out / _file_name("reliability", evaluation), dpi=dpi
             )

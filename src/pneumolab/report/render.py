@@ -1,9 +1,12 @@
 """The report: one self-contained HTML page and its Markdown twin, comparing runs and carrying a model card each.
 
 Everything shown comes from the run folders' files (``metrics/``, ``predictions/``, ``history.csv``, ``env.json``,
-``config.yaml``, ``operating_point.json``); what a file does not hold is said to be missing ("not evaluated",
-"not recorded"), never recomputed or guessed. The HTML page embeds its images as data URIs and its CSS inline, so it
-makes no request of any kind when opened; the Markdown file links the same images, written under ``images/``.
+``config.yaml``, ``operating_point.json``, ``split.csv``); what a file does not hold is said to be missing ("not
+evaluated", "not recorded"), never recomputed or guessed. Two analyses are derived from the saved test predictions
+(`pneumolab.report._analyses`): calibration before and after temperature scaling, and the test metrics without the
+images that share a patient or the bytes with a train/validation image. The HTML page embeds its images as data URIs
+and its CSS inline, so it makes no request of any kind when opened; the Markdown file links the same images, written
+under ``images/``.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import numpy as np
 from pneumolab import __version__
 from pneumolab.errors import PneumolabError
 from pneumolab.fsutil import atomic_dir, write_text_atomic
+from pneumolab.report._analyses import FileHashes, calibration_before_after, overlap_removed, used_test_evaluation
 from pneumolab.report._runfiles import Evaluation, RunFiles, finite, read_run
 from pneumolab.report.plots import _plot_run_files
 
@@ -44,6 +48,7 @@ METRIC_COLUMNS = (
     ("ece", "ECE", ""),
 )
 CARD_METRICS = ("accuracy", "recall", "specificity", "precision", "f1", "roc_auc", "average_precision")
+OVERLAP_METRICS = ("accuracy", "recall", "specificity", "roc_auc")
 
 # Published results on the same 624 official test images (docs/EVALUATION.md).
 REFERENCES = (
@@ -303,6 +308,86 @@ def _errors(evaluation: Evaluation, worst: int = 5) -> dict[str, Any] | None:
     }
 
 
+def _calibration(evaluation: Evaluation) -> dict[str, Any]:
+    """ECE and Brier score of the used test variant before and after temperature scaling, formatted."""
+    found = calibration_before_after(evaluation)
+    rows = []
+    if found["before"] is not None:
+        rows.append(("before temperature scaling (T = 1)", found["before"]))
+        rows.append(
+            (f"after temperature scaling (T = {found['temperature']:.2f}, fitted on validation)", found["after"])
+        )
+    else:
+        rows.append(("as saved", found["after"]))
+    return {
+        "label": found["label"],
+        "rows": [{"name": name, "ece": _score(v["ece"]), "brier": _score(v["brier"])} for name, v in rows],
+        "note": found["note"],
+    }
+
+
+def _overlap(run: RunFiles, evaluation: Evaluation, hashes: FileHashes) -> dict[str, Any]:
+    """The used test variant's metrics with and without shared patients and exact duplicates, formatted."""
+    found = overlap_removed(run, evaluation, hashes)
+    block: dict[str, Any] = {
+        "label": found["label"],
+        "threshold": _score(found["threshold"]),
+        "note": found["note"],
+        "facts": [],
+        "rows": [],
+    }
+    if found["note"]:
+        return block
+    n = found["n"]
+    source = "the members' split.csv" if found["members_split"] else "split.csv"
+    if found["shared_images"]:
+        block["facts"].append(
+            f"Patient overlap: {found['shared_images']:,} of the {n:,} test images belong to "
+            f"{found['shared_patients']:,} patient ids (from the file names) that also name train/validation images "
+            f"of {source}."
+        )
+    else:
+        block["facts"].append(
+            f"Patient overlap: none of the {n:,} test images has a patient id (from its file name) that names a "
+            f"train/validation image of {source}."
+        )
+    facts = found["duplicates_facts"]
+    if found["duplicates"] is None:
+        block["facts"].append(f"Exact duplicates not checked: {facts['note']}.")
+    else:
+        hashed = (
+            f"SHA-256 of {facts['n_test_hashed']:,} test and {facts['n_train_hashed']:,} train/validation files "
+            f"under {facts['root']}"
+        )
+        if found["duplicates"]:
+            block["facts"].append(
+                f"Exact duplicates: {found['duplicates']:,} test images are byte-identical to a train/validation "
+                f"image, {found['duplicates_only']:,} of them not already removed by patient ({hashed})."
+            )
+        else:
+            block["facts"].append(
+                f"Exact duplicates: no test image is byte-identical to a train/validation image ({hashed})."
+            )
+    for row in found["rows"]:
+        metrics = row["metrics"]
+        scored = Evaluation("test", evaluation.tta, metrics) if metrics is not None else None
+        block["rows"].append(
+            {
+                "name": row["name"],
+                "n": f"{row['n']:,}",
+                "removed": f"{row['removed']:,}",
+                "cells": [
+                    _metric_cell(scored, key, next(u for k, _, u in METRIC_COLUMNS if k == key))
+                    for key in OVERLAP_METRICS
+                ]
+                if scored is not None
+                else [],
+                "why": row["why"] or "",
+            }
+        )
+    return block
+
+
 def _training_facts(run: RunFiles, weights: str) -> list[tuple[str, str]]:
     if run.ensemble is not None:
         ensemble = run.ensemble
@@ -453,7 +538,11 @@ _PLOT_TITLES = {
     "history": ("Training history", "Loss, accuracy and ROC-AUC per epoch; the dotted line marks the selected epoch."),
     "confusion": ("Confusion matrix", "Counts and shares of each true class at the chosen threshold."),
     "roc_pr": ("ROC and precision-recall", "The dot is the operating point at the chosen threshold."),
-    "reliability": ("Calibration", "Observed PNEUMONIA share per probability bin, and how probabilities spread."),
+    "reliability": (
+        "Calibration",
+        "Observed PNEUMONIA share per probability bin, and how probabilities spread; where logits were saved, the "
+        "dashed grey curve is before temperature scaling (T = 1).",
+    ),
 }
 
 
@@ -483,9 +572,10 @@ def _plots(run: RunFiles, slug: str, images: Path) -> list[dict[str, str]]:
     return plots
 
 
-def _run_section(run: RunFiles, slug: str, images: Path) -> dict[str, Any]:
+def _run_section(run: RunFiles, slug: str, images: Path, hashes: FileHashes) -> dict[str, Any]:
     weights = describe_weights(_weights_source(run), ensemble=run.ensemble)
     errors = [e for tta in (False, True) if (ev := run.evaluation("test", tta)) and (e := _errors(ev))]
+    used = used_test_evaluation(run)
     return {
         "name": run.name,
         "anchor": slug,
@@ -494,6 +584,8 @@ def _run_section(run: RunFiles, slug: str, images: Path) -> dict[str, Any]:
         "machine": _machine(run),
         "plots": _plots(run, slug, images),
         "errors": errors,
+        "calibration": _calibration(used) if used is not None else None,
+        "overlap": _overlap(run, used, hashes) if used is not None else None,
         "evaluated_test": run.evaluation("test") is not None or run.evaluation("test", True) is not None,
         "card": {
             "intended_use": INTENDED_USE,
@@ -559,8 +651,9 @@ def build_report(
     out = Path(out)
     taken: set[str] = set()
     loaded = [(run, _slug(run.name, taken)) for run in (read_run(path) for path in runs)]
+    hashes = FileHashes()  # runs of one dataset share their image files: each is hashed once
     with atomic_dir(out / "images") as images:
-        sections = [_run_section(run, slug, images) for run, slug in loaded]
+        sections = [_run_section(run, slug, images, hashes) for run, slug in loaded]
     context = {
         "title": title,
         "generated": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
@@ -568,6 +661,9 @@ def build_report(
         "metric_columns": [{"key": k, "header": h, "unit": u} for k, h, u in METRIC_COLUMNS],
         "row_sets": _comparison(loaded),
         "references": REFERENCES,
+        "overlap_columns": [
+            {"header": h, "unit": u} for key in OVERLAP_METRICS for k, h, u in METRIC_COLUMNS if k == key
+        ],
         "runs": sections,
         "random_init_text": RANDOM_INIT_TEXT,
     }

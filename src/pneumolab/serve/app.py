@@ -26,6 +26,7 @@ from pneumolab import CLASSES
 from pneumolab.data.io import load_xray
 from pneumolab.errors import ImageReadError, PneumolabError
 from pneumolab.infer import TrainedModel
+from pneumolab.onnx_backend import OnnxModel, load_backend
 
 __all__ = ["ALLOWED_CONTENT_TYPES", "create_app", "serve"]
 
@@ -72,7 +73,7 @@ def _index_html() -> str:
 
 
 def create_app(
-    trained: TrainedModel,
+    trained: TrainedModel | OnnxModel,
     *,
     max_upload_bytes: int = 32 * 2**20,
     max_pixels: int = 60_000_000,
@@ -83,7 +84,8 @@ def create_app(
     """Build the service around an already loaded model.
 
     Args:
-        trained: The model, loaded once (see `pneumolab.infer.load_trained`).
+        trained: The model, loaded once (`pneumolab.infer.load_trained`, or `pneumolab.onnx_backend.load_backend`
+            for the ONNX backend, which explains only when it holds the PyTorch model too).
         max_upload_bytes: Largest accepted file; larger bodies get 413.
         max_pixels: Largest accepted image (width x height), checked before decoding.
         api_key: When set, every `/v1/*` request needs the header ``X-API-Key`` equal to it (401 otherwise).
@@ -93,6 +95,8 @@ def create_app(
     if workers < 1:
         raise PneumolabError(f"workers: must be at least 1, got {workers}")
     views = tuple(trained.tta) or ("identity",)
+    # Grad-CAM needs the PyTorch graph; the ONNX backend has it when it was loaded from PyTorch weights
+    gradcam_model = trained.pytorch if isinstance(trained, OnnxModel) else trained
     model_lock = threading.Lock()  # Grad-CAM registers hooks on the model: one model call at a time
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pneumolab-serve")
 
@@ -161,7 +165,7 @@ def create_app(
 
         _decode(name, data)  # the upload limits (max_pixels) before explain_image decodes it again
         with model_lock:
-            return explain_image(trained, data, name=name)
+            return explain_image(gradcam_model, data, name=name)
 
     def _label(probability: float) -> str:
         return CLASSES[int(probability >= trained.threshold)]
@@ -177,8 +181,8 @@ def create_app(
 
     @app.get("/v1/model")
     async def model_card() -> dict[str, Any]:
-        """The model's card: architecture, preprocessing, threshold, TTA views."""
-        return trained.card()
+        """The model's card: architecture, preprocessing, threshold, TTA views, and the backend that serves it."""
+        return {**trained.card(), "backend": trained.backend}
 
     @app.post("/v1/predict")
     async def predict(file: UploadFile | None = File(None)) -> dict[str, Any]:
@@ -197,6 +201,9 @@ def create_app(
     async def explain(file: UploadFile | None = File(None)) -> Response:
         """Grad-CAM for PNEUMONIA beside the film, as a PNG; the label and probability are in headers."""
         name, data = await _read_upload(file)
+        if gradcam_model is None:
+            detail = f"{name}: Grad-CAM needs the PyTorch weights; this service runs an ONNX file alone"
+            raise HTTPException(501, detail + " (serve a run folder or artefact to explain)")
         explanation = await _run(name, _explain, name, data)
         headers = {
             "X-Label": explanation.label,
@@ -213,11 +220,13 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 8000,
     api_key: str | None = None,
+    backend: str = "pytorch",
 ) -> None:
-    """Load the model once and serve it with uvicorn until interrupted (key from ``PNEUMOLAB_API_KEY`` if unset)."""
+    """Load the model once and serve it with uvicorn until interrupted (key from ``PNEUMOLAB_API_KEY`` if unset).
+
+    `backend`: ``pytorch`` or ``onnx`` (onnxruntime; `model_path` may then be an ``.onnx`` file with its card).
+    """
     import uvicorn
 
-    from pneumolab.infer import load_trained
-
     api_key = api_key or os.environ.get("PNEUMOLAB_API_KEY") or None
-    uvicorn.run(create_app(load_trained(model_path), api_key=api_key), host=host, port=port)
+    uvicorn.run(create_app(load_backend(model_path, backend), api_key=api_key), host=host, port=port)

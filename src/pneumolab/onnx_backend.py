@@ -1,0 +1,177 @@
+"""The ONNX backend: the network in onnxruntime, preprocessing and TTA in the same torch code as the PyTorch one.
+
+`OnnxModel` has the inference interface of `TrainedModel` (`logits`, `probabilities`, `load_images`, `card`, the
+threshold, temperature and TTA views), so `predict_files`, the service and the benchmarks take either. It loads an
+``.onnx`` file with the card that `export_onnx` writes beside it (``model.onnx`` -> ``model.json``; the file's SHA-256
+is checked against the card), or exports a run folder, artefact or the bundled model to a temporary file first and
+then also keeps the PyTorch model, for Grad-CAM, which needs the PyTorch graph.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from pneumolab.data.io import load_xray
+from pneumolab.errors import PneumolabError, did_you_mean
+from pneumolab.fsutil import file_sha256
+from pneumolab.hardware import resolve_precision
+from pneumolab.infer import TrainedModel, load_trained, tta_logits
+
+__all__ = ["BACKENDS", "OnnxModel", "load_backend", "load_onnx"]
+
+BACKENDS = ("pytorch", "onnx")
+_CPU = torch.device("cpu")
+
+
+@dataclass
+class OnnxModel:
+    """An onnxruntime session on the CPU plus the preprocessing and operating point of the model's card."""
+
+    session: Any  # onnxruntime.InferenceSession
+    name: str
+    image_size: int
+    crop_fraction: float
+    normalize: tuple[float, float]
+    cache_size: int
+    threshold: float
+    temperature: float
+    tta: tuple[str, ...]
+    info: dict[str, Any]  # the card as written beside the .onnx file
+    pytorch: TrainedModel | None = None  # the same weights in PyTorch (fp32), when at hand: for Grad-CAM
+    backend: ClassVar[str] = "onnx"
+
+    def logits(
+        self, images_u8: torch.Tensor | np.ndarray, *, views: Sequence[str] = ("identity",), batch_size: int = 64
+    ) -> torch.Tensor:
+        """Mean logits (N x 2, float32, CPU) of uint8 N x S x S images over the TTA `views`, as `TrainedModel`."""
+        feed = self.session.get_inputs()[0].name
+
+        def forward(batch: torch.Tensor) -> torch.Tensor:
+            # onnxruntime reads C-ordered buffers; a flipped or rotated view may be a strided one
+            return torch.from_numpy(self.session.run(None, {feed: batch.contiguous().numpy()})[0])
+
+        return tta_logits(
+            images_u8,
+            forward,
+            image_size=self.image_size,
+            crop_fraction=self.crop_fraction,
+            normalize=self.normalize,
+            views=views,
+            batch_size=batch_size,
+            device=_CPU,
+        )
+
+    def probabilities(self, logits: torch.Tensor) -> np.ndarray:
+        """Calibrated P(PNEUMONIA): softmax of the temperature-scaled logits."""
+        return torch.softmax(logits.float() / self.temperature, dim=1)[:, 1].numpy()
+
+    def load_images(self, paths: Sequence[str | os.PathLike[str]]) -> np.ndarray:
+        """Read files with the training preprocessing (squash to the cache size, uint8)."""
+        return np.stack([load_xray(p, size=self.cache_size) for p in paths])
+
+    def card(self) -> dict[str, Any]:
+        """The model's card (a superset of `TrainedModel.card`, with the ONNX file's SHA-256)."""
+        return dict(self.info)
+
+
+def _session(path: Path) -> Any:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise PneumolabError('the ONNX backend needs onnxruntime: pip install "pneumolab[onnx]"') from None
+    options = ort.SessionOptions()
+    # the threads torch would use (the physical cores, or OMP_NUM_THREADS): both backends get the same budget
+    options.intra_op_num_threads = torch.get_num_threads()
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as error:  # onnxruntime's errors (InvalidProtobuf, Fail, ...) subclass only Exception
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise PneumolabError(f"{path}: not a loadable ONNX model ({reason})") from None
+
+
+def load_onnx(path: str | os.PathLike[str], *, pytorch: TrainedModel | None = None) -> OnnxModel:
+    """Load an ``.onnx`` file and the card beside it (``model.onnx`` -> ``model.json``), as `export_onnx` writes.
+
+    Args:
+        pytorch: The same model in PyTorch, kept for Grad-CAM (None: the service cannot explain).
+
+    Raises:
+        PneumolabError: no file, no readable card, a SHA-256 that differs from the card's ``onnx_sha256``, a file
+            onnxruntime cannot load, or an input size that differs from the card's.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise PneumolabError(f"{path}: no such ONNX file")
+    card_file = path.with_suffix(".json")
+    if not card_file.is_file():
+        raise PneumolabError(f"{card_file}: missing; {path.name} needs the card that `pneumolab export` writes")
+    try:
+        card = json.loads(card_file.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise PneumolabError(f"{card_file}: not a readable model card ({error})") from None
+    digest = file_sha256(path)
+    if card.get("onnx_sha256") not in (None, digest):
+        raise PneumolabError(f"{path}: does not match its card (SHA-256 {digest[:12]}..., {card_file.name} says "
+                             f"{str(card['onnx_sha256'])[:12]}...)")  # fmt: skip
+    session = _session(path)
+    try:
+        model = OnnxModel(
+            session=session,
+            name=card["architecture"],
+            image_size=int(card["image_size"]),
+            crop_fraction=float(card["crop_fraction"]),
+            normalize=tuple(card["normalize"]),
+            cache_size=int(card["cache_size"]),
+            threshold=float(card["threshold"]),
+            temperature=float(card["temperature"]),
+            tta=tuple(card.get("tta", ())),
+            info=card,
+            pytorch=pytorch,
+        )
+    except (KeyError, TypeError, ValueError) as error:
+        raise PneumolabError(f"{card_file}: not a model card ({type(error).__name__}: {error})") from None
+    side = session.get_inputs()[0].shape[2:]  # [batch, channels, H, W]; a mismatch would fail on every request
+    if side != [model.image_size, model.image_size]:
+        raise PneumolabError(f"{path}: takes {side} pixel input, but its card says {model.image_size}")
+    return model
+
+
+def _export_and_load(model: str | os.PathLike[str] | None) -> OnnxModel:
+    """Export a run folder, artefact or the bundled model to a temporary ONNX file and load it from there."""
+    from pneumolab.export import export_onnx
+
+    # kept for Grad-CAM; fp32, so the probability an explanation shows is the one onnxruntime computes
+    pytorch = load_trained(model, device=_CPU)
+    pytorch.precision = resolve_precision("fp32", _CPU)
+    with tempfile.TemporaryDirectory(prefix="pneumolab-onnx-") as tmp:
+        onnx_file = Path(tmp) / "model.onnx"
+        export_onnx(model, onnx_file)  # checked against PyTorch fp32 (<= 1e-4 in probability)
+        return load_onnx(onnx_file, pytorch=pytorch)  # the session holds the graph: the file may go
+
+
+def load_backend(
+    model: str | os.PathLike[str] | None, backend: str = "pytorch", *, device: torch.device | None = None
+) -> TrainedModel | OnnxModel:
+    """Load `model` for inference on `backend`: ``pytorch`` (`load_trained`) or ``onnx``.
+
+    With ``onnx``, `model` is an ``.onnx`` file with its card, or anything `load_trained` reads (a run folder, an
+    artefact, None for the bundled model), exported on the fly. `device` applies to ``pytorch`` only; onnxruntime
+    runs on the CPU.
+    """
+    if backend not in BACKENDS:
+        raise did_you_mean("backend", backend, BACKENDS)
+    onnx_file = model is not None and Path(model).suffix.lower() == ".onnx"
+    if backend == "pytorch":
+        if onnx_file:
+            raise PneumolabError(f"{model}: an ONNX file needs the onnx backend (--backend onnx)")
+        return load_trained(model, device=device)
+    return load_onnx(model) if onnx_file else _export_and_load(model)

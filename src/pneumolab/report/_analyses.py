@@ -1,0 +1,248 @@
+"""Two analyses of a run's test predictions that the report computes rather than reads.
+
+* `calibration_before_after`: ECE and Brier score of the test probabilities before temperature scaling (T = 1, the
+  sigmoid of the saved logit margin) and after it (the saved, temperature-scaled probability).
+* `overlap_removed`: the test metrics again, at the model's own threshold, without the test images whose patient id
+  (parsed from the file name) also names a train/val image of the run's ``split.csv``, and without test images whose
+  bytes equal a train/val image's (SHA-256 of the dataset's files, when the dataset root is here).
+
+Both work on the variant the model uses (`used_test_evaluation`). What a run's files do not allow is skipped with a
+sentence saying why (``note``), never an error. Numbers are returned raw; the report formats them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path, PurePath
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy.special import expit
+from sklearn.metrics import brier_score_loss
+
+from pneumolab import CLASSES
+from pneumolab.data.dataset import find_dataset_root, parse_name
+from pneumolab.errors import PneumolabError
+from pneumolab.evaluate.calibration import expected_calibration_error
+from pneumolab.evaluate.metrics import evaluate_predictions
+from pneumolab.fsutil import file_sha256
+from pneumolab.report._runfiles import Evaluation, RunFiles, finite, read_config, read_split_table
+
+__all__ = [
+    "FileHashes",
+    "calibration_before_after",
+    "overlap_removed",
+    "shared_patient_mask",
+    "used_test_evaluation",
+]
+
+# bootstrap settings of evaluate_predictions when the metrics file does not record its own
+_DEFAULT_RESAMPLES, _DEFAULT_SEED = 2000, 0
+
+
+def used_test_evaluation(run: RunFiles) -> Evaluation | None:
+    """The test variant the model uses (its operating point's choice), when its per-image predictions exist.
+
+    Without an operating point, the plain variant is taken, else the TTA one.
+    """
+    for tta in (False, True) if run.chosen_tta is None else (run.chosen_tta,):
+        evaluation = run.evaluation("test", tta)
+        if evaluation is not None and evaluation.predictions is not None:
+            return evaluation
+    return None
+
+
+# --------------------------------------------------------------------------------------------------- calibration
+
+
+def _calibration(labels: np.ndarray, probabilities: np.ndarray) -> dict[str, float]:
+    return {
+        "ece": expected_calibration_error(labels, probabilities),
+        "brier": float(brier_score_loss(labels, probabilities, pos_label=1)),
+    }
+
+
+def calibration_before_after(evaluation: Evaluation) -> dict[str, Any]:
+    """ECE (`expected_calibration_error`, its default bins) and Brier score before and after temperature scaling.
+
+    Args:
+        evaluation: an evaluated variant with predictions.
+
+    Returns:
+        ``label`` (the variant), ``temperature`` (None when not fitted), ``before`` and ``after`` (``{"ece", "brier"}``
+        or None) and ``note`` (why ``before`` is None, else None). ``before`` uses ``sigmoid(logit)``, ``after`` the
+        saved probability (``sigmoid(logit / T)``); without logits or a temperature only the saved probability is
+        measured, as ``after``.
+    """
+    table = evaluation.predictions
+    if table is None:
+        raise PneumolabError(f"{evaluation.key}: no predictions to measure calibration on")
+    labels = table["label"].to_numpy()
+    temperature = evaluation.metric("temperature")
+    logits = evaluation.logits()
+    note = None
+    if logits is None:
+        note = "the predictions hold no logits"
+    elif temperature is None:
+        note = "no temperature in the metrics file, so the saved probabilities are not temperature-scaled"
+    return {
+        "label": evaluation.label,
+        "temperature": temperature,
+        "before": None if note else _calibration(labels, expit(logits)),
+        "after": _calibration(labels, table["probability"].to_numpy()),
+        "note": note,
+    }
+
+
+# ------------------------------------------------------------------------------------------------- overlap removal
+
+
+class FileHashes:
+    """SHA-256 of files' bytes, each file read once however many runs of a report share it."""
+
+    def __init__(self) -> None:
+        self._known: dict[Path, str] = {}
+
+    def __call__(self, path: Path) -> str:
+        """The hex SHA-256 of `path`'s bytes."""
+        key = path.resolve()
+        if key not in self._known:
+            self._known[key] = file_sha256(key)
+        return self._known[key]
+
+
+def _patient_ids(paths: Sequence[str], labels: Sequence[int]) -> list[str | None]:
+    """The patient id in each file name (`parse_name`), None for a name that matches no known pattern."""
+    ids = []
+    for path, label in zip(paths, labels, strict=True):
+        info = parse_name(PurePath(str(path)).name, CLASSES[int(label)])
+        ids.append(info.patient_id if info.from_name else None)
+    return ids
+
+
+def shared_patient_mask(paths: Sequence[str], labels: Sequence[int], train_patients: set[str]) -> np.ndarray:
+    """True for each test image whose patient id, parsed from its file name, also names a train/val image.
+
+    Args:
+        paths: the test images' paths (only the file names are read).
+        labels: 0 / 1 per image (the parser is told the class).
+        train_patients: the patient ids of the train and validation images (``split.csv``).
+
+    Returns:
+        A boolean mask over `paths`. A name that matches no known pattern is its own patient and never counts.
+    """
+    return np.array([i is not None and i in train_patients for i in _patient_ids(paths, labels)], dtype=bool)
+
+
+def _split_sources(run: RunFiles) -> list[tuple[Path, pd.DataFrame | None, dict[str, Any] | None]]:
+    """(folder, split.csv, config.yaml) of the run, or of an ensemble's members when the ensemble has no split.csv."""
+    if run.split_table is not None or run.ensemble is None:
+        return [(run.path, run.split_table, run.config)]
+    sources = []
+    for member in run.ensemble.get("members") or []:
+        folder = Path(str(member))
+        if folder.is_dir():
+            sources.append((folder, read_split_table(folder / "split.csv"), read_config(folder / "config.yaml")))
+    return sources
+
+
+def _exact_duplicates(
+    root_setting: Any, train_paths: list[str], test_paths: list[str], hashes: FileHashes
+) -> tuple[np.ndarray | None, dict[str, Any]]:
+    """(mask of test images byte-identical to a train/val image, facts); the mask is None with a ``note`` why."""
+    if not root_setting:
+        return None, {"note": "config.yaml names no dataset root (data.root)"}
+    folder = Path(str(root_setting))
+    if not folder.is_dir():
+        return None, {"note": f"the dataset root {folder} (config.yaml data.root) does not exist here"}
+    try:
+        root = find_dataset_root(folder).resolve()
+    except PneumolabError as error:
+        return None, {"note": str(error)}
+    missing = [path for path in (*train_paths, *test_paths) if not (root / path).is_file()]
+    if missing:
+        return None, {"note": f"{len(missing):,} of the run's images are not under {root} (e.g. {missing[0]})"}
+    try:
+        train_hashes = {hashes(root / path) for path in train_paths}
+        mask = np.array([hashes(root / path) in train_hashes for path in test_paths], dtype=bool)
+    except OSError as error:
+        return None, {"note": f"reading the images under {root} failed ({error})"}
+    return mask, {"root": str(root), "n_train_hashed": len(train_paths), "n_test_hashed": len(test_paths)}
+
+
+def overlap_removed(run: RunFiles, evaluation: Evaluation, hashes: FileHashes | None = None) -> dict[str, Any]:
+    """The test metrics with and without the images that overlap the run's train/val images.
+
+    Patient overlap: test images whose patient id (`shared_patient_mask`) names a non-test row of ``split.csv`` (an
+    ensemble without one uses its members'). Exact duplicates: test images whose SHA-256 equals a train/val image's,
+    read under the dataset root of ``config.yaml`` (``data.root``, relative to the current folder, as evaluation
+    reads it); without that root they are not checked and ``duplicates_facts["note"]`` says why. Metrics are
+    `evaluate_predictions` at the variant's threshold with the metrics file's bootstrap settings.
+
+    Args:
+        run: the run.
+        evaluation: the test variant it uses, with predictions.
+        hashes: a file-hash memo shared by the runs of one report.
+
+    Returns:
+        ``label``, ``threshold``, ``note`` (why nothing was computed, else None), ``n``, ``shared_images``,
+        ``shared_patients``, ``split_files`` (the split.csv files read), ``members_split`` (they are an ensemble's
+        members'), ``duplicates`` (test images byte-identical
+        to a train/val image, None when not checked), ``duplicates_only`` (those not already removed by patient),
+        ``duplicates_facts`` (``root`` and counts hashed, or ``note``), and ``rows``: ``{"name", "n", "removed",
+        "metrics" (the metric object, or None), "why" (why no metrics)}``, all test images first.
+    """
+    table = evaluation.predictions
+    if table is None:
+        raise PneumolabError(f"{evaluation.key}: no predictions to recompute metrics from")
+    result: dict[str, Any] = {"label": evaluation.label, "n": len(table), "note": None, "rows": []}
+    threshold = run.threshold(evaluation.split, evaluation.tta)
+    result["threshold"] = threshold
+    if threshold is None:
+        result["note"] = "no decision threshold recorded for this variant"
+        return result
+    sources = [(folder, split, config) for folder, split, config in _split_sources(run) if split is not None]
+    if not sources:
+        result["note"] = "no split.csv (the run's train/validation/test assignment): overlap not checked"
+        return result
+    train = pd.concat([split[split["split"] != "test"] for _, split, _ in sources], ignore_index=True)
+    train_paths = list(dict.fromkeys(train["path"]))
+    test_paths, labels = table["path"].tolist(), table["label"].to_numpy()
+    train_patients = set(train["patient_id"])
+    test_patients = _patient_ids(test_paths, labels)
+    shared_ids = {i for i in test_patients if i is not None and i in train_patients}
+    shared = np.array([i in shared_ids for i in test_patients], dtype=bool)
+    result["split_files"] = [str(folder / "split.csv") for folder, _, _ in sources]
+    result["members_split"] = run.split_table is None
+    result["shared_images"] = int(shared.sum())
+    result["shared_patients"] = len(shared_ids)
+    root_setting = next(
+        (root for _, _, config in sources if (root := ((config or {}).get("data") or {}).get("root"))), None
+    )
+    duplicates, facts = _exact_duplicates(root_setting, train_paths, test_paths, hashes or FileHashes())
+    result["duplicates_facts"] = facts
+    result["duplicates"] = None if duplicates is None else int(duplicates.sum())
+    result["duplicates_only"] = None if duplicates is None else int((duplicates & ~shared).sum())
+
+    bootstrap = (evaluation.metrics or {}).get("bootstrap") or {}
+    n_resamples = int(finite(bootstrap.get("n_resamples")) or _DEFAULT_RESAMPLES)
+    seed = int(finite(bootstrap.get("seed")) or _DEFAULT_SEED)
+    probabilities = table["probability"].to_numpy()
+    subsets = [("all test images", np.ones(len(table), dtype=bool))]
+    if shared.any():
+        subsets.append(("without shared patients", ~shared))
+    if duplicates is not None and duplicates.any():
+        subsets.append(("without exact duplicates", ~duplicates))
+        if shared.any() and (duplicates & ~shared).any():
+            subsets.append(("without shared patients or exact duplicates", ~shared & ~duplicates))
+    for name, kept in subsets:
+        row: dict[str, Any] = {"name": name, "n": int(kept.sum()), "removed": int((~kept).sum()), "why": None}
+        try:
+            row["metrics"] = evaluate_predictions(
+                labels[kept], probabilities[kept], threshold, n_resamples=n_resamples, seed=seed
+            )
+        except PneumolabError as error:
+            row["metrics"], row["why"] = None, str(error)
+        result["rows"].append(row)
+    return result

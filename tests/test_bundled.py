@@ -1,0 +1,87 @@
+"""The model shipped inside the package: `predict`, `explain`, `serve` and `evaluate default` with no model argument."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from pneumolab.infer import bundled_model_dir, load_trained
+
+CLI = [sys.executable, "-m", "pneumolab.cli"]
+
+
+@pytest.fixture(scope="module")
+def card() -> dict:
+    return json.loads((bundled_model_dir() / "card.json").read_text())
+
+
+def test_bundled_model_is_small_pretrained_and_matches_its_card(card):
+    weights = bundled_model_dir() / "model.safetensors"
+    assert weights.stat().st_size == card["weights_bytes"] <= 25 * 2**20
+    assert "ImageNet" in card["weights_source"]  # never random initialisation shipped as the default
+    trained = load_trained()  # also checks the SHA-256 of the weights against the card
+    assert trained.name == card["architecture"] and trained.threshold == card["threshold"]
+    assert card["validation_split"] == {"fraction": 0.1, "seed": 0}
+
+
+def test_predict_and_explain_need_no_model_argument(shared_data, tmp_path):
+    image = next((shared_data / "test" / "PNEUMONIA").glob("*.jpeg"))
+    result = subprocess.run([*CLI, "predict", str(image), "--json"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    row = json.loads(result.stdout)["predictions"][0]
+    assert row["label"] in ("NORMAL", "PNEUMONIA") and 0 <= row["probability"] <= 1
+    heatmap = tmp_path / "cam.png"
+    result = subprocess.run([*CLI, "explain", str(image), "--out", str(heatmap)], capture_output=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert heatmap.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_serve_needs_no_model_argument():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([*CLI, "serve", "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                model = httpx.get(f"http://127.0.0.1:{port}/v1/model", timeout=5).json()
+                break
+            except httpx.TransportError:
+                assert server.poll() is None, server.stderr.read().decode()
+                assert time.monotonic() < deadline, "the service did not start"
+                time.sleep(0.5)
+        assert model["architecture"] == json.loads((bundled_model_dir() / "card.json").read_text())["architecture"]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_evaluate_default_reproduces_the_published_test_figures(shared_data, card):
+    """The README's headline row is the card's test metrics; `evaluate default` recomputes them on this machine."""
+    result = subprocess.run(
+        [*CLI, "evaluate", "default", "--data", str(shared_data), "--split", "test", "--json", "--resamples", "200"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads(result.stdout)
+    published = card["metrics"]["test"]
+    assert metrics["n"] == 624 and metrics["confusion_matrix"] == published["confusion_matrix"]
+    assert metrics["accuracy"] == pytest.approx(published["accuracy"], abs=1e-12)
+    assert metrics["roc_auc"] == pytest.approx(published["roc_auc"], abs=2e-3)
+
+
+def test_missing_bundled_model_is_one_clear_error(tmp_path):
+    with pytest.raises(Exception, match="no bundled model 'nope'"):
+        bundled_model_dir("nope")
+    assert Path(bundled_model_dir()).is_dir()
