@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
+from pydicom.uid import JPEGLSLossless, RLELossless
 
 from pneumolab.data.io import load_xray
 from pneumolab.serve.app import create_app
@@ -54,12 +55,28 @@ def _expected(trained, data: bytes, name: str) -> float:
     return float(trained.probabilities(trained.logits(image[None], views=views))[0])
 
 
+def _exif_rotated_jpeg() -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    return _encode(Image.fromarray(_film()), "JPEG", exif=exif, quality=95)
+
+
+def _compressed_dicom(syntax) -> bytes:
+    ds = dicom_dataset(pixels12(64, 48, seed=1), "MONOCHROME1")
+    ds.compress(syntax)
+    return dicom_bytes(ds)
+
+
 @pytest.mark.parametrize(
     ("name", "content_type", "make"),
     [
         ("film.png", "image/png", png_bytes),
         ("film.jpeg", "image/jpeg", jpeg_bytes),
+        ("exif-rotated.jpeg", "image/jpeg", _exif_rotated_jpeg),
         ("film.dcm", "application/dicom", lambda: dicom_bytes(dicom_dataset(pixels12()))),
+        ("inverted.dcm", "application/dicom", lambda: dicom_bytes(dicom_dataset(pixels12(), "MONOCHROME1"))),
+        ("jpegls.dcm", "application/dicom", lambda: _compressed_dicom(JPEGLSLossless)),
+        ("rle.dcm", "application/octet-stream", lambda: _compressed_dicom(RLELossless)),
     ],
 )
 def test_predict_matches_the_library(client, trained, name, content_type, make):
