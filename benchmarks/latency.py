@@ -2,10 +2,12 @@
 
 The input is a real test image upscaled to 2000 x 2000 and saved as a grayscale JPEG in a temporary folder (the
 original release has films of that size; the shared copy is 224 px). Reports p50 / p95 over repeated calls.
-``--backend onnx`` runs the network in onnxruntime (a run or artefact is exported first; an .onnx file also works).
+Both backends by default, interleaved call by call so that they share the machine's state: PyTorch (bf16 autocast
+where the CPU has it) and ONNX Runtime (fp32; a run or artefact is exported first; an .onnx file needs
+``--backend onnx`` alone).
 
-    python benchmarks/latency.py --model runs/default/lite0-plan \
-        --image ../shared/data/chest_xray/test/NORMAL/IM-0001-0001.jpeg --repeats 30 [--backend onnx]
+    python benchmarks/latency.py --model default \
+        --image ../shared/data/chest_xray/test/NORMAL/IM-0001-0001.jpeg --repeats 30 [--backend pytorch onnx]
 """
 
 from __future__ import annotations
@@ -30,37 +32,39 @@ def main() -> None:
     parser.add_argument("--image", required=True, help="an X-ray to upscale")
     parser.add_argument("--size", type=int, default=2000)
     parser.add_argument("--repeats", type=int, default=30)
-    parser.add_argument("--backend", choices=BACKENDS, default="pytorch")
+    parser.add_argument("--backend", choices=BACKENDS, nargs="+", default=list(BACKENDS))
     args = parser.parse_args()
 
-    trained = load_backend(args.model, args.backend, device=torch.device("cpu"))
+    backends = {name: load_backend(args.model, name, device=torch.device("cpu")) for name in args.backend}
+    first = next(iter(backends.values()))
+    setups = {"plain": ("identity",), f"TTA x{len(first.tta)}": first.tta} if first.tta else {"plain": ("identity",)}
+    times: dict[tuple[str, str], list[float]] = {(b, s): [] for b in backends for s in setups}
+    read_times: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
         big = Path(tmp) / "big.jpeg"
         Image.open(args.image).convert("L").resize((args.size, args.size), Image.Resampling.BICUBIC).save(
             big, quality=95
         )
-        setups = (
-            {"plain": ("identity",), f"TTA x{len(trained.tta)}": trained.tta}
-            if trained.tta
-            else {"plain": ("identity",)}
-        )
-        times: dict[str, list[float]] = {name: [] for name in setups}
-        read_times: list[float] = []
         for index in range(args.repeats + 1):
-            for name, views in setups.items():
-                started = time.perf_counter()
-                image = load_xray(big, size=trained.cache_size)
-                read = time.perf_counter()
-                trained.probabilities(trained.logits(image[None], views=views))
-                if index:  # the first call warms up
-                    times[name].append(time.perf_counter() - started)
-                    read_times.append(read - started)
+            for backend, trained in backends.items():
+                for name, views in setups.items():
+                    started = time.perf_counter()
+                    image = load_xray(big, size=trained.cache_size)
+                    read = time.perf_counter()
+                    trained.probabilities(trained.logits(image[None], views=views))
+                    if index:  # the first call warms up
+                        times[backend, name].append(time.perf_counter() - started)
+                        read_times.append(read - started)
     threads = torch.get_num_threads()  # onnxruntime's intra-op threads too
-    print(f"{trained.name} ({args.backend}), {args.size} x {args.size} JPEG, {threads} threads, {args.repeats} calls")
+    print(f"{first.name}, {args.size} x {args.size} JPEG, {threads} threads, {args.repeats} calls per setup")
     print(f"read + preprocess alone: p50 {1000 * statistics.median(read_times):.1f} ms")
-    for name, values in times.items():
+    for (backend, name), values in times.items():
         p95 = float(np.percentile(values, 95))
-        print(f"{name:10s} p50 {1000 * statistics.median(values):7.1f} ms   p95 {1000 * p95:7.1f} ms")
+        print(f"{backend:8s} {name:10s} p50 {1000 * statistics.median(values):7.1f} ms   p95 {1000 * p95:7.1f} ms")
+    if len(backends) == 2:
+        for name in setups:
+            ratio = statistics.median(times["pytorch", name]) / statistics.median(times["onnx", name])
+            print(f"{name}: pytorch / onnx p50 = {ratio:.2f}x")
 
 
 if __name__ == "__main__":

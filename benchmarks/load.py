@@ -2,10 +2,10 @@
 
 The server runs in its own process (as users run it); the client posts real X-ray files from a folder to
 /v1/predict with a thread pool of C connections, then reports throughput, p50 / p95 / p99 latency and failures.
-``--backend onnx`` serves the network through onnxruntime (``pneumolab serve --backend onnx``).
+Both backends by default, one server after the other in the same run (``pneumolab serve --backend pytorch|onnx``).
 
-    python benchmarks/load.py --model runs/default/lite0-plan --data ../shared/data/chest_xray/test \
-        --requests 500 --concurrency 16 [--backend onnx]
+    python benchmarks/load.py --model default --data ../shared/data/chest_xray/test \
+        --requests 500 --concurrency 16 [--backend pytorch onnx]
 """
 
 from __future__ import annotations
@@ -49,15 +49,24 @@ def main() -> None:
     parser.add_argument("--data", required=True, help="folder of images to send")
     parser.add_argument("--requests", type=int, default=500)
     parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--backend", choices=BACKENDS, default="pytorch")
+    parser.add_argument("--backend", choices=BACKENDS, nargs="+", default=list(BACKENDS))
     args = parser.parse_args()
 
     files, _ = collect_image_paths([args.data])
     payloads = [(f.name, f.read_bytes()) for f in files]
+    throughput = {}
+    for backend in args.backend:
+        throughput[backend] = _load(args, backend, payloads)
+    if len(throughput) == 2:
+        print(f"throughput onnx / pytorch = {throughput['onnx'] / throughput['pytorch']:.2f}x")
+
+
+def _load(args: argparse.Namespace, backend: str, payloads: list[tuple[str, bytes]]) -> float:
+    """Serve with `backend`, send the load, print the figures; return requests per second."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "pneumolab.cli", "serve", "--model", args.model, "--port", str(port)]
-    command += ["--backend", args.backend]
+    command += ["--backend", backend]
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_until_up(url)
@@ -80,11 +89,12 @@ def main() -> None:
         server.wait(timeout=30)
     latencies = np.array([seconds for seconds, _ in results]) * 1000
     failures = sum(status != 200 for _, status in results)
-    model = f"{Path(args.model).name} ({args.backend})"
-    print(f"{args.requests} requests, {args.concurrency} at a time, model {model}: {wall:.1f} s")
+    print(f"{args.requests} requests, {args.concurrency} at a time, model {Path(args.model).name} ({backend}): "
+          f"{wall:.1f} s")  # fmt: skip
     summary = f"throughput {args.requests / wall:.1f} req/s; latency p50 {statistics.median(latencies):.0f} ms"
     summary += f", p95 {np.percentile(latencies, 95):.0f} ms, p99 {np.percentile(latencies, 99):.0f} ms"
     print(f"{summary}; failures {failures}")
+    return args.requests / wall
 
 
 if __name__ == "__main__":
