@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -34,56 +34,76 @@ if TYPE_CHECKING:  # the ONNX backend builds on this module
 
 __all__ = [
     "DEFAULT_MODEL",
+    "InferenceSteps",
     "TrainedModel",
     "bundled_model_dir",
     "collect_image_paths",
     "load_trained",
     "predict_files",
-    "tta_logits",
 ]
 
 # The name that selects the model shipped inside the package (`pneumolab predict IMAGE` with no --model).
 DEFAULT_MODEL = "default"
 
 
-@torch.no_grad()
-def tta_logits(
-    images_u8: torch.Tensor | np.ndarray,
-    forward: Callable[[torch.Tensor], torch.Tensor],
-    *,
-    image_size: int,
-    crop_fraction: float,
-    normalize: tuple[float, float],
-    views: Sequence[str],
-    batch_size: int,
-    device: torch.device,
-) -> torch.Tensor:
-    """Mean logits (N x 2, float32, CPU) of uint8 images over TTA `views`: eval_transform -> view -> `forward`.
+class InferenceSteps:
+    """The preprocessing, TTA and calibration steps every inference backend shares (PyTorch, ONNX Runtime).
 
-    The one preprocessing and TTA loop of every inference backend (PyTorch, ONNX Runtime), so their network inputs
-    are the same tensors; `forward` maps a normalised float N x 1 x H x W batch on `device` to N x 2 logits.
+    A backend sets ``image_size``, ``crop_fraction``, ``normalize``, ``cache_size`` and ``temperature`` and supplies
+    `_network` (a normalised float N x 1 x H x W batch on `_input_device` -> N x 2 logits), so the backends feed their
+    networks the same tensors.
     """
-    images = torch.as_tensor(images_u8)
-    if images.ndim == 3:
-        images = images.unsqueeze(1)
-    outputs = []
-    for start in range(0, len(images), batch_size):
-        x = eval_transform(
-            images[start : start + batch_size].to(device),
-            image_size=image_size,
-            crop_fraction=crop_fraction,
-            normalize=normalize,
-        )
-        total = None
-        for view in views:
-            out = forward(apply_view(view, x, normalize)).float()
-            total = out if total is None else total + out
-        outputs.append((total / len(views)).cpu())
-    return torch.cat(outputs) if outputs else torch.empty(0, len(CLASSES))
+
+    image_size: int
+    crop_fraction: float
+    normalize: tuple[float, float]
+    cache_size: int
+    temperature: float
+
+    @property
+    def _input_device(self) -> torch.device:
+        raise NotImplementedError
+
+    def _network(self, batch: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def logits(
+        self, images_u8: torch.Tensor | np.ndarray, *, views: Sequence[str] = ("identity",), batch_size: int = 64
+    ) -> torch.Tensor:
+        """Mean logits (N x 2, float32, CPU) of uint8 N x S x S (or N x 1 x S x S) images over the TTA `views`.
+
+        Each view costs one forward pass per batch, never one per image.
+        """
+        images = torch.as_tensor(images_u8)
+        if images.ndim == 3:
+            images = images.unsqueeze(1)
+        outputs = []
+        for start in range(0, len(images), batch_size):
+            x = eval_transform(
+                images[start : start + batch_size].to(self._input_device),
+                image_size=self.image_size,
+                crop_fraction=self.crop_fraction,
+                normalize=self.normalize,
+            )
+            total = None
+            for view in views:
+                out = self._network(apply_view(view, x, self.normalize)).float()
+                total = out if total is None else total + out
+            outputs.append((total / len(views)).cpu())
+        return torch.cat(outputs) if outputs else torch.empty(0, len(CLASSES))
+
+    def probabilities(self, logits: torch.Tensor) -> np.ndarray:
+        """Calibrated P(PNEUMONIA): softmax of the temperature-scaled logits."""
+        return torch.softmax(logits.float() / self.temperature, dim=1)[:, 1].numpy()
+
+    def load_images(self, paths: Sequence[str | os.PathLike[str]]) -> np.ndarray:
+        """Read files with the training preprocessing (squash to the cache size, uint8)."""
+        return np.stack([load_xray(p, size=self.cache_size) for p in paths])
 
 
 @dataclass
-class TrainedModel:
+class TrainedModel(InferenceSteps):
     """A trained classifier in eval mode plus its preprocessing and operating point."""
 
     model: Classifier
@@ -109,37 +129,14 @@ class TrainedModel:
         if self.precision is None:
             self.precision = resolve_precision("auto", self.device)
 
-    def logits(
-        self, images_u8: torch.Tensor | np.ndarray, *, views: Sequence[str] = ("identity",), batch_size: int = 64
-    ) -> torch.Tensor:
-        """Mean logits (N x 2, float32, CPU) of uint8 N x S x S (or N x 1 x S x S) images over the TTA `views`.
+    @property
+    def _input_device(self) -> torch.device:
+        return self.device
 
-        Each view costs one forward pass per batch, never one per image.
-        """
-
-        def forward(batch: torch.Tensor) -> torch.Tensor:
-            batch = batch.contiguous(memory_format=torch.channels_last)
-            with self.precision.autocast():
-                return self.model(batch)
-
-        return tta_logits(
-            images_u8,
-            forward,
-            image_size=self.image_size,
-            crop_fraction=self.crop_fraction,
-            normalize=self.normalize,
-            views=views,
-            batch_size=batch_size,
-            device=self.device,
-        )
-
-    def probabilities(self, logits: torch.Tensor) -> np.ndarray:
-        """Calibrated P(PNEUMONIA): softmax of the temperature-scaled logits."""
-        return torch.softmax(logits.float() / self.temperature, dim=1)[:, 1].numpy()
-
-    def load_images(self, paths: Sequence[str | os.PathLike[str]]) -> np.ndarray:
-        """Read files with the training preprocessing (squash to the cache size, uint8)."""
-        return np.stack([load_xray(p, size=self.cache_size) for p in paths])
+    def _network(self, batch: torch.Tensor) -> torch.Tensor:
+        batch = batch.contiguous(memory_format=torch.channels_last)
+        with self.precision.autocast():
+            return self.model(batch)
 
     def card(self) -> dict[str, Any]:
         """The facts a report or a service shows about this model."""

@@ -12,19 +12,16 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 
-from pneumolab.data.io import load_xray
 from pneumolab.errors import PneumolabError, did_you_mean
 from pneumolab.fsutil import file_sha256
 from pneumolab.hardware import resolve_precision
-from pneumolab.infer import TrainedModel, load_trained, tta_logits
+from pneumolab.infer import InferenceSteps, TrainedModel, load_trained
 
 __all__ = ["BACKENDS", "OnnxModel", "load_backend", "load_onnx"]
 
@@ -33,7 +30,7 @@ _CPU = torch.device("cpu")
 
 
 @dataclass
-class OnnxModel:
+class OnnxModel(InferenceSteps):
     """An onnxruntime session on the CPU plus the preprocessing and operating point of the model's card."""
 
     session: Any  # onnxruntime.InferenceSession
@@ -49,34 +46,14 @@ class OnnxModel:
     pytorch: TrainedModel | None = None  # the same weights in PyTorch (fp32), when at hand: for Grad-CAM
     backend: ClassVar[str] = "onnx"
 
-    def logits(
-        self, images_u8: torch.Tensor | np.ndarray, *, views: Sequence[str] = ("identity",), batch_size: int = 64
-    ) -> torch.Tensor:
-        """Mean logits (N x 2, float32, CPU) of uint8 N x S x S images over the TTA `views`, as `TrainedModel`."""
+    @property
+    def _input_device(self) -> torch.device:
+        return _CPU
+
+    def _network(self, batch: torch.Tensor) -> torch.Tensor:
+        # onnxruntime reads C-ordered buffers; a flipped or rotated view may be a strided one
         feed = self.session.get_inputs()[0].name
-
-        def forward(batch: torch.Tensor) -> torch.Tensor:
-            # onnxruntime reads C-ordered buffers; a flipped or rotated view may be a strided one
-            return torch.from_numpy(self.session.run(None, {feed: batch.contiguous().numpy()})[0])
-
-        return tta_logits(
-            images_u8,
-            forward,
-            image_size=self.image_size,
-            crop_fraction=self.crop_fraction,
-            normalize=self.normalize,
-            views=views,
-            batch_size=batch_size,
-            device=_CPU,
-        )
-
-    def probabilities(self, logits: torch.Tensor) -> np.ndarray:
-        """Calibrated P(PNEUMONIA): softmax of the temperature-scaled logits."""
-        return torch.softmax(logits.float() / self.temperature, dim=1)[:, 1].numpy()
-
-    def load_images(self, paths: Sequence[str | os.PathLike[str]]) -> np.ndarray:
-        """Read files with the training preprocessing (squash to the cache size, uint8)."""
-        return np.stack([load_xray(p, size=self.cache_size) for p in paths])
+        return torch.from_numpy(self.session.run(None, {feed: batch.contiguous().numpy()})[0])
 
     def card(self) -> dict[str, Any]:
         """The model's card (a superset of `TrainedModel.card`, with the ONNX file's SHA-256)."""
