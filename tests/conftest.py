@@ -11,6 +11,17 @@ from PIL import Image
 
 SHARED_DATA = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "chest_xray").resolve()
 
+# Debian's chromium (Playwright cannot download its own browsers on these machines), headless and offline
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
 # Kermany-style names: (class folder, file name)
 KERMANY_NAMES = {
     "NORMAL": ["IM-0001-0001.jpeg", "IM-0001-0002.jpeg", "IM-0002-0001.jpeg", "NORMAL2-IM-0003-0001.jpeg"],
@@ -21,6 +32,20 @@ KERMANY_NAMES = {
         "person3_bacteria_4.jpeg",
     ],
 }
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Playwright driving Debian's chromium headless; skipped when either is absent."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright (Python) is not installed")
+    if not CHROMIUM.is_file():
+        pytest.skip(f"{CHROMIUM} is absent: install Debian's chromium (apt-get install -y chromium)")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        try:
+            yield browser
+        finally:
+            browser.close()
 
 
 @pytest.fixture(scope="session")

@@ -10,62 +10,37 @@ import pytest
 from pneumolab.serve.app import create_app
 from tests.serve import running_server, tiny_trained
 
-CHROMIUM = Path("/usr/bin/chromium")
-DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "chest_xray"
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
-ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 
 
-def _real_xray() -> Path:
-    folder = DATA / "test" / "PNEUMONIA"
-    files = sorted(folder.glob("*.jpeg")) if folder.is_dir() else []
-    if not files:
-        pytest.skip(f"no real test images in {folder}")
-    return files[0]
+def test_page_uploads_an_xray_and_shows_the_result(browser, shared_data, tmp_path):
+    image = sorted((shared_data / "test" / "PNEUMONIA").glob("*.jpeg"))[0]
+    with running_server(create_app(tiny_trained())) as url:
+        page = browser.new_page(viewport={"width": 1100, "height": 800})
+        errors: list[str] = []
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.goto(url + "/")
+        page.wait_for_function("document.getElementById('model').textContent === 'resnet18'", timeout=10_000)
+        page.set_input_files("#file", str(image))
+        page.wait_for_selector("#summary:not([hidden])", timeout=30_000)
+        page.wait_for_function(
+            "(() => { const i = document.getElementById('heatmap'); return i.complete && i.naturalWidth > 0 })()",
+            timeout=30_000,
+        )
+        assert page.text_content("#label") in ("NORMAL", "PNEUMONIA")
+        probability = float(page.text_content("#probability"))
+        assert 0.0 <= probability <= 1.0
+        assert float(page.text_content("#threshold")) == pytest.approx(0.5)
+        assert page.evaluate("document.getElementById('preview').naturalWidth") > 0
+        assert page.is_hidden("#error") and not errors
+        shot = tmp_path / "page.png"
+        page.screenshot(path=str(shot), full_page=True)
+        ARTIFACTS.mkdir(exist_ok=True)
+        shutil.copyfile(shot, ARTIFACTS / "page.png")
 
-
-def test_page_uploads_an_xray_and_shows_the_result(tmp_path):
-    if not CHROMIUM.is_file():
-        pytest.skip(f"{CHROMIUM} is missing")
-    sync_api = pytest.importorskip("playwright.sync_api")
-    image = _real_xray()
-    with running_server(create_app(tiny_trained())) as url, sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1100, "height": 800})
-            errors: list[str] = []
-            page.on("pageerror", lambda error: errors.append(str(error)))
-            page.goto(url + "/")
-            page.wait_for_function("document.getElementById('model').textContent === 'resnet18'", timeout=10_000)
-            page.set_input_files("#file", str(image))
-            page.wait_for_selector("#summary:not([hidden])", timeout=30_000)
-            page.wait_for_function(
-                "(() => { const i = document.getElementById('heatmap'); return i.complete && i.naturalWidth > 0 })()",
-                timeout=30_000,
-            )
-            assert page.text_content("#label") in ("NORMAL", "PNEUMONIA")
-            probability = float(page.text_content("#probability"))
-            assert 0.0 <= probability <= 1.0
-            assert float(page.text_content("#threshold")) == pytest.approx(0.5)
-            assert page.evaluate("document.getElementById('preview').naturalWidth") > 0
-            assert page.is_hidden("#error") and not errors
-            shot = tmp_path / "page.png"
-            page.screenshot(path=str(shot), full_page=True)
-            ARTIFACTS.mkdir(exist_ok=True)
-            shutil.copyfile(shot, ARTIFACTS / "page.png")
-
-            # an unreadable file shows the server's one-line reason
-            bad = tmp_path / "broken.jpeg"
-            bad.write_bytes(b"not an image")
-            page.set_input_files("#file", str(bad))
-            page.wait_for_selector("#error:not([hidden])", timeout=30_000)
-            assert "broken.jpeg" in page.text_content("#error")
-        finally:
-            browser.close()
+        # an unreadable file shows the server's one-line reason
+        bad = tmp_path / "broken.jpeg"
+        bad.write_bytes(b"not an image")
+        page.set_input_files("#file", str(bad))
+        page.wait_for_selector("#error:not([hidden])", timeout=30_000)
+        assert "broken.jpeg" in page.text_content("#error")
