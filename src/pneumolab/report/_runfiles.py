@@ -195,13 +195,17 @@ def _read_history(path: Path) -> pd.DataFrame | None:
     return table.dropna(subset=["epoch"]).sort_values("epoch").reset_index(drop=True)
 
 
+def _require_columns(table: pd.DataFrame, columns, path: Path) -> None:
+    missing = [c for c in columns if c not in table]
+    if missing:
+        raise PneumolabError(f"{path}: missing column(s) {', '.join(missing)}")
+
+
 def _read_predictions(path: Path) -> pd.DataFrame | None:
     table = _read_csv(path)
     if table is None:
         return None
-    missing = [c for c in PREDICTION_COLUMNS if c not in table]
-    if missing:
-        raise PneumolabError(f"{path}: missing column(s) {', '.join(missing)}")
+    _require_columns(table, PREDICTION_COLUMNS, path)
     if table.empty:
         return None
     table["path"] = table["path"].astype(str)
@@ -226,9 +230,7 @@ def read_split_table(path: Path) -> pd.DataFrame | None:
     table = _read_csv(path)
     if table is None:
         return None
-    missing = [c for c in SPLIT_FILE_COLUMNS if c not in table]
-    if missing:
-        raise PneumolabError(f"{path}: missing column(s) {', '.join(missing)}")
+    _require_columns(table, SPLIT_FILE_COLUMNS, path)
     for column in SPLIT_FILE_COLUMNS:
         table[column] = table[column].astype(str)
     return table
