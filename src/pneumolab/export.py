@@ -84,7 +84,7 @@ def export_artefact(model: str | os.PathLike[str], out: str | os.PathLike[str]) 
 
 
 def export_onnx(
-    model: str | os.PathLike[str],
+    model: str | os.PathLike[str] | TrainedModel | None,
     out: str | os.PathLike[str],
     *,
     check_images: np.ndarray | None = None,
@@ -93,6 +93,8 @@ def export_onnx(
     """Export to ONNX (dynamic batch axis), verify against PyTorch fp32, write the card beside it.
 
     Args:
+        model: anything `load_trained` reads, or a model already loaded on the CPU (its network is set to fp32 and
+            the contiguous memory format in place).
         check_images: uint8 N x S x S images to compare the two on (the model's cache size); random ones if None.
 
     Returns:
@@ -100,7 +102,7 @@ def export_onnx(
     """
     import onnxruntime as ort
 
-    trained = load_trained(model, device=torch.device("cpu"))
+    trained = model if isinstance(model, TrainedModel) else load_trained(model, device=torch.device("cpu"))
     network = trained.model.float().eval().to(memory_format=torch.contiguous_format)
     size = trained.image_size
     example = torch.zeros(2, trained.model.in_chans, size, size)

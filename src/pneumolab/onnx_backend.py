@@ -126,12 +126,12 @@ def _export_and_load(model: str | os.PathLike[str] | None) -> OnnxModel:
     """Export a run folder, artefact or the bundled model to a temporary ONNX file and load it from there."""
     from pneumolab.export import export_onnx
 
-    # kept for Grad-CAM; fp32, so the probability an explanation shows is the one onnxruntime computes
+    # loaded once: exported from, and kept for Grad-CAM in fp32 (so an explanation shows onnxruntime's probability)
     pytorch = load_trained(model, device=_CPU)
     pytorch.precision = resolve_precision("fp32", _CPU)
     with tempfile.TemporaryDirectory(prefix="pneumolab-onnx-") as tmp:
         onnx_file = Path(tmp) / "model.onnx"
-        export_onnx(model, onnx_file)  # checked against PyTorch fp32 (<= 1e-4 in probability)
+        export_onnx(pytorch, onnx_file)  # checked against PyTorch fp32 (<= 1e-4 in probability)
         return load_onnx(onnx_file, pytorch=pytorch)  # the session holds the graph: the file may go
 
 
