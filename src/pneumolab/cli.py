@@ -337,9 +337,7 @@ def evaluate_command(
         if data is None:
             raise PneumolabError(f"{model}: an exported model names no dataset; pass --data DIR")
         progress = not quiet and not json_out
-        metrics = evaluate_artefact(
-            None if bundled else model, data=data, split=split, n_resamples=resamples, progress=progress
-        )
+        metrics = evaluate_artefact(model, data=data, split=split, n_resamples=resamples, progress=progress)
         if json_out:
             _print_json(metrics)
         else:
