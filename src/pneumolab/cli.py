@@ -426,7 +426,10 @@ def run_command(
     ),
     only: Annotated[
         list[str] | None,
-        typer.Option(help="Train and evaluate only this model of the config (repeatable); finished others join in."),
+        typer.Option(
+            help="Train and evaluate only this model of the config (repeatable); others already trained and "
+            "evaluated in --out (checkpoints not needed) join the ensemble and report."
+        ),
     ] = None,
     json_out: JsonFlag = False,
     quiet: QuietFlag = False,

@@ -61,10 +61,18 @@ def load_pipeline_config(path: str | os.PathLike[str]) -> PipelineConfig:
     return load_yaml_model(path, PipelineConfig)
 
 
+def _trained(run: RunDir) -> bool:
+    return run.env.is_file() and "train_summary" in json.loads(run.env.read_text())
+
+
 def _run_finished(run: RunDir) -> bool:
-    if not run.env.is_file() or not run.best.is_file():
-        return False
-    return "train_summary" in json.loads(run.env.read_text())
+    return run.best.is_file() and _trained(run)
+
+
+def _run_evaluated(run: RunDir) -> bool:
+    """Trained and evaluated: enough to join the ensemble and report, which read only saved predictions. A run
+    brought back from another machine without its checkpoints (too large to carry) counts."""
+    return _trained(run) and (run.path / "operating_point.json").is_file()
 
 
 def _log(message: str) -> None:
@@ -111,7 +119,7 @@ def run_pipeline(
     for model in config.models:
         run = RunDir(out / model.name)
         if only and model.name not in only:
-            if _run_finished(run) and (run.path / "operating_point.json").is_file():
+            if _run_evaluated(run):
                 run_dirs.append(run.path)
             continue
         run_dirs.append(run.path)
