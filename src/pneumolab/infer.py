@@ -173,16 +173,10 @@ def _load_artefact(folder: Path, device: torch.device | None) -> TrainedModel:
     from safetensors.torch import load_file
 
     card_file, weights_file = folder / "card.json", folder / "model.safetensors"
-    try:
-        card = json.loads(card_file.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise PneumolabError(f"{card_file}: not a readable model card ({error})") from None
+    card = read_card(card_file)
     if not weights_file.is_file():
         raise PneumolabError(f"{weights_file}: missing; the card {card_file} describes weights that are not there")
-    digest = file_sha256(weights_file)
-    if card.get("weights_sha256") not in (None, digest):
-        raise PneumolabError(f"{weights_file}: does not match its card (SHA-256 {digest[:12]}..., card says "
-                             f"{str(card['weights_sha256'])[:12]}...)")  # fmt: skip
+    check_against_card(weights_file, card, "weights_sha256")
     model = create_model(card["architecture"], weights="none", head=card["head"], in_chans=card.get("in_chans", 1))
     try:
         model.load_state_dict(load_file(str(weights_file)))
@@ -193,20 +187,43 @@ def _load_artefact(folder: Path, device: torch.device | None) -> TrainedModel:
         ) from None
     return TrainedModel(
         model=model,
-        name=card["architecture"],
-        image_size=int(card["image_size"]),
-        crop_fraction=float(card["crop_fraction"]),
-        normalize=tuple(card["normalize"]),
-        cache_size=int(card["cache_size"]),
+        **card_settings(card),
         weights_source=card.get("weights_source", "unknown"),
         source=folder,
-        threshold=float(card["threshold"]),
-        temperature=float(card["temperature"]),
         threshold_method=card.get("threshold_method", "from the card"),
-        tta=tuple(card.get("tta", ())),
         validation_split=card.get("validation_split"),
         device=device or default_device(),
     )
+
+
+def read_card(card_file: Path) -> dict[str, Any]:
+    """A model card (JSON written by `pneumolab export`), or a one-line error naming the file."""
+    try:
+        return json.loads(card_file.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise PneumolabError(f"{card_file}: not a readable model card ({error})") from None
+
+
+def check_against_card(file: Path, card: dict[str, Any], key: str) -> None:
+    """Refuse `file` when its SHA-256 differs from the one the card records under `key` (weights, ONNX graph)."""
+    digest = file_sha256(file)
+    if card.get(key) not in (None, digest):
+        raise PneumolabError(f"{file}: does not match its card (SHA-256 {digest[:12]}..., card says "
+                             f"{str(card[key])[:12]}...)")  # fmt: skip
+
+
+def card_settings(card: dict[str, Any]) -> dict[str, Any]:
+    """What every backend takes from a card: preprocessing and operating point (KeyError when a field is missing)."""
+    return {
+        "name": card["architecture"],
+        "image_size": int(card["image_size"]),
+        "crop_fraction": float(card["crop_fraction"]),
+        "normalize": tuple(card["normalize"]),
+        "cache_size": int(card["cache_size"]),
+        "threshold": float(card["threshold"]),
+        "temperature": float(card["temperature"]),
+        "tta": tuple(card.get("tta", ())),
+    }
 
 
 def bundled_model_dir(name: str = DEFAULT_MODEL) -> Path:

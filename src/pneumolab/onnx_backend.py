@@ -9,7 +9,6 @@ then also keeps the PyTorch model, for Grad-CAM, which needs the PyTorch graph.
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from dataclasses import dataclass
@@ -19,9 +18,8 @@ from typing import Any, ClassVar
 import torch
 
 from pneumolab.errors import PneumolabError, did_you_mean
-from pneumolab.fsutil import file_sha256
 from pneumolab.hardware import resolve_precision
-from pneumolab.infer import InferenceSteps, TrainedModel, load_trained
+from pneumolab.infer import InferenceSteps, TrainedModel, card_settings, check_against_card, load_trained, read_card
 
 __all__ = ["BACKENDS", "OnnxModel", "load_backend", "load_onnx"]
 
@@ -91,29 +89,11 @@ def load_onnx(path: str | os.PathLike[str], *, pytorch: TrainedModel | None = No
     card_file = path.with_suffix(".json")
     if not card_file.is_file():
         raise PneumolabError(f"{card_file}: missing; {path.name} needs the card that `pneumolab export` writes")
-    try:
-        card = json.loads(card_file.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise PneumolabError(f"{card_file}: not a readable model card ({error})") from None
-    digest = file_sha256(path)
-    if card.get("onnx_sha256") not in (None, digest):
-        raise PneumolabError(f"{path}: does not match its card (SHA-256 {digest[:12]}..., {card_file.name} says "
-                             f"{str(card['onnx_sha256'])[:12]}...)")  # fmt: skip
+    card = read_card(card_file)
+    check_against_card(path, card, "onnx_sha256")
     session = _session(path)
     try:
-        model = OnnxModel(
-            session=session,
-            name=card["architecture"],
-            image_size=int(card["image_size"]),
-            crop_fraction=float(card["crop_fraction"]),
-            normalize=tuple(card["normalize"]),
-            cache_size=int(card["cache_size"]),
-            threshold=float(card["threshold"]),
-            temperature=float(card["temperature"]),
-            tta=tuple(card.get("tta", ())),
-            info=card,
-            pytorch=pytorch,
-        )
+        model = OnnxModel(session=session, **card_settings(card), info=card, pytorch=pytorch)
     except (KeyError, TypeError, ValueError) as error:
         raise PneumolabError(f"{card_file}: not a model card ({type(error).__name__}: {error})") from None
     side = session.get_inputs()[0].shape[2:]  # [batch, channels, H, W]; a mismatch would fail on every request
