@@ -2,10 +2,11 @@
 
 The server runs in its own process (as users run it); the client posts real X-ray files from a folder to
 /v1/predict with a thread pool of C connections, then reports throughput, p50 / p95 / p99 latency and failures.
-Both backends by default, one server after the other in the same run (``pneumolab serve --backend pytorch|onnx``).
+Both backends by default, one server after the other in the same run (``pneumolab serve --backend pytorch|onnx``);
+with several ``--max-batch`` values, each backend is served once per value (1: micro-batching off).
 
     python benchmarks/load.py --model default --data ../shared/data/chest_xray/test \
-        --requests 500 --concurrency 16 [--backend pytorch onnx]
+        --requests 500 --concurrency 16 [--backend pytorch onnx] [--max-batch 1 16]
 """
 
 from __future__ import annotations
@@ -50,23 +51,30 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=500)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--backend", choices=BACKENDS, nargs="+", default=list(BACKENDS))
+    parser.add_argument("--max-batch", type=int, nargs="+", default=[16], help="serve's --max-batch values")
     args = parser.parse_args()
 
     files, _ = collect_image_paths([args.data])
     payloads = [(f.name, f.read_bytes()) for f in files]
     throughput = {}
     for backend in args.backend:
-        throughput[backend] = _load(args, backend, payloads)
-    if len(throughput) == 2:
-        print(f"throughput onnx / pytorch = {throughput['onnx'] / throughput['pytorch']:.2f}x")
+        for max_batch in args.max_batch:
+            throughput[backend, max_batch] = _load(args, backend, max_batch, payloads)
+    first, last = args.max_batch[0], args.max_batch[-1]
+    for backend in args.backend if first != last else []:
+        ratio = throughput[backend, last] / throughput[backend, first]
+        print(f"throughput {backend}: max-batch {last} / max-batch {first} = {ratio:.2f}x")
+    if len(args.backend) == 2:
+        ratio = throughput["onnx", last] / throughput["pytorch", last]
+        print(f"throughput onnx / pytorch (max-batch {last}) = {ratio:.2f}x")
 
 
-def _load(args: argparse.Namespace, backend: str, payloads: list[tuple[str, bytes]]) -> float:
+def _load(args: argparse.Namespace, backend: str, max_batch: int, payloads: list[tuple[str, bytes]]) -> float:
     """Serve with `backend`, send the load, print the figures; return requests per second."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "pneumolab.cli", "serve", "--model", args.model, "--port", str(port)]
-    command += ["--backend", backend]
+    command += ["--backend", backend, "--max-batch", str(max_batch)]
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_until_up(url)
@@ -89,8 +97,8 @@ def _load(args: argparse.Namespace, backend: str, payloads: list[tuple[str, byte
         server.wait(timeout=30)
     latencies = np.array([seconds for seconds, _ in results]) * 1000
     failures = sum(status != 200 for _, status in results)
-    print(f"{args.requests} requests, {args.concurrency} at a time, model {Path(args.model).name} ({backend}): "
-          f"{wall:.1f} s")  # fmt: skip
+    print(f"{args.requests} requests, {args.concurrency} at a time, model {Path(args.model).name} ({backend}, "
+          f"max-batch {max_batch}): {wall:.1f} s")  # fmt: skip
     summary = f"throughput {args.requests / wall:.1f} req/s; latency p50 {statistics.median(latencies):.0f} ms"
     summary += f", p95 {np.percentile(latencies, 95):.0f} ms, p99 {np.percentile(latencies, 99):.0f} ms"
     print(f"{summary}; failures {failures}")

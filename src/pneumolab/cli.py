@@ -556,11 +556,14 @@ def serve_command(
         typer.Option(help="Require this X-API-Key header on /v1/* requests.", envvar="PNEUMOLAB_API_KEY"),
     ] = None,
     backend: BackendOption = "pytorch",
+    max_batch: Annotated[
+        int, typer.Option(help="Most concurrent /v1/predict images in one model call (1: no batching).", min=1)
+    ] = 16,
 ) -> None:
     """Serve a model over HTTP: an upload page at /, JSON API at /v1/predict and /v1/explain, docs at /docs."""
     from pneumolab.serve import serve
 
-    serve(model, host=host, port=port, api_key=api_key, backend=backend)
+    serve(model, host=host, port=port, api_key=api_key, backend=backend, max_batch=max_batch)
 
 
 def main() -> None:

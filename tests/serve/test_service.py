@@ -203,10 +203,11 @@ def test_inference_timeout_gets_504(trained):
         assert response.status_code == 504 and "film.png" in response.json()["detail"]
 
 
-def test_real_server_answers_16_concurrent_requests(trained):
+def test_real_server_answers_16_concurrent_requests_in_shared_model_calls(trained):
     uploads = [png_bytes(seed) for seed in range(4)]
     expected = [_expected(trained, data, "film.png") for data in uploads]
-    with running_server(create_app(trained, workers=2)) as url:
+    app = create_app(trained, workers=2, batch_wait_s=0.05)  # a short wait makes batching certain in a test
+    with running_server(app) as url:
 
         def call(i: int) -> tuple[int, float]:
             files = {"file": (f"film{i}.png", uploads[i % 4], "image/png")}
@@ -219,3 +220,5 @@ def test_real_server_answers_16_concurrent_requests(trained):
         for i, (_, probability) in enumerate(results):
             assert probability == pytest.approx(expected[i % 4], abs=1e-4)
         assert httpx.get(f"{url}/health", timeout=10).json()["status"] == "ok"
+    sizes = app.state.batcher.batch_sizes
+    assert sum(sizes) == 16 and max(sizes) > 1 and max(sizes) <= 16

@@ -1,7 +1,7 @@
 """The FastAPI app: predict and explain uploaded X-rays with one model loaded once.
 
-Every bad request gets a 4xx JSON ``{"detail": "<one line naming the file>"}``; inference runs in a bounded thread
-pool so the event loop keeps serving.
+Every bad request gets a 4xx JSON ``{"detail": "<one line naming the file>"}``; decoding and inference run in a
+bounded thread pool so the event loop keeps serving, and concurrent predictions share model calls (micro-batching).
 """
 
 from __future__ import annotations
@@ -10,12 +10,14 @@ import asyncio
 import hmac
 import os
 import threading
+from collections.abc import Awaitable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from functools import partial
 from importlib import resources
 from typing import Any
 
+import numpy as np
 from fastapi import FastAPI, File, HTTPException, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -27,6 +29,7 @@ from pneumolab.data.io import load_xray
 from pneumolab.errors import ImageReadError, PneumolabError
 from pneumolab.infer import TrainedModel
 from pneumolab.onnx_backend import OnnxModel, load_backend
+from pneumolab.serve.batching import MicroBatcher
 
 __all__ = ["ALLOWED_CONTENT_TYPES", "create_app", "serve"]
 
@@ -80,6 +83,8 @@ def create_app(
     api_key: str | None = None,
     workers: int = 2,
     request_timeout_s: float = 60,
+    max_batch: int = 16,
+    batch_wait_s: float = 0.0,
 ) -> FastAPI:
     """Build the service around an already loaded model.
 
@@ -91,6 +96,8 @@ def create_app(
         api_key: When set, every `/v1/*` request needs the header ``X-API-Key`` equal to it (401 otherwise).
         workers: Threads that decode and run the model.
         request_timeout_s: Inference time limit per request (504 past it).
+        max_batch: Most concurrent /v1/predict images run through the model in one call (1: no batching).
+        batch_wait_s: How long a lone request waits for others to batch with (0: only those already waiting).
     """
     if workers < 1:
         raise PneumolabError(f"workers: must be at least 1, got {workers}")
@@ -100,9 +107,19 @@ def create_app(
     model_lock = threading.Lock()  # Grad-CAM registers hooks on the model: one model call at a time
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pneumolab-serve")
 
+    def _probabilities(images: np.ndarray) -> np.ndarray:
+        with model_lock:
+            return trained.probabilities(trained.logits(images, views=views))
+
+    try:
+        batcher = MicroBatcher(_probabilities, pool, max_batch=max_batch, max_wait_s=batch_wait_s)
+    except ValueError as error:
+        raise PneumolabError(str(error)) from None
+
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         yield
+        await batcher.close()
         pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(
@@ -111,6 +128,7 @@ def create_app(
         version="1",
         lifespan=lifespan,
     )
+    app.state.batcher = batcher  # its batch_sizes show how much batching happened
     app.add_middleware(_GateMiddleware, api_key=api_key, max_body=max_upload_bytes + MULTIPART_SLACK)
 
     @app.exception_handler(StarletteHTTPException)
@@ -129,10 +147,13 @@ def create_app(
     async def _unexpected(_: Request, error: Exception) -> JSONResponse:  # a bug: tests must never reach it
         return JSONResponse({"detail": f"internal error: {type(error).__name__}"}, status_code=500)
 
-    async def _run(name: str, function: Any, *args: Any) -> Any:
-        loop = asyncio.get_running_loop()
+    def _in_pool(function: Any, *args: Any) -> asyncio.Future:
+        return asyncio.get_running_loop().run_in_executor(pool, partial(function, *args))
+
+    async def _limited(name: str, work: Awaitable[Any]) -> Any:
+        """`work` within the request time limit; an unreadable image is the client's 400."""
         try:
-            return await asyncio.wait_for(loop.run_in_executor(pool, partial(function, *args)), request_timeout_s)
+            return await asyncio.wait_for(work, request_timeout_s)
         except TimeoutError:
             raise HTTPException(504, f"{name}: inference took longer than {request_timeout_s:g} s") from None
         except ImageReadError as error:
@@ -155,10 +176,9 @@ def create_app(
     def _decode(name: str, data: bytes):
         return load_xray(data, size=trained.cache_size, name=name, max_pixels=max_pixels)
 
-    def _predict(name: str, data: bytes) -> float:
-        image = _decode(name, data)
-        with model_lock:
-            return float(trained.probabilities(trained.logits(image[None], views=views))[0])
+    async def _predict(name: str, data: bytes) -> float:
+        image = await _in_pool(_decode, name, data)
+        return await batcher.probability(image)
 
     def _explain(name: str, data: bytes):
         from pneumolab.explain import explain_image
@@ -188,7 +208,7 @@ def create_app(
     async def predict(file: UploadFile | None = File(None)) -> dict[str, Any]:
         """Classify one X-ray (JPEG, PNG or DICOM) as NORMAL or PNEUMONIA."""
         name, data = await _read_upload(file)
-        probability = await _run(name, _predict, name, data)
+        probability = await _limited(name, _predict(name, data))
         return {
             "file": name,
             "label": _label(probability),
@@ -204,7 +224,7 @@ def create_app(
         if gradcam_model is None:
             detail = f"{name}: Grad-CAM needs the PyTorch weights; this service runs an ONNX file alone"
             raise HTTPException(501, detail + " (serve a run folder or artefact to explain)")
-        explanation = await _run(name, _explain, name, data)
+        explanation = await _limited(name, _in_pool(_explain, name, data))
         headers = {
             "X-Label": explanation.label,
             "X-Probability": f"{explanation.probability:.6f}",
@@ -221,6 +241,7 @@ def serve(
     port: int = 8000,
     api_key: str | None = None,
     backend: str = "pytorch",
+    max_batch: int = 16,
 ) -> None:
     """Load the model once and serve it with uvicorn until interrupted (key from ``PNEUMOLAB_API_KEY`` if unset).
 
@@ -229,4 +250,5 @@ def serve(
     import uvicorn
 
     api_key = api_key or os.environ.get("PNEUMOLAB_API_KEY") or None
-    uvicorn.run(create_app(load_backend(model_path, backend), api_key=api_key), host=host, port=port)
+    app = create_app(load_backend(model_path, backend), api_key=api_key, max_batch=max_batch)
+    uvicorn.run(app, host=host, port=port)
