@@ -171,6 +171,7 @@ def test_machine_and_generation_time_are_stated(built_report: dict[str, Path]) -
     assert re.search(r"Generated \d{4}-\d\d-\d\d \d\d:\d\d UTC by pneumolab", markdown)
     assert "| CPU | Intel(R) Xeon(R) Platinum 8480+ |" in markdown
     assert "| GPU | none (CPU only) |" in markdown
+    assert "| CPU, 2 cores |" in markdown  # the comparison table's "Trained on" column: runs may span machines
 
 
 def test_missing_files_are_reported_not_fatal(tmp_path: Path) -> None:

@@ -207,8 +207,17 @@ def _run_facts(run: RunFiles) -> dict[str, str]:
         "trainable": f"{_count(trainable)} trainable" if trainable is not None and trainable != total else "",
         "wall_time": _duration(finite(_get(run.env, "train_summary", "wall_seconds"))),
         "train_speed": _speed(train_speed),
+        "trained_on": _trained_on(run),
         "weights": describe_weights(_weights_source(run), ensemble=run.ensemble),
     }
+
+
+def _trained_on(run: RunFiles) -> str:
+    """The machine in a few words: wall time and img/s mean little without it (a comparison may span machines)."""
+    gpu, cores, processes = (_get(run.env, key) for key in ("cuda_device", "cpu_count", "world_size"))
+    if gpu:
+        return f"{gpu} x {processes}" if processes and processes > 1 else str(gpu)
+    return f"CPU, {cores} cores" if cores else ""
 
 
 def _gap(val: Evaluation | None, test: Evaluation, key: str, unit: str) -> str:
