@@ -103,7 +103,7 @@ def test_explain_returns_a_png_with_label_headers(client, trained):
 
 def test_health_model_card_page_and_docs(client, trained):
     assert client.get("/health").json() == {"status": "ok", "model": "resnet18"}
-    assert client.get("/v1/model").json() == {**trained.card(), "backend": "pytorch"}
+    assert client.get("/v1/model").json() == {**trained.card(), "backend": "pytorch", "max_batch": 16}
     page = client.get("/")
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
     assert "/v1/predict" in page.text and "/v1/explain" in page.text

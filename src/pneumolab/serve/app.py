@@ -201,8 +201,8 @@ def create_app(
 
     @app.get("/v1/model")
     async def model_card() -> dict[str, Any]:
-        """The model's card: architecture, preprocessing, threshold, TTA views, and the backend that serves it."""
-        return {**trained.card(), "backend": trained.backend}
+        """The model's card (architecture, preprocessing, threshold, TTA views), its backend and batch limit."""
+        return {**trained.card(), "backend": trained.backend, "max_batch": max_batch}
 
     @app.post("/v1/predict")
     async def predict(file: UploadFile | None = File(None)) -> dict[str, Any]:
