@@ -33,7 +33,7 @@ def test_waiting_requests_are_answered_in_shared_calls_of_at_most_max_batch():
         images = _images(10)
         answers = asyncio.run(_ask_all(batcher, images))
     assert answers == pytest.approx([float(_brightness(image[None])[0]) for image in images])
-    assert batcher.batch_sizes == [4, 4, 2]
+    assert list(batcher.batch_sizes) == [4, 4, 2]
 
 
 def test_a_lone_request_runs_alone_and_a_wait_gathers_later_arrivals():
@@ -52,8 +52,8 @@ def test_a_lone_request_runs_alone_and_a_wait_gathers_later_arrivals():
         asyncio.run(staggered(alone))
         patient = MicroBatcher(_brightness, pool, max_batch=8, max_wait_s=0.5)
         answers = asyncio.run(staggered(patient))
-    assert alone.batch_sizes == [1, 1, 1]
-    assert patient.batch_sizes == [3] and answers == pytest.approx([0, 10 / 255, 20 / 255])
+    assert list(alone.batch_sizes) == [1, 1, 1]
+    assert list(patient.batch_sizes) == [3] and answers == pytest.approx([0, 10 / 255, 20 / 255])
 
 
 def test_a_failing_call_fails_every_request_of_its_batch():
@@ -64,7 +64,7 @@ def test_a_failing_call_fails_every_request_of_its_batch():
         batcher = MicroBatcher(broken, pool, max_batch=4)
         with pytest.raises(RuntimeError, match="model exploded"):
             asyncio.run(_ask_all(batcher, _images(3)))
-    assert batcher.batch_sizes == [3]
+    assert list(batcher.batch_sizes) == [3]
 
 
 def test_a_request_that_gave_up_is_left_out_of_the_next_call():
@@ -81,7 +81,7 @@ def test_a_request_that_gave_up_is_left_out_of_the_next_call():
     with ThreadPoolExecutor(1) as pool:
         batcher = MicroBatcher(_brightness, pool, max_batch=8, max_wait_s=0.1)
         answer = asyncio.run(one_gives_up(batcher))
-    assert answer == pytest.approx(10 / 255) and batcher.batch_sizes == [1]
+    assert answer == pytest.approx(10 / 255) and list(batcher.batch_sizes) == [1]
 
 
 def test_max_batch_below_one_is_refused():

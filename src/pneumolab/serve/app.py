@@ -111,10 +111,7 @@ def create_app(
         with model_lock:
             return trained.probabilities(trained.logits(images, views=views))
 
-    try:
-        batcher = MicroBatcher(_probabilities, pool, max_batch=max_batch, max_wait_s=batch_wait_s)
-    except ValueError as error:
-        raise PneumolabError(str(error)) from None
+    batcher = MicroBatcher(_probabilities, pool, max_batch=max_batch, max_wait_s=batch_wait_s)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):

@@ -8,10 +8,13 @@ load and, under load, trades one forward pass per image for one per batch (per T
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor
 
 import numpy as np
+
+from pneumolab.errors import SettingError
 
 
 class MicroBatcher:
@@ -32,12 +35,13 @@ class MicroBatcher:
         max_wait_s: float = 0.0,
     ) -> None:
         if max_batch < 1:
-            raise ValueError(f"max_batch: must be at least 1, got {max_batch}")
+            raise SettingError(f"max_batch: must be at least 1, got {max_batch}")
         self._run_batch, self._executor = run_batch, executor
         self.max_batch, self.max_wait_s = max_batch, max_wait_s
         self._queue: asyncio.Queue[tuple[np.ndarray, asyncio.Future[float]]] | None = None
         self._worker: asyncio.Task[None] | None = None
-        self.batch_sizes: list[int] = []  # every call's size, for the service's own statistics and the tests
+        # the sizes of the latest calls (bounded: a service runs for months), for statistics and the tests
+        self.batch_sizes: deque[int] = deque(maxlen=10_000)
 
     async def probability(self, image: np.ndarray) -> float:
         """The image's probability, computed in whichever batch it joins."""
