@@ -48,10 +48,12 @@ class OnnxModel(InferenceSteps):
     def _input_device(self) -> torch.device:
         return _CPU
 
+    def __post_init__(self) -> None:
+        self._feed = self.session.get_inputs()[0].name  # looked up once, not per batch and view
+
     def _network(self, batch: torch.Tensor) -> torch.Tensor:
         # onnxruntime reads C-ordered buffers; a flipped or rotated view may be a strided one
-        feed = self.session.get_inputs()[0].name
-        return torch.from_numpy(self.session.run(None, {feed: batch.contiguous().numpy()})[0])
+        return torch.from_numpy(self.session.run(None, {self._feed: batch.contiguous().numpy()})[0])
 
     def card(self) -> dict[str, Any]:
         """The model's card (a superset of `TrainedModel.card`, with the ONNX file's SHA-256)."""
