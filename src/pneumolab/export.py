@@ -27,6 +27,7 @@ from pneumolab.errors import PneumolabError
 from pneumolab.fsutil import atomic_dir, atomic_path, file_sha256, write_json_atomic
 from pneumolab.infer import TrainedModel, load_trained
 from pneumolab.models import count_parameters
+from pneumolab.runs import RunDir
 
 __all__ = ["CARD_FORMAT", "build_card", "export_artefact", "export_onnx"]
 
@@ -41,7 +42,7 @@ def _run_facts(source: Path) -> dict[str, Any]:
     env = source / "env.json"
     if env.is_file():
         facts["data_fingerprint"] = json.loads(env.read_text()).get("data_fingerprint")
-    point = source / "operating_point.json"
+    point = RunDir(source).operating_point
     suffix = "_tta" if point.is_file() and json.loads(point.read_text()).get("tta") else ""
     metrics = {}
     for split in ("val", "test"):

@@ -265,7 +265,7 @@ def load_trained(path: str | os.PathLike[str] | None = None, *, device: torch.de
         source=path,
         device=device or default_device(),
     )
-    operating_point = path / "operating_point.json" if path.is_dir() else None
+    operating_point = RunDir(path).operating_point if path.is_dir() else None
     if operating_point is not None and operating_point.is_file():
         point = json.loads(operating_point.read_text())
         trained.threshold = float(point["threshold"])

@@ -72,7 +72,7 @@ def _run_finished(run: RunDir) -> bool:
 def _run_evaluated(run: RunDir) -> bool:
     """Trained and evaluated: enough to join the ensemble and report, which read only saved predictions. A run
     brought back from another machine without its checkpoints (too large to carry) counts."""
-    return _trained(run) and (run.path / "operating_point.json").is_file()
+    return _trained(run) and run.operating_point.is_file()
 
 
 def _log(message: str) -> None:

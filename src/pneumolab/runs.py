@@ -54,6 +54,11 @@ class RunDir:
         return self.path / "env.json"
 
     @property
+    def operating_point(self) -> Path:
+        """Threshold, temperature and TTA fit on validation (written by evaluation, read by export and predict)."""
+        return self.path / "operating_point.json"
+
+    @property
     def checkpoints(self) -> Path:
         return self.path / "checkpoints"
 

@@ -193,9 +193,7 @@ def evaluate_run(
         }
     # which variant the model uses from now on: chosen on validation (a tie keeps the cheaper plain one)
     chosen = max(points, key=lambda k: (points[k]["val_roc_auc"], k == "plain"))
-    write_json_atomic(
-        run.path / "operating_point.json", {**points[chosen], "chosen_on": "validation", "variants": points}
-    )
+    write_json_atomic(run.operating_point, {**points[chosen], "chosen_on": "validation", "variants": points})
     return results
 
 
@@ -248,7 +246,7 @@ def evaluate_artefact(
 
 def _member_predictions(run: RunDir, split: str) -> pd.DataFrame:
     """A member's predictions for `split`, in the variant its operating point chose (plain or TTA)."""
-    point_file = run.path / "operating_point.json"
+    point_file = run.operating_point
     if not point_file.is_file():
         raise PneumolabError(f"{run.path}: not evaluated yet (no operating_point.json); run pneumolab evaluate first")
     suffix = "_tta" if json.loads(point_file.read_text()).get("tta") else ""
@@ -310,7 +308,7 @@ def ensemble_runs(
         )
     description = combiner.describe()
     write_json_atomic(
-        run.path / "operating_point.json",
+        run.operating_point,
         {
             "threshold": threshold,
             "method": selector.describe(),
