@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from pneumolab.config import TrainConfig, apply_overrides
-from pneumolab.errors import SettingError
+from pneumolab.errors import PneumolabError, SettingError
 from pneumolab.evaluate.runner import ensemble_runs, evaluate_artefact, evaluate_run
 from pneumolab.export import export_artefact
 from pneumolab.infer import load_trained
@@ -101,8 +101,26 @@ def test_ensemble_of_two_runs(dataset, tmp_path):
     assert results["test"]["n"] == 32
     env = json.loads((tmp_path / "ens" / "env.json").read_text())
     assert env["ensemble"]["method"] == "stacking" and len(env["ensemble"]["members"]) == 2
+    assert results["test"]["model"] == "ens" and not list(tmp_path.glob(".ens.*"))  # no temporary folder left
     with pytest.raises(Exception, match="at least two"):
         ensemble_runs(runs[:1], tmp_path / "ens1")
+
+    # the folder is replaced whole, so a member (or any trained run) is never the destination
+    member_files = sorted(p.relative_to(runs[0]) for p in runs[0].rglob("*"))
+    with pytest.raises(PneumolabError, match="a trained run folder"):
+        ensemble_runs(runs, runs[0])
+    assert sorted(p.relative_to(runs[0]) for p in runs[0].rglob("*")) == member_files
+
+    # a failure (members over other images) leaves the earlier ensemble as it was, and no new folder
+    before = (tmp_path / "ens" / "metrics" / "test.json").read_text()
+    other = tmp_path / "other"
+    shutil.copytree(runs[1], other)
+    table = pd.read_csv(other / "predictions" / "test.csv")
+    table.iloc[::-1].to_csv(other / "predictions" / "test.csv", index=False)  # the same images in another order
+    for out in (tmp_path / "ens", tmp_path / "ens2"):
+        with pytest.raises(PneumolabError, match="test images differ"):
+            ensemble_runs([runs[0], other], out)
+    assert (tmp_path / "ens" / "metrics" / "test.json").read_text() == before and not (tmp_path / "ens2").exists()
 
 
 def _write_tiny_config(tmp_path: Path) -> Path:

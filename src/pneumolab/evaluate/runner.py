@@ -29,7 +29,7 @@ from pneumolab.data.tta import resolve_views
 from pneumolab.errors import PneumolabError
 from pneumolab.evaluate.calibration import TemperatureScaler, ThresholdSelector, expected_calibration_error
 from pneumolab.evaluate.metrics import evaluate_predictions
-from pneumolab.fsutil import atomic_path, write_json_atomic
+from pneumolab.fsutil import atomic_dir, atomic_path, write_json_atomic
 from pneumolab.infer import TrainedModel, load_trained
 from pneumolab.progress import progress_bar
 from pneumolab.runs import RunDir
@@ -87,9 +87,12 @@ def _write_split(
     margins: np.ndarray | None = None,
     **facts: Any,
 ) -> dict[str, Any]:
-    """Write ``predictions/<name>.csv`` and ``metrics/<name>.json`` of one split (and variant); return the metrics."""
+    """Write ``predictions/<name>.csv`` and ``metrics/<name>.json`` of one split (and variant); return the metrics.
+
+    The metrics name the model after the run folder unless `facts` gives ``model`` (a folder still being built).
+    """
     write_predictions(run.path / "predictions" / f"{name}.csv", paths, labels, probabilities, threshold, margins)
-    metrics = metrics_for(labels, probabilities, threshold=threshold, model=run.path.name, **facts)
+    metrics = metrics_for(labels, probabilities, threshold=threshold, **{"model": run.path.name, **facts})
     write_json_atomic(run.path / "metrics" / f"{name}.json", metrics)
     return metrics
 
@@ -265,13 +268,18 @@ def ensemble_runs(
     """Combine evaluated runs from their saved predictions (no model runs again); fit on validation only.
 
     The members may differ in architecture and input size: only their per-image probabilities meet, aligned by
-    image path. The ensemble folder gets predictions, metrics and an operating point like any run.
+    image path. The ensemble folder gets predictions, metrics and an operating point like any run; it is built
+    beside `out` and replaces it only when complete.
     """
     from pneumolab.evaluate.ensemble import EnsembleCombiner
 
     if len(runs) < 2:
         raise PneumolabError("an ensemble needs at least two runs")
     members = [RunDir(r) for r in runs]
+    target = RunDir(out)
+    # `out` is replaced whole: never a member's folder, nor any trained run
+    if target.path.resolve() in {m.path.resolve() for m in members} or target.config.is_file():
+        raise PneumolabError(f"{target.path}: a trained run folder; write the ensemble to a new folder (--out)")
     tables = {s: [_member_predictions(m, s) for m in members] for s in SPLITS}
     for split, frames in tables.items():
         reference = frames[0]["path"].tolist()
@@ -288,37 +296,29 @@ def ensemble_runs(
         labels["val"], probabilities["val"]
     )
     threshold = float(selector.threshold_)
-    run = RunDir(out)
-    run.path.mkdir(parents=True, exist_ok=True)
     results = {}
-    for split in SPLITS:
-        results[split] = _write_split(
-            run,
-            split,
-            tables[split][0]["path"],
-            labels[split],
-            probabilities[split],
-            threshold,
-            threshold_method=selector.describe(),
-            temperature=None,
-            n_resamples=n_resamples,
-            split=split,
-            tta=[],
-            weights_source="ensemble",
+    with atomic_dir(target.path) as building:
+        run = RunDir(building)
+        for split in SPLITS:
+            results[split] = _write_split(
+                run,
+                split,
+                tables[split][0]["path"],
+                labels[split],
+                probabilities[split],
+                threshold,
+                threshold_method=selector.describe(),
+                temperature=None,
+                n_resamples=n_resamples,
+                split=split,
+                tta=[],
+                weights_source="ensemble",
+                model=target.path.name,
+            )
+        point = {"threshold": threshold, "method": selector.describe(), "temperature": None, "tta": []}
+        write_json_atomic(run.operating_point, {**point, "chosen_on": "validation"})
+        members_text = [str(m.path) for m in members]
+        write_json_atomic(
+            run.env, {"ensemble": {**combiner.describe(), "members": members_text}, "weights_source": "ensemble"}
         )
-    description = combiner.describe()
-    write_json_atomic(
-        run.operating_point,
-        {
-            "threshold": threshold,
-            "method": selector.describe(),
-            "temperature": None,
-            "tta": [],
-            "chosen_on": "validation",
-        },
-    )
-    write_json_atomic(
-        run.env,
-        {"ensemble": {**description, "members": [str(m.path) for m in members]}, "weights_source": "ensemble"},
-    )
     return results
