@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from scipy.special import expit
+from scipy.optimize import minimize_scalar
+from scipy.special import expit, log_expit, logit
 from sklearn.metrics import brier_score_loss
 
 from pneumolab.evaluate.calibration import expected_calibration_error
@@ -75,15 +76,43 @@ def test_calibration_before_and_after_equals_a_direct_computation(make_run, tmp_
     assert f"| after temperature scaling (T = 1.30, fitted on validation) | {after['ece']:.3f} |" in section
 
 
-def test_calibration_of_an_ensemble_without_logits_shows_the_saved_probabilities(make_run, tmp_path: Path) -> None:
+def test_calibration_of_an_ensemble_fits_a_temperature_on_its_validation_predictions(make_run, tmp_path: Path) -> None:
     member = make_run("member", tta=False)
     ensemble = write_ensemble(tmp_path / "runs", "ensemble", [member])
-    table = _predictions(ensemble, "test")
-    ece = expected_calibration_error(table["label"], table["probability"])
-    section = _section(build_report([ensemble], tmp_path / "report")["markdown"].read_text(), "ensemble", "Calibration")
-    assert f"| as saved | {ece:.3f} |" in section
+    val, test = _predictions(ensemble, "val"), _predictions(ensemble, "test")
+
+    # temperature scaling by hand: the T that minimises the validation NLL of sigmoid(log-odds / T)
+    def log_odds(frame: pd.DataFrame) -> np.ndarray:
+        return logit(np.clip(frame["probability"].to_numpy(), 1e-12, 1 - 1e-12))
+
+    z, y = log_odds(val), val["label"].to_numpy()
+
+    def nll(log_t: float) -> float:
+        return -np.mean(y * log_expit(z / np.exp(log_t)) + (1 - y) * log_expit(-z / np.exp(log_t)))
+
+    expected_t = float(np.exp(minimize_scalar(nll, bounds=(np.log(0.01), np.log(100)), method="bounded").x))
+    labels, saved = test["label"].to_numpy(), test["probability"].to_numpy()
+    scaled = expit(log_odds(test) / expected_t)
+
+    found = calibration_before_after(used_test_evaluation(read_run(ensemble)), read_run(ensemble).evaluation("val"))
+    assert found["fitted_here"] and found["note"] is None
+    assert found["temperature"] == pytest.approx(expected_t, rel=1e-3) and found["temperature"] != pytest.approx(1.0)
+    assert found["before"]["ece"] == pytest.approx(expected_calibration_error(labels, saved), abs=1e-12)
+    assert found["after"]["brier"] == pytest.approx(brier_score_loss(labels, scaled), abs=1e-6)
+
+    def calibration_section(out: Path) -> str:
+        return _section(build_report([ensemble], out)["markdown"].read_text(), "ensemble", "Calibration")
+
+    section = calibration_section(tmp_path / "report")
+    t, after = found["temperature"], found["after"]
+    assert f"| as saved (not temperature-scaled) | {expected_calibration_error(labels, saved):.3f} |" in section
+    assert f"(T = {t:.2f}, fitted here on validation; the model does not use it) | {after['ece']:.3f} |" in section
+
+    # without validation predictions, only the saved probabilities can be measured
+    (ensemble / "predictions" / "val.csv").unlink()
+    section = calibration_section(tmp_path / "report2")
+    assert f"| as saved | {expected_calibration_error(labels, saved):.3f} |" in section
     assert "Before temperature scaling: not shown (the predictions hold no logits)." in section
-    assert "T = 1)" not in section
 
 
 @pytest.mark.parametrize(

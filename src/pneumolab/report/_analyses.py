@@ -1,7 +1,8 @@
 """Two analyses of a run's test predictions that the report computes rather than reads.
 
 * `calibration_before_after`: ECE and Brier score of the test probabilities before temperature scaling (T = 1, the
-  sigmoid of the saved logit margin) and after it (the saved, temperature-scaled probability).
+  sigmoid of the saved logit margin) and after it (the saved, temperature-scaled probability). An ensemble saves no
+  logits and is not scaled: the report fits T on its validation log-odds to show what scaling would change.
 * `overlap_removed`: the test metrics again, at the model's own threshold, without the test images whose patient id
   (parsed from the file name) also names a train/val image of the run's ``split.csv``, and without test images whose
   bytes equal a train/val image's (SHA-256 of the dataset's files, when the dataset root is here).
@@ -18,13 +19,13 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from scipy.special import expit
+from scipy.special import expit, logit
 from sklearn.metrics import brier_score_loss
 
 from pneumolab import CLASSES
 from pneumolab.data.dataset import find_dataset_root, parse_name
 from pneumolab.errors import PneumolabError
-from pneumolab.evaluate.calibration import expected_calibration_error
+from pneumolab.evaluate.calibration import TemperatureScaler, expected_calibration_error
 from pneumolab.evaluate.metrics import evaluate_predictions
 from pneumolab.fsutil import file_sha256
 from pneumolab.report._runfiles import Evaluation, RunFiles, finite, read_config, read_split_table
@@ -63,22 +64,31 @@ def _calibration(labels: np.ndarray, probabilities: np.ndarray) -> dict[str, flo
     }
 
 
-def calibration_before_after(evaluation: Evaluation) -> dict[str, Any]:
+def _log_odds(probabilities: np.ndarray) -> np.ndarray:
+    # float32 softmax outputs can be exactly 0 or 1; 1e-12 is far finer than their spacing, so no new ties
+    return logit(np.clip(probabilities, 1e-12, 1 - 1e-12))
+
+
+def calibration_before_after(evaluation: Evaluation, validation: Evaluation | None = None) -> dict[str, Any]:
     """ECE (`expected_calibration_error`, its default bins) and Brier score before and after temperature scaling.
 
     Args:
         evaluation: an evaluated variant with predictions.
+        validation: the same variant on validation; used only when `evaluation` was not temperature-scaled.
 
     Returns:
         ``label`` (the variant), ``temperature`` (None when not fitted), ``before`` and ``after`` (``{"ece", "brier"}``
-        or None) and ``note`` (why ``before`` is None, else None). ``before`` uses ``sigmoid(logit)``, ``after`` the
-        saved probability (``sigmoid(logit / T)``); without logits or a temperature only the saved probability is
-        measured, as ``after``.
+        or None), ``fitted_here`` and ``note`` (why ``before`` is None, else None). ``before`` uses
+        ``sigmoid(logit)``, ``after`` the saved probability (``sigmoid(logit / T)``). Without logits or a
+        temperature (an ensemble), ``before`` is the saved probability and ``after`` rescales its log-odds by a T
+        fitted here on `validation`'s predictions (``fitted_here``: the model itself does not use it); without
+        validation predictions either, only the saved probability is measured, as ``after``.
     """
     table = evaluation.predictions
     if table is None:
         raise PneumolabError(f"{evaluation.key}: no predictions to measure calibration on")
     labels = table["label"].to_numpy()
+    saved = table["probability"].to_numpy(dtype=np.float64)
     temperature = evaluation.metric("temperature")
     logits = evaluation.logits()
     note = None
@@ -86,11 +96,21 @@ def calibration_before_after(evaluation: Evaluation) -> dict[str, Any]:
         note = "the predictions hold no logits"
     elif temperature is None:
         note = "no temperature in the metrics file, so the saved probabilities are not temperature-scaled"
+    if note is None:
+        before, after = _calibration(labels, expit(logits)), _calibration(labels, saved)
+    elif validation is not None and validation.predictions is not None:
+        val = validation.predictions
+        scaler = TemperatureScaler().fit(_log_odds(val["probability"].to_numpy(dtype=np.float64)), val["label"])
+        temperature, note = scaler.temperature_, None
+        before, after = _calibration(labels, saved), _calibration(labels, scaler.transform(_log_odds(saved)))
+    else:
+        before, after = None, _calibration(labels, saved)
     return {
         "label": evaluation.label,
         "temperature": temperature,
-        "before": None if note else _calibration(labels, expit(logits)),
-        "after": _calibration(labels, table["probability"].to_numpy()),
+        "before": before,
+        "after": after,
+        "fitted_here": logits is None or evaluation.metric("temperature") is None,
         "note": note,
     }
 

@@ -317,15 +317,17 @@ def _errors(evaluation: Evaluation, worst: int = 5) -> dict[str, Any] | None:
     }
 
 
-def _calibration(evaluation: Evaluation) -> dict[str, Any]:
+def _calibration(evaluation: Evaluation, validation: Evaluation | None) -> dict[str, Any]:
     """ECE and Brier score of the used test variant before and after temperature scaling, formatted."""
-    found = calibration_before_after(evaluation)
+    found = calibration_before_after(evaluation, validation)
     rows = []
     if found["before"] is not None:
-        rows.append(("before temperature scaling (T = 1)", found["before"]))
-        rows.append(
-            (f"after temperature scaling (T = {found['temperature']:.2f}, fitted on validation)", found["after"])
-        )
+        if found["fitted_here"]:
+            before, fitted = "as saved (not temperature-scaled)", "fitted here on validation; the model does not use it"
+        else:
+            before, fitted = "before temperature scaling (T = 1)", "fitted on validation"
+        rows.append((before, found["before"]))
+        rows.append((f"after temperature scaling (T = {found['temperature']:.2f}, {fitted})", found["after"]))
     else:
         rows.append(("as saved", found["after"]))
     return {
@@ -593,7 +595,7 @@ def _run_section(run: RunFiles, slug: str, images: Path, hashes: FileHashes) -> 
         "machine": _machine(run),
         "plots": _plots(run, slug, images),
         "errors": errors,
-        "calibration": _calibration(used) if used is not None else None,
+        "calibration": _calibration(used, run.evaluation("val", used.tta)) if used is not None else None,
         "overlap": _overlap(run, used, hashes) if used is not None else None,
         "evaluated_test": run.evaluation("test") is not None or run.evaluation("test", True) is not None,
         "card": {
