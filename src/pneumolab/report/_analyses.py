@@ -91,7 +91,7 @@ def calibration_before_after(evaluation: Evaluation, validation: Evaluation | No
     saved = table["probability"].to_numpy(dtype=np.float64)
     temperature = evaluation.metric("temperature")
     logits = evaluation.logits()
-    note = None
+    note, fitted_here = None, False
     if logits is None:
         note = "the predictions hold no logits"
     elif temperature is None:
@@ -101,7 +101,7 @@ def calibration_before_after(evaluation: Evaluation, validation: Evaluation | No
     elif validation is not None and validation.predictions is not None:
         val = validation.predictions
         scaler = TemperatureScaler().fit(_log_odds(val["probability"].to_numpy(dtype=np.float64)), val["label"])
-        temperature, note = scaler.temperature_, None
+        temperature, note, fitted_here = scaler.temperature_, None, True
         before, after = _calibration(labels, saved), _calibration(labels, scaler.transform(_log_odds(saved)))
     else:
         before, after = None, _calibration(labels, saved)
@@ -110,7 +110,7 @@ def calibration_before_after(evaluation: Evaluation, validation: Evaluation | No
         "temperature": temperature,
         "before": before,
         "after": after,
-        "fitted_here": logits is None or evaluation.metric("temperature") is None,
+        "fitted_here": fitted_here,
         "note": note,
     }
 
