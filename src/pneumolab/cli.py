@@ -53,6 +53,16 @@ BackendOption = Annotated[
 ]
 
 
+NoGateFlag = Annotated[
+    bool,
+    typer.Option(
+        "--no-gate",
+        help="Research use: turn the input gate and referral band off (every readable file gets a label; "
+        "every output says so).",
+    ),
+]
+
+
 def _print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2) + "\n")
 
@@ -320,12 +330,18 @@ def evaluate_command(
     target_sensitivity: Annotated[float | None, typer.Option(help="With --threshold target_sensitivity.")] = None,
     resamples: Annotated[int, typer.Option(help="Bootstrap resamples for the 95 % intervals.")] = 2000,
     force: Annotated[bool, typer.Option(help="Evaluate again even if the run's metrics are up to date.")] = False,
+    no_gate: Annotated[
+        bool, typer.Option("--no-gate", help="Artefacts: do not report what the input gate and band do.")
+    ] = False,
     json_out: JsonFlag = False,
     quiet: QuietFlag = False,
 ) -> None:
     """Evaluate a run on validation and test (operating point fit on validation) and print the metrics.
 
-    An exported artefact or the bundled model is evaluated with its card's operating point on the chosen split.
+    A run's input gate (training split) and referral band (validation) are fit here too. An exported artefact or
+    the bundled model is evaluated with its card's operating point, gate and band on the chosen split: the metrics
+    are of all its films, and `selective` says how many the gate refused or the band referred and the accuracy of
+    the rest.
     """
     from pneumolab.evaluate.runner import evaluate_artefact, evaluate_run
     from pneumolab.infer import DEFAULT_MODEL
@@ -337,11 +353,14 @@ def evaluate_command(
         if data is None:
             raise PneumolabError(f"{model}: an exported model names no dataset; pass --data DIR")
         progress = not quiet and not json_out
-        metrics = evaluate_artefact(model, data=data, split=split, n_resamples=resamples, progress=progress)
+        metrics = evaluate_artefact(
+            model, data=data, split=split, n_resamples=resamples, gate=not no_gate, progress=progress
+        )
         if json_out:
             _print_json(metrics)
         else:
             _print_metrics(metrics)
+            _print_selective(metrics["selective"])
         return
     if target_sensitivity is not None and threshold == "balanced_accuracy":
         threshold = "target_sensitivity"
@@ -360,6 +379,21 @@ def evaluate_command(
         _print_json(metrics)
         return
     _print_metrics(metrics)
+
+
+def _print_selective(selective: dict[str, Any]) -> None:
+    if "n" not in selective:
+        stdout.print(f"input gate: {selective['gate']}", markup=False)
+        return
+    accuracy = selective["accuracy_answered"]
+    stdout.print(
+        f"input gate {selective['gate']}: of {selective['n']} films {selective['refused']} refused, "
+        f"{selective['referred']} referred, {selective['answered']} answered "
+        f"({selective['coverage']:.1%}); accuracy of the answered "
+        f"{'n/a' if accuracy is None else f'{accuracy:.1%}'} (all films at this threshold: "
+        f"{selective['accuracy_all']:.1%})",
+        markup=False,
+    )
 
 
 def _print_metrics(metrics: dict[str, Any]) -> None:
@@ -449,14 +483,19 @@ def predict_command(
     paths: Annotated[list[str], typer.Argument(help="Image files, folders (searched recursively) or glob patterns.")],
     model: ModelOption = None,
     json_out: JsonFlag = False,
-    csv_out: Annotated[bool, typer.Option("--csv", help="Print CSV (file,label,probability,threshold).")] = False,
+    csv_out: Annotated[
+        bool, typer.Option("--csv", help="Print CSV (file,status,label,probability,threshold,reason,...).")
+    ] = False,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
     backend: BackendOption = "pytorch",
+    no_gate: NoGateFlag = False,
 ) -> None:
     """Predict NORMAL / PNEUMONIA for X-ray files (JPEG, PNG, DICOM) with the model's validation-fit threshold.
 
-    A file that cannot be read gets its own error line on stderr; the others are still predicted; the exit status
-    is then 2.
+    Each file is first checked by the input gate: what is not a frontal chest X-ray is `refused` (no label, no
+    probability), a film the model is unsure of is `refer` (label kept, send it to a radiologist), the rest
+    `answered`. A file that cannot be read gets its own error line on stderr; the others are still predicted; the
+    exit status is then 2.
     """
     import csv
 
@@ -464,26 +503,37 @@ def predict_command(
     from pneumolab.onnx_backend import load_backend
 
     trained = load_backend(model, backend)
+    trained.gate_enabled = not no_gate
     files, problems = collect_image_paths(paths)
     rows, failures = predict_files(trained, files, batch_size=batch_size)
     failures = problems + failures
+    gate = trained.gate_status
     if json_out:
         _print_json(
             {
                 "model": {**trained.card(), "backend": trained.backend},
+                "gate": gate,
                 "predictions": rows,
                 "errors": [{"file": f, "reason": r} for f, r in failures],
             }
         )
     elif csv_out:
-        writer = csv.DictWriter(sys.stdout, fieldnames=["file", "label", "probability", "threshold"])
+        fields = ["file", "status", "label", "probability", "threshold", "reason", "gate_score", "notes", "gate"]
+        writer = csv.DictWriter(sys.stdout, fieldnames=fields, lineterminator="\n")
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({**row, "gate": gate} for row in rows)
     else:
-        table = Table("file", "label", "probability", "threshold")
+        if gate != "on":
+            _error_line(f"input gate: {gate}")
+        table = Table("file", "status", "label", "probability", "threshold", "reason")
         for row in rows:
-            table.add_row(row["file"], row["label"], f"{row['probability']:.4f}", f"{row['threshold']:.4f}")
+            probability = "" if row["probability"] is None else f"{row['probability']:.4f}"
+            table.add_row(row["file"], row["status"], row["label"], probability, f"{row['threshold']:.4f}",
+                          row["reason"], end_section=False)  # fmt: skip
         stdout.print(table)
+    for row in rows:
+        if row["notes"]:
+            _error_line(f"{row['file']}: note: {row['notes']}")
     for file, reason in failures:
         _error_line(f"{file}: {reason}")
     if failures:
@@ -521,29 +571,69 @@ def export_command(
             stdout.print(f"{key}: {value}", markup=False)
 
 
+@app.command("gate")
+def gate_command(
+    model: Annotated[Path, typer.Argument(help="An exported artefact folder, or `default` (the bundled model).")],
+    data: Annotated[Path, typer.Option(help="The dataset the model was trained on (its train/ is read).")],
+    out: Annotated[Path, typer.Option(help="Artefact folder to write (the weights are copied unchanged).")],
+    keep: Annotated[float, typer.Option(help="Share of validation films the gate must answer.")] = 0.995,
+    alpha: Annotated[
+        float, typer.Option(help="Referral band: per-class share of films that may be answered wrongly.")
+    ] = 0.02,
+    json_out: JsonFlag = False,
+    quiet: QuietFlag = False,
+) -> None:
+    """Fit an artefact's input gate (its training split) and referral band (its validation split); test is not read.
+
+    A run folder gets both when it is evaluated (`pneumolab evaluate RUN`).
+    """
+    from pneumolab.evaluate.runner import gate_artefact
+
+    card = gate_artefact(model, data=data, out=out, keep=keep, alpha=alpha, progress=not quiet and not json_out)
+    summary = {"artefact": str(out), "gate": card["gate"], "referral": card["referral"]}
+    if json_out:
+        _print_json(summary)
+        return
+    low, high = card["referral"]["band"]
+    stdout.print(
+        f"{out}: gate limit {card['gate']['limit']:.3f} ({card['gate']['limit_set_on']}); "
+        f"referral band {low:.3f}-{high:.3f} (alpha {alpha:g}, {card['referral']['fit_on']})",
+        markup=False,
+    )
+
+
 @app.command("explain")
 def explain_command(
     image: Annotated[Path, typer.Argument(help="An X-ray file (JPEG, PNG or DICOM).")],
     model: ModelOption = None,
     out: Annotated[Path | None, typer.Option(help="PNG to write (default: <image name>.gradcam.png).")] = None,
     json_out: JsonFlag = False,
+    no_gate: NoGateFlag = False,
 ) -> None:
-    """Classify one X-ray and draw its Grad-CAM heatmap for PNEUMONIA beside the film."""
+    """Classify one X-ray and draw its Grad-CAM heatmap for PNEUMONIA beside the film.
+
+    A file the input gate refuses (not a frontal chest X-ray) gets no heatmap: one line on stderr, exit status 2.
+    """
     from pneumolab.explain import explain_image
     from pneumolab.fsutil import atomic_path
     from pneumolab.infer import load_trained
 
     trained = load_trained(model)
+    trained.gate_enabled = not no_gate
     explanation = explain_image(trained, image)
     target = out or Path(f"{image.stem}.gradcam.png")
     with atomic_path(target) as tmp:
         tmp.write_bytes(explanation.png)
-    summary = {"file": str(image), "label": explanation.label, "probability": explanation.probability,
-               "threshold": trained.threshold, "heatmap": str(target)}  # fmt: skip
+    decision = explanation.decision
+    summary = {"file": str(image), **decision.fields(), "threshold": trained.threshold, "heatmap": str(target),
+               "gate": trained.gate_status}  # fmt: skip
     if json_out:
         _print_json(summary)
-    else:
-        stdout.print(f"{image}: {explanation.label} (P(pneumonia) {explanation.probability:.3f}); heatmap {target}")
+        return
+    if trained.gate_status != "on":
+        _error_line(f"input gate: {trained.gate_status}")
+    verdict = decision.label if decision.status == "answered" else f"refer ({decision.reason})"
+    stdout.print(f"{image}: {verdict} (P(pneumonia) {explanation.probability:.3f}); heatmap {target}", markup=False)
 
 
 @app.command("serve")

@@ -14,6 +14,7 @@ __all__ = [
     "DatasetLayoutError",
     "DownloadError",
     "ImageReadError",
+    "InputRefusedError",
     "PneumolabError",
     "SettingError",
     "UnknownNameError",
@@ -32,6 +33,16 @@ class ImageReadError(PneumolabError, ValueError):
         self.path = str(path)
         self.reason = reason
         super().__init__(f"{self.path}: {reason}")
+
+
+class InputRefusedError(PneumolabError, ValueError):
+    """The input gate refused a readable file: it is not a frontal chest X-ray (by its metadata or its content)."""
+
+    def __init__(self, path: str | PathLike[str], reason: str, gate_score: float | None = None) -> None:
+        self.path = str(path)
+        self.reason = reason
+        self.gate_score = gate_score
+        super().__init__(f"{self.path}: refused: {reason}")
 
 
 class DatasetLayoutError(PneumolabError, ValueError):

@@ -16,23 +16,29 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from pneumolab import CLASSES
 from pneumolab.data.augment import eval_transform
-from pneumolab.data.io import load_xray
-from pneumolab.errors import PneumolabError
-from pneumolab.infer import TrainedModel
+from pneumolab.data.io import load_xray_with_meta
+from pneumolab.errors import InputRefusedError, PneumolabError
+from pneumolab.infer import Decision, TrainedModel
 
 __all__ = ["Explanation", "explain_image", "grad_cam"]
 
 
 @dataclass(frozen=True)
 class Explanation:
-    """A heatmap (H x W in [0, 1]) for one image, its prediction, and the rendered PNG."""
+    """A heatmap (H x W in [0, 1]) for one image, its decision (answered or refer), and the rendered PNG."""
 
     heatmap: np.ndarray
-    probability: float
-    label: str
+    decision: Decision
     png: bytes
+
+    @property
+    def probability(self) -> float:
+        return float(self.decision.probability)
+
+    @property
+    def label(self) -> str:
+        return self.decision.label
 
 
 def _module(model: torch.nn.Module, dotted: str) -> torch.nn.Module:
@@ -80,11 +86,16 @@ def _render(gray: np.ndarray, heatmap: np.ndarray, caption: str) -> bytes:
 def explain_image(
     trained: TrainedModel, source: str | os.PathLike[str] | bytes, *, name: str | None = None
 ) -> Explanation:
-    """Read an X-ray file (or uploaded bytes), classify it and explain the PNEUMONIA score with Grad-CAM."""
-    image = load_xray(source, size=trained.cache_size, name=name)
-    views = trained.tta or ("identity",)
-    probability = float(trained.probabilities(trained.logits(image[None], views=views))[0])
-    label = CLASSES[int(probability >= trained.threshold)]
+    """Read an X-ray file (or uploaded bytes), gate and classify it, and explain the PNEUMONIA score with Grad-CAM.
+
+    Raises:
+        InputRefusedError: the input gate refused the file (no heatmap is drawn for what is not a chest X-ray).
+    """
+    image, meta = load_xray_with_meta(source, size=trained.cache_size, name=name)
+    decision = trained.assess(image[None], [meta])[0]
+    if decision.status == "refused":
+        label = name or (str(source) if not isinstance(source, bytes) else "<upload>")
+        raise InputRefusedError(label, decision.reason, decision.gate_score)
     heatmap = grad_cam(trained, image)
     shown = eval_transform(
         torch.as_tensor(image)[None, None],
@@ -93,5 +104,9 @@ def explain_image(
         normalize=(0.0, 1.0 / 255.0),  # undo nothing: the displayed film, in 0-255
     )[0, 0]
     gray = shown.clamp(0, 255).round().to(torch.uint8).cpu().numpy()
-    caption = f"{label}  P(pneumonia) = {probability:.3f}  threshold {trained.threshold:.3f}  Grad-CAM: {trained.name}"
-    return Explanation(heatmap, probability, label, _render(gray, heatmap, caption))
+    verdict = decision.label if decision.status == "answered" else f"REFER ({decision.label}?)"
+    caption = (
+        f"{verdict}  P(pneumonia) = {decision.probability:.3f}  threshold {trained.threshold:.3f}  "
+        f"Grad-CAM: {trained.name}"
+    )
+    return Explanation(heatmap, decision, _render(gray, heatmap, caption))

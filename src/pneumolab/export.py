@@ -25,7 +25,8 @@ from pneumolab import __version__
 from pneumolab.data.augment import eval_transform
 from pneumolab.errors import PneumolabError
 from pneumolab.fsutil import atomic_dir, atomic_path, file_sha256, write_json_atomic
-from pneumolab.infer import TrainedModel, load_trained
+from pneumolab.gate import tap_features
+from pneumolab.infer import GATE_FILE, TrainedModel, load_trained
 from pneumolab.models import count_parameters
 from pneumolab.runs import RunDir
 
@@ -80,8 +81,30 @@ def export_artefact(model: str | os.PathLike[str], out: str | os.PathLike[str]) 
         weights.write_bytes(save(state, metadata={"format": "pt", "architecture": trained.name}))
         card["weights_sha256"] = file_sha256(weights)
         card["weights_bytes"] = weights.stat().st_size
+        if trained.gate is not None:
+            card["gate_sha256"] = write_gate_arrays(trained, tmp / GATE_FILE)
         (tmp / "card.json").write_text(json.dumps(card, indent=2) + "\n")
     return out
+
+
+def write_gate_arrays(trained: TrainedModel, dest: Path) -> str:
+    """Write the model's content-gate arrays as safetensors; return the file's SHA-256 (for the card)."""
+    dest.write_bytes(save(trained.gate.arrays(), metadata={"format": "pt", "layers": ",".join(trained.gate.layers)}))
+    return file_sha256(dest)
+
+
+class _WithGateFeatures(torch.nn.Module):
+    """The network with the gate's features as extra outputs, for ONNX export (the tracer records the hooks)."""
+
+    def __init__(self, network: torch.nn.Module, layers: tuple[str, ...]) -> None:
+        super().__init__()
+        self.network = network
+        self.layers = layers
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        with tap_features(self.network, self.layers) as taken:
+            logits = self.network(x)
+        return (logits, *taken)
 
 
 def export_onnx(
@@ -108,14 +131,17 @@ def export_onnx(
     size = trained.image_size
     example = torch.zeros(2, trained.model.in_chans, size, size)
     out = Path(out)
+    gated = trained.gate is not None
+    graph = _WithGateFeatures(network, trained.gate.layers) if gated else network
+    outputs = ["logits", *(f"gate.{i}" for i in range(len(trained.gate.layers) if gated else 0))]
     with atomic_path(out) as tmp:
         torch.onnx.export(
-            network,
+            graph,
             (example,),
             str(tmp),
             input_names=["image"],
-            output_names=["logits"],
-            dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
+            output_names=outputs,
+            dynamic_axes={"image": {0: "batch"}, **{name: {0: "batch"} for name in outputs}},
             opset_version=opset,
             dynamo=False,  # the TorchScript exporter: checked on Lite0 and MobileNetV2 (tests, CLI run)
         )
@@ -137,11 +163,21 @@ def export_onnx(
         difference = float(np.abs(reference - onnx_probability).max())
         if difference > 1e-4:
             raise PneumolabError(f"{out}: ONNX output differs from PyTorch by {difference:.2e} (limit 1e-4)")
+        if gated:  # the gate must refuse the same films on both backends
+            with torch.no_grad():
+                reference_features = [f.numpy() for f in graph(x)[1:]]
+            onnx_features = session.run(outputs[1:], {"image": x.numpy()})
+            gate_gap = float(np.abs(trained.gate.score(reference_features) - trained.gate.score(onnx_features)).max())
+            if gate_gap > 1e-3:
+                raise PneumolabError(f"{out}: ONNX gate scores differ from PyTorch by {gate_gap:.2e} (limit 1e-3)")
     card = {
         **build_card(trained),
         "onnx_sha256": file_sha256(out),
         "onnx_input": ["batch", trained.model.in_chans, size, size],
     }
+    if gated:  # the gate's arrays beside the graph: model.onnx -> model.gate.safetensors
+        with atomic_path(out.with_suffix(".gate.safetensors")) as tmp_gate:
+            card["gate_sha256"] = write_gate_arrays(trained, tmp_gate)
     card_path = write_json_atomic(out.with_suffix(".json"), card)
     return {
         "onnx": str(out),

@@ -21,12 +21,14 @@ import torch
 from pneumolab import CLASSES
 from pneumolab.config import load_config
 from pneumolab.data.augment import eval_transform
-from pneumolab.data.io import IMAGE_SUFFIXES, load_xray
+from pneumolab.data.io import IMAGE_SUFFIXES, XrayMeta, load_xray, load_xray_with_meta
 from pneumolab.data.tta import apply_view
 from pneumolab.errors import ImageReadError, PneumolabError
 from pneumolab.fsutil import file_sha256
+from pneumolab.gate import FeatureGate, check_metadata, tap_features
 from pneumolab.hardware import Precision, default_device, resolve_precision
 from pneumolab.models import Classifier, create_model
+from pneumolab.referral import ReferralBand
 from pneumolab.runs import RunDir, load_checkpoint
 
 if TYPE_CHECKING:  # the ONNX backend builds on this module
@@ -34,6 +36,8 @@ if TYPE_CHECKING:  # the ONNX backend builds on this module
 
 __all__ = [
     "DEFAULT_MODEL",
+    "GATE_FILE",
+    "Decision",
     "InferenceSteps",
     "TrainedModel",
     "bundled_model_dir",
@@ -44,6 +48,34 @@ __all__ = [
 
 # The name that selects the model shipped inside the package (`pneumolab predict IMAGE` with no --model).
 DEFAULT_MODEL = "default"
+# The content gate's arrays (means, precisions), beside the weights of an artefact or in a run folder.
+GATE_FILE = "gate.safetensors"
+GATE_OFF = "off (--no-gate): inputs are not checked; every file gets a label"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the model says about one film: answered, referred to a radiologist, or refused as not a chest X-ray.
+
+    A refused film has no label and no probability (nothing that looks like a diagnosis); a referred one keeps the
+    model's label and probability.
+    """
+
+    status: str  # "answered", "refer" or "refused"
+    label: str
+    probability: float | None
+    reason: str = ""
+    gate_score: float | None = None
+
+    def fields(self) -> dict[str, Any]:
+        """The decision as the row fields `predict` and the service print."""
+        return {
+            "status": self.status,
+            "label": self.label,
+            "probability": self.probability,
+            "reason": self.reason,
+            "gate_score": self.gate_score,
+        }
 
 
 class InferenceSteps:
@@ -59,6 +91,11 @@ class InferenceSteps:
     normalize: tuple[float, float]
     cache_size: int
     temperature: float
+    threshold: float
+    tta: tuple[str, ...]
+    gate: FeatureGate | None
+    band: ReferralBand | None
+    gate_enabled: bool
 
     @property
     def _input_device(self) -> torch.device:
@@ -66,6 +103,90 @@ class InferenceSteps:
 
     def _network(self, batch: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def _network_and_features(self, batch: torch.Tensor, layers: Sequence[str]) -> tuple[torch.Tensor, list]:
+        """Logits and, per tapped layer, the channel mean + std features (N x 2C float32 arrays)."""
+        raise NotImplementedError
+
+    def _preprocess(self, images_u8: torch.Tensor) -> torch.Tensor:
+        return eval_transform(
+            images_u8.to(self._input_device),
+            image_size=self.image_size,
+            crop_fraction=self.crop_fraction,
+            normalize=self.normalize,
+        )
+
+    @torch.no_grad()
+    def gate_features(
+        self, images_u8: torch.Tensor | np.ndarray, layers: Sequence[str], *, batch_size: int = 64
+    ) -> tuple[torch.Tensor, list[np.ndarray]]:
+        """Plain-view logits and the gate's features at `layers` (one array N x 2C per layer) in one pass."""
+        images = _as_batch(images_u8)
+        logits, features = [], []
+        for start in range(0, len(images), batch_size):
+            out, taken = self._network_and_features(self._preprocess(images[start : start + batch_size]), layers)
+            logits.append(out.float().cpu())
+            features.append(taken)
+        if not features:
+            return torch.empty(0, len(CLASSES)), []
+        return torch.cat(logits), [np.concatenate(parts) for parts in zip(*features, strict=True)]
+
+    @property
+    def gate_status(self) -> str:
+        """What the input gate does for this model, for every output: on, metadata only, or off."""
+        if not self.gate_enabled:
+            return GATE_OFF
+        if self.gate is None:
+            return "metadata only: this model has no fitted content gate (pneumolab gate MODEL --data DIR)"
+        return "on"
+
+    def assess(self, images_u8: np.ndarray, metas: Sequence[XrayMeta | None] | None = None) -> list[Decision]:
+        """Gate, classify and decide a batch of uint8 images (the model's TTA views), with their files' metadata.
+
+        The content gate's features come from the plain view's forward pass, so the gate costs no extra pass.
+        """
+        images = _as_batch(images_u8)
+        metas = list(metas) if metas is not None else [None] * len(images)
+        views = self.tta or ("identity",)
+        content = self.gate_enabled and self.gate is not None
+        if content:
+            plain, features = self.gate_features(images, self.gate.layers)
+            scores = self.gate.score(features)
+            rest = [v for v in views if v != "identity"]
+            total = plain * (len(views) - len(rest))
+            if rest:
+                total = total + self.logits(images, views=rest) * len(rest)
+            logits = total / len(views)
+        else:
+            scores = [None] * len(images)
+            logits = self.logits(images, views=views)
+        probabilities = self.probabilities(logits)
+        return [
+            self.decide(float(p), None if s is None else float(s), meta)
+            for p, s, meta in zip(probabilities, scores, metas, strict=True)
+        ]
+
+    def decide(self, probability: float, gate_score: float | None = None, meta: XrayMeta | None = None) -> Decision:
+        """The one place a probability becomes a decision: gate (metadata, then content), referral band, label."""
+        label = CLASSES[int(probability >= self.threshold)]
+        if not self.gate_enabled:
+            return Decision("answered", label, probability, "", gate_score)
+        refusal = check_metadata(meta) if meta is not None else None
+        if refusal is None and self.gate is not None and gate_score is not None and gate_score > self.gate.limit_:
+            refusal = (
+                f"not a frontal chest X-ray: its features are unlike the training films "
+                f"(gate score {gate_score:.2f} over the limit {self.gate.limit_:.2f})"
+            )
+        if refusal is not None:
+            return Decision("refused", "", None, refusal, gate_score)
+        if self.band is not None and bool(self.band.refers([probability])[0]):
+            low, high = self.band.band_
+            reason = (
+                f"uncertain: P(pneumonia) {probability:.3f} is in the referral band {low:.3f}-{high:.3f}; "
+                "refer to a radiologist"
+            )
+            return Decision("refer", label, probability, reason, gate_score)
+        return Decision("answered", label, probability, "", gate_score)
 
     @torch.no_grad()
     def logits(
@@ -75,17 +196,10 @@ class InferenceSteps:
 
         Each view costs one forward pass per batch, never one per image.
         """
-        images = torch.as_tensor(images_u8)
-        if images.ndim == 3:
-            images = images.unsqueeze(1)
+        images = _as_batch(images_u8)
         outputs = []
         for start in range(0, len(images), batch_size):
-            x = eval_transform(
-                images[start : start + batch_size].to(self._input_device),
-                image_size=self.image_size,
-                crop_fraction=self.crop_fraction,
-                normalize=self.normalize,
-            )
+            x = self._preprocess(images[start : start + batch_size])
             total = None
             for view in views:
                 out = self._network(apply_view(view, x, self.normalize)).float()
@@ -100,6 +214,11 @@ class InferenceSteps:
     def load_images(self, paths: Sequence[str | os.PathLike[str]]) -> np.ndarray:
         """Read files with the training preprocessing (squash to the cache size, uint8)."""
         return np.stack([load_xray(p, size=self.cache_size) for p in paths])
+
+
+def _as_batch(images_u8: torch.Tensor | np.ndarray) -> torch.Tensor:
+    images = torch.as_tensor(images_u8)
+    return images.unsqueeze(1) if images.ndim == 3 else images
 
 
 @dataclass
@@ -119,6 +238,9 @@ class TrainedModel(InferenceSteps):
     threshold_method: str = "fixed 0.5"
     tta: tuple[str, ...] = ()
     validation_split: dict[str, Any] | None = None  # {"fraction", "seed"} of the carve the model was tuned on
+    gate: FeatureGate | None = None  # the content gate, fit on the training split (None: not fitted)
+    band: ReferralBand | None = None  # the referral band, fit on validation (None: not fitted)
+    gate_enabled: bool = True  # False: research use, every file answered (--no-gate)
     device: torch.device = field(default_factory=default_device)
     precision: Precision | None = None
     backend: ClassVar[str] = "pytorch"  # what runs the network; predict --json and /v1/model say it
@@ -138,6 +260,11 @@ class TrainedModel(InferenceSteps):
         with self.precision.autocast():
             return self.model(batch)
 
+    def _network_and_features(self, batch: torch.Tensor, layers: Sequence[str]) -> tuple[torch.Tensor, list]:
+        with tap_features(self.model, layers) as taken:
+            logits = self._network(batch)
+        return logits, [t.cpu().numpy() for t in taken]
+
     def card(self) -> dict[str, Any]:
         """The facts a report or a service shows about this model."""
         return {
@@ -153,6 +280,8 @@ class TrainedModel(InferenceSteps):
             "tta": list(self.tta),
             "validation_split": self.validation_split,
             "weights_source": self.weights_source,
+            "gate": self.gate.describe() if self.gate is not None else None,
+            "referral": self.band.describe() if self.band is not None else None,
         }
 
 
@@ -188,12 +317,34 @@ def _load_artefact(folder: Path, device: torch.device | None) -> TrainedModel:
     return TrainedModel(
         model=model,
         **card_settings(card),
+        **load_gate(card, folder / GATE_FILE, "gate_sha256"),
         weights_source=card.get("weights_source", "unknown"),
         source=folder,
         threshold_method=card.get("threshold_method", "from the card"),
         validation_split=card.get("validation_split"),
         device=device or default_device(),
     )
+
+
+def load_gate(facts: dict[str, Any], arrays_file: Path, sha_key: str | None = None) -> dict[str, Any]:
+    """``{"gate": FeatureGate | None, "band": ReferralBand | None}`` from a card or operating point's facts and the
+    gate's arrays file (checked against ``facts[sha_key]`` when given)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    loaded: dict[str, Any] = {"gate": None, "band": None}
+    if facts.get("referral"):
+        loaded["band"] = ReferralBand.from_saved(facts["referral"])
+    if facts.get("gate"):
+        if not arrays_file.is_file():
+            raise PneumolabError(f"{arrays_file}: missing; the card describes an input gate whose arrays are not there")
+        if sha_key is not None:
+            check_against_card(arrays_file, facts, sha_key)
+        try:
+            loaded["gate"] = FeatureGate.from_saved(facts["gate"], load_file(str(arrays_file)))
+        except (KeyError, SafetensorError) as error:
+            raise PneumolabError(f"{arrays_file}: not the gate its card describes ({error})") from None
+    return loaded
 
 
 def read_card(card_file: Path) -> dict[str, Any]:
@@ -272,6 +423,8 @@ def load_trained(path: str | os.PathLike[str] | None = None, *, device: torch.de
         trained.temperature = float(point["temperature"])
         trained.threshold_method = point["method"]
         trained.tta = tuple(point.get("tta", ()))
+        gate = load_gate(point, RunDir(path).gate)
+        trained.gate, trained.band = gate["gate"], gate["band"]
     config = path / "config.yaml" if path.is_dir() else None
     if config is not None and config.is_file():
         data = load_config(config).data
@@ -312,32 +465,41 @@ def collect_image_paths(inputs: Sequence[str | os.PathLike[str]]) -> tuple[list[
 def predict_files(
     trained: TrainedModel | OnnxModel, paths: Sequence[Path], *, batch_size: int = 32
 ) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
-    """Predict image files in batches (either backend); a file that cannot be read is reported, the rest predicted.
+    """Gate and predict image files in batches (either backend); a file that cannot be read is reported, the rest
+    decided.
 
     Returns:
-        ``(rows, failures)``: per readable file ``{file, label, probability, threshold}``, and ``(file, reason)``.
+        ``(rows, failures)``: per readable file ``{file, status, label, probability, threshold, reason, gate_score,
+        notes}`` (`Decision.fields`; ``notes`` are odd but readable things about the file, "" when none), and
+        ``(file, reason)`` for unreadable ones.
     """
     rows: list[dict[str, Any]] = []
     failures: list[tuple[str, str]] = []
-    views = trained.tta or ("identity",)
     for start in range(0, len(paths), batch_size):
-        images, kept = [], []
+        images, metas, kept = [], [], []
         for path in paths[start : start + batch_size]:
             try:
-                images.append(load_xray(path, size=trained.cache_size))
-                kept.append(path)
+                image, meta = load_xray_with_meta(path, size=trained.cache_size)
             except ImageReadError as error:
                 failures.append((str(path), error.reason))
+                continue
+            images.append(image)
+            metas.append(meta)
+            kept.append(path)
         if not images:
             continue
-        probabilities = trained.probabilities(trained.logits(np.stack(images), views=views))
-        for path, probability in zip(kept, probabilities, strict=True):
+        decisions = trained.assess(np.stack(images), metas)
+        for path, meta, decision in zip(kept, metas, decisions, strict=True):
+            fields = decision.fields()
             rows.append(
                 {
                     "file": str(path),
-                    "label": CLASSES[int(probability >= trained.threshold)],
-                    "probability": float(probability),
+                    "status": fields.pop("status"),
+                    "label": fields.pop("label"),
+                    "probability": fields.pop("probability"),
                     "threshold": trained.threshold,
+                    **fields,
+                    "notes": "; ".join(meta.notes),
                 }
             )
     return rows, failures

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -18,8 +19,18 @@ from typing import Any, ClassVar
 import torch
 
 from pneumolab.errors import PneumolabError, did_you_mean
+from pneumolab.gate import FeatureGate
 from pneumolab.hardware import resolve_precision
-from pneumolab.infer import InferenceSteps, TrainedModel, card_settings, check_against_card, load_trained, read_card
+from pneumolab.infer import (
+    InferenceSteps,
+    TrainedModel,
+    card_settings,
+    check_against_card,
+    load_gate,
+    load_trained,
+    read_card,
+)
+from pneumolab.referral import ReferralBand
 
 __all__ = ["BACKENDS", "OnnxModel", "load_backend", "load_onnx"]
 
@@ -42,6 +53,9 @@ class OnnxModel(InferenceSteps):
     tta: tuple[str, ...]
     info: dict[str, Any]  # the card as written beside the .onnx file
     pytorch: TrainedModel | None = None  # the same weights in PyTorch (fp32), when at hand: for Grad-CAM
+    gate: FeatureGate | None = None
+    band: ReferralBand | None = None
+    gate_enabled: bool = True
     backend: ClassVar[str] = "onnx"
 
     @property
@@ -50,10 +64,19 @@ class OnnxModel(InferenceSteps):
 
     def __post_init__(self) -> None:
         self._feed = self.session.get_inputs()[0].name  # looked up once, not per batch and view
+        self._outputs = [output.name for output in self.session.get_outputs()]
 
     def _network(self, batch: torch.Tensor) -> torch.Tensor:
         # onnxruntime reads C-ordered buffers; a flipped or rotated view may be a strided one
-        return torch.from_numpy(self.session.run(None, {self._feed: batch.contiguous().numpy()})[0])
+        return torch.from_numpy(self.session.run(self._outputs[:1], {self._feed: batch.contiguous().numpy()})[0])
+
+    def _network_and_features(self, batch: torch.Tensor, layers: Sequence[str]) -> tuple[torch.Tensor, list]:
+        # export_onnx writes the gate's features as outputs gate.0, gate.1 ... after the logits
+        wanted = [f"gate.{i}" for i in range(len(layers))]
+        if self._outputs[1:] != wanted:
+            raise PneumolabError(f"{self.name}: the ONNX graph has no gate outputs; export it again to gate it")
+        logits, *features = self.session.run(None, {self._feed: batch.contiguous().numpy()})
+        return torch.from_numpy(logits), features
 
     def card(self) -> dict[str, Any]:
         """The model's card (a superset of `TrainedModel.card`, with the ONNX file's SHA-256)."""
@@ -94,8 +117,9 @@ def load_onnx(path: str | os.PathLike[str], *, pytorch: TrainedModel | None = No
     card = read_card(card_file)
     check_against_card(path, card, "onnx_sha256")
     session = _session(path)
+    gate = load_gate(card, path.with_suffix(".gate.safetensors"), "gate_sha256")
     try:
-        model = OnnxModel(session=session, **card_settings(card), info=card, pytorch=pytorch)
+        model = OnnxModel(session=session, **card_settings(card), **gate, info=card, pytorch=pytorch)
     except (KeyError, TypeError, ValueError) as error:
         raise PneumolabError(f"{card_file}: not a model card ({type(error).__name__}: {error})") from None
     side = session.get_inputs()[0].shape[2:]  # [batch, channels, H, W]; a mismatch would fail on every request

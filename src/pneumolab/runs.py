@@ -59,6 +59,11 @@ class RunDir:
         return self.path / "operating_point.json"
 
     @property
+    def gate(self) -> Path:
+        """The input gate's arrays (``gate.safetensors``), fit during evaluation; its facts: the operating point."""
+        return self.path / "gate.safetensors"
+
+    @property
     def checkpoints(self) -> Path:
         return self.path / "checkpoints"
 

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import io
 import os
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +52,15 @@ from PIL import Image, ImageOps, JpegImagePlugin, PngImagePlugin
 
 from pneumolab.errors import ImageReadError
 
-__all__ = ["IMAGE_SUFFIXES", "MAX_PIXELS", "load_xray", "read_xray", "to_square_uint8"]
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "MAX_PIXELS",
+    "XrayMeta",
+    "load_xray",
+    "load_xray_with_meta",
+    "read_xray",
+    "to_square_uint8",
+]
 
 IMAGE_SUFFIXES: frozenset[str] = frozenset({".jpeg", ".jpg", ".png", ".dcm", ".dicom"})
 """File suffixes (lower-case) that dataset discovery treats as X-ray images."""
@@ -68,6 +77,29 @@ _NOT_AN_IMAGE = "not a JPEG, PNG or DICOM image"
 _DICOM_EXTRA = 'pip install "pneumolab[dicom]"'
 _LOW_SPAN = 1 / 8  # warn when values span less than this fraction of their range
 _LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R 601, as Pillow's convert("L")
+# catch_warnings swaps process-wide state: DICOM reads that record pydicom's warnings take turns
+_DICOM_WARNINGS_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class XrayMeta:
+    """What a file says about itself, beside its pixels: the gate's metadata check reads it.
+
+    Attributes:
+        format: ``"JPEG"``, ``"PNG"`` or ``"DICOM"``.
+        modality: DICOM Modality (upper case; empty when absent or not DICOM).
+        body_part: DICOM BodyPartExamined (upper case; empty when absent).
+        view_position: DICOM ViewPosition (upper case; empty when absent).
+        frames: Number of frames (1 for JPEG and PNG).
+        notes: Odd but readable things about the file (a flat range, an unusable window ...), for the file's line.
+    """
+
+    format: str
+    modality: str = ""
+    body_part: str = ""
+    view_position: str = ""
+    frames: int = 1
+    notes: tuple[str, ...] = ()
 
 
 def read_xray(
@@ -95,16 +127,26 @@ def read_xray(
         ImageReadError: The file is missing, empty, not a JPEG / PNG / DICOM image, truncated or corrupt,
             has no pixel data, needs a DICOM decoder that is not installed, or has over ``max_pixels`` pixels.
     """
+    image, meta, label = _read(source, name, max_pixels, draft_size)
+    if meta.notes:
+        warnings.warn(f"{label}: {'; '.join(meta.notes)}", UserWarning, stacklevel=2)
+    return image
+
+
+def _read(
+    source: str | os.PathLike[str] | bytes, name: str | None, max_pixels: int, draft_size: int | None
+) -> tuple[np.ndarray, XrayMeta, str]:
     if max_pixels < 1:
         raise ValueError(f"max_pixels must be positive, got {max_pixels}")
     if draft_size is not None and draft_size < 1:
         raise ValueError(f"draft_size must be positive or None, got {draft_size}")
     src = _Source.resolve(source, name)
     issues: list[str] = []
-    image = _read_dicom(src, max_pixels, issues) if src.is_dicom else _read_pil(src, max_pixels, draft_size, issues)
-    if issues:
-        warnings.warn(f"{src.label}: {'; '.join(issues)}", UserWarning, stacklevel=2)
-    return image
+    if src.is_dicom:
+        image, tags = _read_dicom(src, max_pixels, issues)
+        return image, XrayMeta("DICOM", **tags, notes=tuple(issues)), src.label
+    image, fmt = _read_pil(src, max_pixels, draft_size, issues)
+    return image, XrayMeta(fmt, notes=tuple(issues)), src.label
 
 
 def to_square_uint8(image: np.ndarray, size: int) -> np.ndarray:
@@ -156,6 +198,22 @@ def load_xray(
     """
     image = read_xray(source, name=name, max_pixels=max_pixels, draft_size=size)
     return to_square_uint8(image, size)
+
+
+def load_xray_with_meta(
+    source: str | os.PathLike[str] | bytes,
+    *,
+    size: int,
+    name: str | None = None,
+    max_pixels: int = MAX_PIXELS,
+) -> tuple[np.ndarray, XrayMeta]:
+    """`load_xray` that also returns what the file says about itself, and warns nothing.
+
+    The odd-but-readable notes that `read_xray` would warn about (and pydicom's own warnings) are in
+    ``meta.notes`` instead, so `predict` and the service can put them on the file's one line.
+    """
+    image, meta, _ = _read(source, name, max_pixels, size)
+    return to_square_uint8(image, size), meta
 
 
 # --- the source: a path or bytes, with its first bytes for sniffing ---------------------------------------
@@ -255,7 +313,7 @@ def _note_low_span(values: np.ndarray, full: float, what: str, issues: list[str]
 # --- JPEG and PNG through Pillow --------------------------------------------------------------------------
 
 
-def _read_pil(src: _Source, max_pixels: int, draft_size: int | None, issues: list[str]) -> np.ndarray:
+def _read_pil(src: _Source, max_pixels: int, draft_size: int | None, issues: list[str]) -> tuple[np.ndarray, str]:
     with src.open() as fp, _open_pil(fp, src) as im:
         _check_pixels(src.label, im.width, im.height, max_pixels)
         if draft_size is not None and im.format == "JPEG":
@@ -265,7 +323,7 @@ def _read_pil(src: _Source, max_pixels: int, draft_size: int | None, issues: lis
         except Exception as e:  # the decoders raise OSError, SyntaxError, ValueError ... on bad data
             raise _corrupt(src.label, e) from e
         _exif_transpose(im, issues)
-        return _pil_to_float(im, src.label, issues)
+        return _pil_to_float(im, src.label, issues), str(im.format or "PNG")
 
 
 def _open_pil(fp: IO[bytes], src: _Source) -> Image.Image:
@@ -360,8 +418,29 @@ def _float_to_unit(values: np.ndarray, issues: list[str]) -> np.ndarray:
 # --- DICOM through pydicom --------------------------------------------------------------------------------
 
 
-def _read_dicom(src: _Source, max_pixels: int, issues: list[str]) -> np.ndarray:
+def _read_dicom(src: _Source, max_pixels: int, issues: list[str]) -> tuple[np.ndarray, dict[str, Any]]:
+    """The first frame as [0, 1] gray, and the tags the input gate reads; pydicom's warnings become notes."""
     pydicom = _import_pydicom(src.label)
+    with _DICOM_WARNINGS_LOCK, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            image, ds = _decode_dicom(pydicom, src, max_pixels, issues)
+        finally:
+            issues.extend(dict.fromkeys(_one_line(w.message) for w in caught))  # each message once
+    tags = {
+        "modality": _tag(ds, "Modality"),
+        "body_part": _tag(ds, "BodyPartExamined"),
+        "view_position": _tag(ds, "ViewPosition"),
+        "frames": _frame_count(ds),
+    }
+    return image, tags
+
+
+def _tag(ds: Any, keyword: str) -> str:
+    return " ".join(str(ds.get(keyword) or "").split()).upper()
+
+
+def _decode_dicom(pydicom: ModuleType, src: _Source, max_pixels: int, issues: list[str]) -> tuple[np.ndarray, Any]:
     ds = _dcmread(pydicom, src)
     rows, columns = ds.get("Rows"), ds.get("Columns")
     if rows is None or columns is None:
@@ -376,10 +455,10 @@ def _read_dicom(src: _Source, max_pixels: int, issues: list[str]) -> np.ndarray:
     try:
         if photometric in ("MONOCHROME1", "MONOCHROME2"):
             image = _dicom_gray(pydicom, pixels, ds, issues)
-            return 1 - image if photometric == "MONOCHROME1" else image
+            return (1 - image if photometric == "MONOCHROME1" else image), ds
         if pixels.ndim == 3 and pixels.shape[-1] == 3:  # RGB; pydicom already converted YBR_* to RGB
             full = 2 ** int(ds.get("BitsStored", 8)) - 1
-            return np.clip(pixels @ _LUMA / full, 0, 1).astype(np.float32)
+            return np.clip(pixels @ _LUMA / full, 0, 1).astype(np.float32), ds
     except (ValueError, TypeError, KeyError, AttributeError, IndexError, NotImplementedError) as e:
         raise ImageReadError(src.label, f"invalid DICOM image attributes: {_one_line(e)}") from e
     raise ImageReadError(src.label, f"unsupported DICOM photometric interpretation {photometric}")

@@ -28,15 +28,28 @@ from pneumolab.data.splits import carve_validation, read_split
 from pneumolab.data.tta import resolve_views
 from pneumolab.errors import PneumolabError
 from pneumolab.evaluate.calibration import TemperatureScaler, ThresholdSelector, expected_calibration_error
+from pneumolab.evaluate.gating import (
+    DEFAULT_ALPHA,
+    DEFAULT_KEEP,
+    collect_gate_features,
+    fit_band,
+    fit_gate,
+    ood_corpus,
+    score_groups,
+    selective_summary,
+    write_gate_scores,
+)
 from pneumolab.evaluate.metrics import evaluate_predictions
+from pneumolab.export import write_gate_arrays
 from pneumolab.fsutil import atomic_dir, atomic_path, write_json_atomic
-from pneumolab.infer import TrainedModel, load_trained
+from pneumolab.infer import GATE_FILE, TrainedModel, load_trained, read_card
 from pneumolab.progress import progress_bar
 from pneumolab.runs import RunDir
 
-__all__ = ["ensemble_runs", "evaluate_artefact", "evaluate_run", "metrics_for", "write_predictions"]
+__all__ = ["ensemble_runs", "evaluate_artefact", "evaluate_run", "gate_artefact", "metrics_for", "write_predictions"]
 
 SPLITS = ("val", "test")
+SELECTIVE = "selective.json"  # metrics/selective.json: what the gate and the referral band did to val and test
 
 
 def write_predictions(dest: Path, paths, labels, probabilities, threshold: float, logits=None) -> Path:
@@ -101,7 +114,7 @@ def _rows(run: RunDir, manifest: pd.DataFrame) -> dict[str, np.ndarray]:
     split = read_split(run.split)
     by_path = dict(zip(split["path"], split["split"], strict=True))
     assigned = manifest["path"].map(by_path).to_numpy()
-    rows = {name: np.flatnonzero(assigned == name) for name in SPLITS}
+    rows = {name: np.flatnonzero(assigned == name) for name in ("train", *SPLITS)}
     if not len(rows["val"]):
         raise PneumolabError(f"{run.split}: no validation images of this dataset; is --data the run's dataset?")
     return rows
@@ -143,7 +156,8 @@ def evaluate_run(
     if tta:
         variants["_tta"] = resolve_views(tta)
     wanted = [run.path / "metrics" / f"{s}{v}.json" for v in variants for s in SPLITS]
-    if not force and run.best.is_file() and all(_newer(p, run.best) for p in wanted):
+    done = [*wanted, run.path / "metrics" / SELECTIVE]
+    if not force and run.best.is_file() and all(_newer(p, run.best) for p in done):
         return {p.stem: json.loads(p.read_text()) for p in wanted}
 
     config = load_config(run.config)
@@ -158,6 +172,7 @@ def evaluate_run(
 
     results: dict[str, dict[str, Any]] = {}
     points: dict[str, dict[str, Any]] = {}
+    calibrated: dict[str, dict[str, np.ndarray]] = {}
     for suffix, views in variants.items():
         logits, seconds = {}, {}
         for split in SPLITS:
@@ -166,6 +181,7 @@ def evaluate_run(
         scaler = TemperatureScaler().fit(logits["val"].numpy(), labels["val"])
         temperature = float(scaler.temperature_)
         probabilities = {s: torch.softmax(logits[s] / temperature, 1)[:, 1].numpy() for s in SPLITS}
+        calibrated["tta" if suffix else "plain"] = probabilities
         selector = ThresholdSelector(threshold_method, target_sensitivity=target_sensitivity)
         selector.fit(labels["val"], probabilities["val"])
         threshold = float(selector.threshold_)
@@ -196,8 +212,59 @@ def evaluate_run(
         }
     # which variant the model uses from now on: chosen on validation (a tie keeps the cheaper plain one)
     chosen = max(points, key=lambda k: (points[k]["val_roc_auc"], k == "plain"))
-    write_json_atomic(run.operating_point, {**points[chosen], "chosen_on": "validation", "variants": points})
+    gating = _fit_gating(
+        run, trained, cache, rows, labels, calibrated[chosen], points[chosen]["threshold"], progress=progress
+    )
+    write_json_atomic(run.operating_point, {**points[chosen], "chosen_on": "validation", "variants": points, **gating})
     return results
+
+
+def _fit_gating(
+    run: RunDir,
+    trained: TrainedModel,
+    cache,
+    rows: dict[str, np.ndarray],
+    labels: dict[str, np.ndarray],
+    probabilities: dict[str, np.ndarray],
+    threshold: float,
+    *,
+    progress: bool,
+) -> dict[str, Any]:
+    """Fit the gate (train split) and band (validation) of the used variant; measure both on val, test and the
+    out-of-distribution corpus; write ``gate.safetensors``, ``gate/scores.csv`` and ``metrics/selective.json``.
+    Returns the facts for the operating point."""
+    manifest_labels = cache.manifest["label"].to_numpy()
+    trained.band = fit_band(labels["val"], probabilities["val"], threshold)
+    trained.gate = fit_gate(
+        trained,
+        np.asarray(cache.images[rows["train"]]),
+        manifest_labels[rows["train"]],
+        np.asarray(cache.images[rows["val"]]),
+        progress=progress,
+    )
+    paths = cache.manifest["path"].to_numpy()
+    test_images = np.asarray(cache.images[rows["test"]])
+    groups = {s: (list(paths[rows[s]]), np.asarray(cache.images[rows[s]])) for s in SPLITS}
+    table = score_groups(trained, {**groups, **ood_corpus(trained.cache_size, test_images)}, progress=progress)
+    with atomic_path(run.gate) as tmp:
+        write_gate_arrays(trained, tmp)
+    write_gate_scores(run.path / "gate" / "scores.csv", table)
+    summary: dict[str, Any] = {
+        "gate": trained.gate.describe(),
+        "referral": trained.band.describe(),
+        "refused_share": table.groupby("group", sort=False)["refused"].mean().to_dict(),
+    }
+    for split in SPLITS:
+        refused = table.loc[table["group"] == split, "refused"].to_numpy()
+        summary[split] = selective_summary(
+            labels[split],
+            probabilities[split],
+            threshold,
+            refused=refused,
+            referred=trained.band.refers(probabilities[split]),
+        )
+    write_json_atomic(run.path / "metrics" / SELECTIVE, summary)
+    return {"gate": trained.gate.describe(), "referral": trained.band.describe()}
 
 
 def evaluate_artefact(
@@ -206,6 +273,7 @@ def evaluate_artefact(
     data: str | os.PathLike[str],
     split: str = "test",
     n_resamples: int = 2000,
+    gate: bool = True,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Metrics of an exported artefact (or the bundled ``default``) on one split, with its own operating point.
@@ -217,23 +285,32 @@ def evaluate_artefact(
     if split not in SPLITS:
         raise PneumolabError(f"--split must be val or test, not {split!r}")
     trained = load_trained(model)
-    cache, _ = prepare_cache(data, size=trained.cache_size, progress=progress)
+    trained.gate_enabled = gate
+    if split == "val" and trained.validation_split is None:
+        raise PneumolabError(f"{trained.source}: the card records no validation split; only --split test works")
+    cache, assigned = _artefact_splits(trained, data, progress)
     manifest = cache.manifest
-    if split == "test":
-        assigned = manifest["split"].to_numpy()
-    else:
-        settings = trained.validation_split
-        if settings is None:
-            raise PneumolabError(f"{trained.source}: the card records no validation split; only --split test works")
-        assigned = carve_validation(manifest, fraction=settings["fraction"], seed=settings["seed"]).to_numpy()
     rows = np.flatnonzero(assigned == split)
     if not len(rows):
         raise PneumolabError(f"{data}: no {split} images in this dataset")
     views = trained.tta or ("identity",)
-    logits, seconds = _timed_logits(trained, np.asarray(cache.images[rows]), views, progress, split)
+    images = np.asarray(cache.images[rows])
+    logits, seconds = _timed_logits(trained, images, views, progress, split)
+    labels, probabilities = manifest["label"].to_numpy()[rows], trained.probabilities(logits)
+    selective: dict[str, Any] = {"gate": trained.gate_status}
+    if gate:  # what the card's gate and band do to this split, beside the metrics of all its films
+        refused = None
+        if trained.gate is not None:
+            features = collect_gate_features(trained, images, trained.gate.layers, progress=progress)
+            refused = trained.gate.refuses(trained.gate.score(features))
+        referred = trained.band.refers(probabilities) if trained.band is not None else None
+        selective.update(
+            selective_summary(labels, probabilities, trained.threshold, refused=refused, referred=referred)
+        )
     return metrics_for(
-        manifest["label"].to_numpy()[rows],
-        trained.probabilities(logits),
+        labels,
+        probabilities,
+        selective=selective,
         threshold=trained.threshold,
         threshold_method=trained.threshold_method,
         temperature=trained.temperature,
@@ -245,6 +322,66 @@ def evaluate_artefact(
         inference_images_per_s=len(rows) * len(views) / seconds,
         eval_seconds=seconds,
     )
+
+
+def _artefact_splits(trained: TrainedModel, data, progress: bool):
+    """The dataset's cache at the model's size and each image's split: train / val carved again from the card's
+    split settings (the patient-grouped carve reproduces on any machine), test from the official folder."""
+    cache, _ = prepare_cache(data, size=trained.cache_size, progress=progress)
+    manifest = cache.manifest
+    settings = trained.validation_split
+    assigned = manifest["split"].to_numpy().astype(object)
+    if settings is not None:
+        carved = carve_validation(manifest, fraction=settings["fraction"], seed=settings["seed"]).to_numpy()
+        assigned = np.where(assigned == "test", "test", carved)
+    return cache, assigned
+
+
+def gate_artefact(
+    model: str | os.PathLike[str] | None,
+    *,
+    data: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    keep: float = DEFAULT_KEEP,
+    alpha: float = DEFAULT_ALPHA,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Fit an exported artefact's (or the bundled model's) input gate and referral band, and write the artefact
+    again with them: the gate from the card's own training split, the limit and the band from its validation split
+    (carved again from the card's split settings). Test is not read. The weights are copied byte for byte.
+
+    Returns the new card.
+    """
+    trained = load_trained(model)
+    source = Path(trained.source)
+    if not (source / "card.json").is_file():
+        raise PneumolabError(f"{source}: not an exported artefact; evaluate a run folder to fit its gate")
+    if trained.validation_split is None:
+        raise PneumolabError(f"{source}: the card records no validation split, so its gate cannot be fit")
+    cache, assigned = _artefact_splits(trained, data, progress)
+    labels = cache.manifest["label"].to_numpy()
+    rows = {name: np.flatnonzero(assigned == name) for name in ("train", "val")}
+    if not len(rows["val"]) or not len(rows["train"]):
+        raise PneumolabError(f"{data}: no training or validation films for this card's split")
+    val_images = np.asarray(cache.images[rows["val"]])
+    logits, _ = _timed_logits(trained, val_images, trained.tta or ("identity",), progress, "val")
+    trained.band = fit_band(labels[rows["val"]], trained.probabilities(logits), trained.threshold, alpha=alpha)
+    trained.gate = fit_gate(
+        trained,
+        np.asarray(cache.images[rows["train"]]),
+        labels[rows["train"]],
+        val_images,
+        keep=keep,
+        progress=progress,
+    )
+    card = read_card(source / "card.json")
+    card.update(gate=trained.gate.describe(), referral=trained.band.describe())
+    out = Path(out)
+    with atomic_dir(out) as tmp:
+        (tmp / "model.safetensors").write_bytes((source / "model.safetensors").read_bytes())
+        card["gate_sha256"] = write_gate_arrays(trained, tmp / GATE_FILE)
+        (tmp / "card.json").write_text(json.dumps(card, indent=2) + "\n")
+    return card
 
 
 def _member_predictions(run: RunDir, split: str) -> pd.DataFrame:
