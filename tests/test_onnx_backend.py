@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from PIL import Image
 from safetensors.torch import save_file
 
 from pneumolab.data.io import load_xray
@@ -171,3 +172,28 @@ def test_service_exported_on_the_fly_also_explains(on_the_fly):
         assert predicted.status_code == 200 and explained.status_code == 200, explained.text
         assert explained.headers["content-type"] == "image/png"
         assert float(explained.headers["X-Probability"]) == pytest.approx(predicted.json()["probability"], abs=1e-4)
+
+
+def test_a_gated_model_exports_its_gate_and_refuses_the_same_files(tmp_path, shared_data):
+    from pneumolab.data.ood import far_ood_pictures
+
+    bundled = load_trained(None, device=CPU)
+    bundled.precision = resolve_precision("fp32", CPU)
+    out = tmp_path / "default.onnx"
+    export_onnx(bundled, out)  # checks the gate scores of both backends agree (<= 1e-3)
+    assert (tmp_path / "default.gate.safetensors").is_file()
+    onnx = load_backend(out, "onnx")
+    assert onnx.gate is not None and onnx.gate.limit_ == bundled.gate.limit_
+    pictures = [p for n, p in far_ood_pictures() if n in ("skimage-chelsea", "text-page0", "noise-gauss0")]
+    files = []
+    for i, pixels in enumerate(pictures):
+        files.append(tmp_path / f"picture{i}.png")
+        Image.fromarray(pixels).save(files[-1])
+    films = sorted((shared_data / "test" / "PNEUMONIA").iterdir())[:3]
+    onnx_rows, _ = predict_files(onnx, [*files, *films])
+    torch_rows, _ = predict_files(bundled, [*files, *films])
+    assert [r["status"] for r in onnx_rows[:3]] == ["refused"] * 3
+    assert [r["status"] for r in onnx_rows] == [r["status"] for r in torch_rows]
+    for mine, theirs in zip(onnx_rows, torch_rows, strict=True):
+        if mine["gate_score"] is not None:
+            assert mine["gate_score"] == pytest.approx(theirs["gate_score"], abs=1e-3)

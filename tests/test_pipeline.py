@@ -199,10 +199,21 @@ def test_predict_matches_evaluate_and_reports_bad_files(dataset, tmp_path):
     evaluate_run(run, tta="cxr", n_resamples=200, progress=False)
     point = json.loads((run / "operating_point.json").read_text())
     evaluated = pd.read_csv(run / "predictions" / ("test_tta.csv" if point["tta"] else "test.csv"))
+    # the gate was fit on the run's training split, its limit and the band on validation, and measured
+    assert point["gate"]["n_train"] == (pd.read_csv(run / "split.csv")["split"] == "train").sum()
+    assert point["referral"]["threshold"] == point["threshold"]
+    scores = pd.read_csv(run / "gate" / "scores.csv")
+    assert {"val", "test", "far-ood", "near-rot90"} <= set(scores["group"])
+    val_refused = scores.loc[scores["group"] == "val", "refused"].mean()
+    assert val_refused <= 1 - point["gate"]["keep"] + 1 / point["gate"]["n_val"]
+    selective = json.loads((run / "metrics" / "selective.json").read_text())
+    assert selective["test"]["n"] == len(evaluated)
+    assert selective["test"]["refused"] == scores.loc[scores["group"] == "test", "refused"].sum()
+    assert load_trained(run).gate.limit_ == pytest.approx(point["gate"]["limit"])
     (tmp_path / "bad.jpeg").write_text("not an image")
     result = subprocess.run(
         [sys.executable, "-m", "pneumolab.cli", "predict", str(dataset / "test"), str(tmp_path / "bad.jpeg"),
-         str(tmp_path / "missing*.png"), "--model", str(run), "--csv"],
+         str(tmp_path / "missing*.png"), "--model", str(run), "--csv", "--no-gate"],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 2
@@ -212,6 +223,7 @@ def test_predict_matches_evaluate_and_reports_bad_files(dataset, tmp_path):
     assert any("missing*.png: no file matches this pattern" in line for line in errors)
     predicted = pd.read_csv(io.StringIO(result.stdout))
     assert len(predicted) == 32
+    assert (predicted["status"] == "answered").all() and predicted["gate"].str.startswith("off").all()
     predicted["path"] = [str(Path(f).relative_to(dataset)) for f in predicted["file"]]
     merged = evaluated.merge(predicted, on="path")
     assert len(merged) == 32

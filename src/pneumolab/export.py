@@ -132,7 +132,8 @@ def export_onnx(
     example = torch.zeros(2, trained.model.in_chans, size, size)
     out = Path(out)
     gated = trained.gate is not None
-    graph = _WithGateFeatures(network, trained.gate.layers) if gated else network
+    # eval(): the exporter restores the wrapper's mode afterwards, recursively, onto the network too
+    graph = _WithGateFeatures(network, trained.gate.layers).eval() if gated else network
     outputs = ["logits", *(f"gate.{i}" for i in range(len(trained.gate.layers) if gated else 0))]
     with atomic_path(out) as tmp:
         torch.onnx.export(
