@@ -3,10 +3,12 @@
 The server runs in its own process (as users run it); the client posts real X-ray files from a folder to
 /v1/predict with a thread pool of C connections, then reports throughput, p50 / p95 / p99 latency and failures.
 Both backends by default, one server after the other in the same run (``pneumolab serve --backend pytorch|onnx``);
-with several ``--max-batch`` values, each backend is served once per value (1: micro-batching off).
+with several ``--max-batch`` values, each backend is served once per value (1: micro-batching off); with
+``--gate on off``, once with the input gate and once with ``--no-gate``. A film the gate refuses gets HTTP 422 by
+design: it is counted as refused, not as a failure; failures are every other answer that is not 200.
 
     python benchmarks/load.py --model default --data ../shared/data/chest_xray/test \
-        --requests 500 --concurrency 16 [--backend pytorch onnx] [--max-batch 1 16]
+        --requests 500 --concurrency 16 [--backend pytorch onnx] [--max-batch 1 16] [--gate on off]
 """
 
 from __future__ import annotations
@@ -52,14 +54,20 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--backend", choices=BACKENDS, nargs="+", default=list(BACKENDS))
     parser.add_argument("--max-batch", type=int, nargs="+", default=[16], help="serve's --max-batch values")
+    parser.add_argument("--gate", choices=("on", "off"), nargs="+", default=["on"], help="serve with or --no-gate")
     args = parser.parse_args()
 
     files, _ = collect_image_paths([args.data])
     payloads = [(f.name, f.read_bytes()) for f in files]
-    throughput = {}
-    for backend in args.backend:
-        for max_batch in args.max_batch:
-            throughput[backend, max_batch] = _load(args, backend, max_batch, payloads)
+    by_gate: dict[str, dict[tuple[str, int], float]] = {}
+    for gate in args.gate:
+        for backend in args.backend:
+            for max_batch in args.max_batch:
+                by_gate.setdefault(gate, {})[backend, max_batch] = _load(args, backend, max_batch, payloads, gate)
+    if len(by_gate) == 2:
+        for key, rate in by_gate["on"].items():
+            print(f"throughput {key[0]} max-batch {key[1]}: gate on / off = {rate / by_gate['off'][key]:.2f}x")
+    throughput = by_gate[args.gate[-1]]
     first, last = args.max_batch[0], args.max_batch[-1]
     for backend in args.backend if first != last else []:
         ratio = throughput[backend, last] / throughput[backend, first]
@@ -69,23 +77,26 @@ def main() -> None:
         print(f"throughput onnx / pytorch (max-batch {last}) = {ratio:.2f}x")
 
 
-def _load(args: argparse.Namespace, backend: str, max_batch: int, payloads: list[tuple[str, bytes]]) -> float:
+def _load(
+    args: argparse.Namespace, backend: str, max_batch: int, payloads: list[tuple[str, bytes]], gate: str = "on"
+) -> float:
     """Serve with `backend`, send the load, print the figures; return requests per second."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "pneumolab.cli", "serve", "--model", args.model, "--port", str(port)]
-    command += ["--backend", backend, "--max-batch", str(max_batch)]
+    command += ["--backend", backend, "--max-batch", str(max_batch), *(["--no-gate"] if gate == "off" else [])]
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_until_up(url)
         limits = httpx.Limits(max_connections=args.concurrency)
         with httpx.Client(base_url=url, timeout=120, limits=limits) as client:
 
-            def post(index: int) -> tuple[float, int]:
+            def post(index: int) -> tuple[float, int | str]:
                 name, body = payloads[index % len(payloads)]
                 started = time.perf_counter()
                 response = client.post("/v1/predict", files={"file": (name, body, "image/jpeg")})
-                return time.perf_counter() - started, response.status_code
+                refused = response.status_code == 422 and response.json().get("status") == "refused"
+                return time.perf_counter() - started, "refused" if refused else response.status_code
 
             post(0)  # warm-up, not counted
             started = time.perf_counter()
@@ -96,12 +107,13 @@ def _load(args: argparse.Namespace, backend: str, max_batch: int, payloads: list
         server.terminate()
         server.wait(timeout=30)
     latencies = np.array([seconds for seconds, _ in results]) * 1000
-    failures = sum(status != 200 for _, status in results)
+    failures = sum(status not in (200, "refused") for _, status in results)
+    refused = sum(status == "refused" for _, status in results)
     print(f"{args.requests} requests, {args.concurrency} at a time, model {Path(args.model).name} ({backend}, "
-          f"max-batch {max_batch}): {wall:.1f} s")  # fmt: skip
+          f"max-batch {max_batch}, gate {gate}): {wall:.1f} s")  # fmt: skip
     summary = f"throughput {args.requests / wall:.1f} req/s; latency p50 {statistics.median(latencies):.0f} ms"
     summary += f", p95 {np.percentile(latencies, 95):.0f} ms, p99 {np.percentile(latencies, 99):.0f} ms"
-    print(f"{summary}; failures {failures}")
+    print(f"{summary}; refused by the gate {refused}; failures {failures}")
     return args.requests / wall
 
 

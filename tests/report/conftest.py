@@ -4,7 +4,8 @@
 ``env.json``, ``operating_point.json``, ``predictions/{val,test}[_tta].csv`` and ``metrics/{val,test}[_tta].json``
 whose numbers are computed from those predictions (scikit-learn point estimates, a small seeded stratified bootstrap).
 Validation logits are better separated than test ones, so the report has a validation-test gap to show. Four test
-images share a patient with train/ (`SHARED_TEST_IMAGES`).
+images share a patient with train/ (`SHARED_TEST_IMAGES`). `write_gating` adds what evaluation writes for the input
+gate and the referral band: ``gate/scores.csv``, ``metrics/selective.json`` and the operating point's facts.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from sklearn.metrics import (
 from pneumolab import CLASSES
 from pneumolab.config import TrainConfig, apply_overrides, dump_config
 from pneumolab.data.dataset import parse_name
+from pneumolab.evaluate.gating import selective_summary
+from pneumolab.referral import ReferralBand
 
 N_IMAGES = {"val": 80, "test": 100}
 THRESHOLD_METHOD = "max balanced accuracy on validation"
@@ -293,6 +296,86 @@ def write_ensemble(root: Path, name: str, members: list[Path], *, seed: int = 7)
     return run
 
 
+GATE_ALPHA = 0.1  # 80 validation films: a 2 % band would refer nearly every film
+FAR_OOD = (30, 27)  # far out-of-distribution pictures scored, and how many of them score above the limit
+METADATA_REFUSED = 3  # DICOM files refused by their metadata (no score)
+NEAR_REFUSED = {"rot90": 100, "negated": 80, "corner_zoom": 50, "lateral_crop": 25}  # of the 100 test films each
+TEST_REFUSED = (5, 17, 42, 63, 77, 91)  # the test films whose gate score is above the limit
+
+
+def write_gating(run: Path, *, alpha: float = GATE_ALPHA, seed: int = 0) -> dict[str, Any]:
+    """Add the input gate's and the referral band's files to an evaluated run, as evaluation writes them.
+
+    Gate scores are made up so that exactly these are refused (score above the limit): no validation film (the limit
+    is their 99.5 % quantile, i.e. the highest), the `TEST_REFUSED` test films, `FAR_OOD` and `NEAR_REFUSED`
+    out-of-distribution images and the `METADATA_REFUSED` files; far scores reach hundreds of validation spreads.
+    The band is fit with `ReferralBand` on the used variant's validation predictions, and the summaries are
+    `selective_summary`'s, as the runner does. Returns the ``metrics/selective.json`` object.
+    """
+    rng = np.random.default_rng(seed)
+    point = json.loads((run / "operating_point.json").read_text())
+    stem = "_tta" if point.get("tta") else ""
+    predictions = {s: pd.read_csv(run / "predictions" / f"{s}{stem}.csv") for s in ("val", "test")}
+
+    val_scores = rng.normal(0.0, 0.5, len(predictions["val"]))
+    limit = float(np.quantile(val_scores, 0.995, method="higher"))
+    test_scores = np.minimum(rng.normal(0.0, 0.5, len(predictions["test"])), limit - 0.01)
+    test_scores[list(TEST_REFUSED)] = limit + rng.uniform(0.1, 1.0, len(TEST_REFUSED))
+    n_far, far_refused = FAR_OOD
+    far = np.concatenate([limit * 10 ** rng.uniform(0.6, 2.5, far_refused), limit - rng.uniform(0.1, 1.0, 3)])
+    groups: dict[str, tuple[list[str], np.ndarray]] = {
+        "val": (list(predictions["val"]["path"]), val_scores),
+        "test": (list(predictions["test"]["path"]), test_scores),
+        "far-ood": ([f"picture-{i}.png" for i in range(n_far)], far[:n_far]),
+        "far-ood-metadata": ([f"dicom-CT-{i}.dcm" for i in range(METADATA_REFUSED)], np.full(METADATA_REFUSED, np.nan)),
+    }
+    for kind, refused in NEAR_REFUSED.items():
+        n = len(predictions["test"])
+        scores = np.where(np.arange(n) < refused, limit + rng.uniform(0.5, 6.0, n), limit - rng.uniform(0.1, 1.0, n))
+        groups[f"near-{kind}"] = ([f"test-{i}" for i in range(n)], scores)
+    table = pd.concat(
+        [
+            pd.DataFrame({"group": g, "name": names, "gate_score": scores, "refused": ~(scores <= limit)})
+            for g, (names, scores) in groups.items()
+        ],
+        ignore_index=True,
+    )
+    (run / "gate").mkdir(exist_ok=True)
+    table.to_csv(run / "gate" / "scores.csv", index=False, float_format="%.6g")
+
+    gate = {
+        "score": "class-conditional Mahalanobis (Ledoit-Wolf), channel mean + std, mean of standardised "
+        "log-distances over layers",
+        "layers": ["conv_stem", "blocks.0", "blocks.1", "blocks.2", "blocks.3"],
+        "limit": limit,
+        "keep": 0.995,
+        "limit_set_on": f"validation ({len(val_scores)} films): the 99.5% quantile of their scores",
+        "fit_on": "training split (1234 films)",
+        "n_train": 1234,
+        "n_val": len(val_scores),
+    }
+    val = predictions["val"]
+    band = ReferralBand(alpha=alpha).fit(val["label"].to_numpy(), val["probability"].to_numpy(), point["threshold"])
+    summary: dict[str, Any] = {
+        "gate": gate,
+        "referral": band.describe(),
+        "refused_share": table.groupby("group", sort=False)["refused"].mean().to_dict(),
+    }
+    for split, frame in predictions.items():
+        probabilities = frame["probability"].to_numpy()
+        summary[split] = selective_summary(
+            frame["label"].to_numpy(),
+            probabilities,
+            point["threshold"],
+            refused=table.loc[table["group"] == split, "refused"].to_numpy(),
+            referred=band.refers(probabilities),
+        )
+    (run / "metrics" / "selective.json").write_text(json.dumps(summary, indent=2))
+    point.update(gate=gate, referral=band.describe())
+    (run / "operating_point.json").write_text(json.dumps(point, indent=2))
+    return summary
+
+
 @pytest.fixture
 def make_run(tmp_path: Path) -> Callable[..., Path]:
     """``make_run(name, **options)``: a run folder under ``tmp_path/runs`` (options of `write_run`)."""
@@ -305,9 +388,11 @@ def make_run(tmp_path: Path) -> Callable[..., Path]:
 
 @pytest.fixture(scope="session")
 def report_runs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    """Three folders: ImageNet EfficientNet-Lite0 with TTA, a from-scratch ResNet-50 without TTA, an ensemble."""
+    """Three folders: ImageNet EfficientNet-Lite0 with TTA and an input gate, a from-scratch ResNet-50 without TTA
+    evaluated before the gate existed, an ensemble (no gate)."""
     root = tmp_path_factory.mktemp("runs")
     lite = write_run(root, "lite0-imagenet", seed=1)
+    write_gating(lite)
     scratch = write_run(root, "resnet50-scratch", model="resnet50", weights_source="random", seed=2, tta=False)
     return [lite, scratch, write_ensemble(root, "ensemble-mean", [lite, scratch])]
 

@@ -50,7 +50,7 @@ def test_markdown_twin_has_the_table_and_existing_image_links(built_report: dict
     assert all(row.count("|") == header.count("|") for row in rows)
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown)
     pngs = sorted(built_report["images"].rglob("*.png"))
-    assert len(links) == len(pngs) == 7 + 4 + 3  # TTA run, plain run, ensemble without history
+    assert len(links) == len(pngs) == 7 + 2 + 4 + 3  # TTA run with its gate's 2, plain run, ensemble without history
     for link in links:
         assert (built_report["markdown"].parent / link).is_file(), link
 

@@ -42,6 +42,11 @@ def test_report_renders_offline_with_table_images_and_model_cards(
     loaded = page.evaluate("Array.from(document.images).map(i => i.complete && i.naturalWidth > 0)")
     assert loaded and all(loaded)
 
+    gating = page.locator("section.gating")  # only the run with an input gate has the part
+    assert gating.count() == 1
+    assert gating.first.get_attribute("id") == "gating-lite0-imagenet"
+    assert gating.locator("img").count() == 2 and gating.locator("table.gate-refusals").is_visible()
+
     cards = page.locator("section.model-card")
     assert cards.count() == len(report_runs)
     assert "Intended use" in cards.first.inner_text()

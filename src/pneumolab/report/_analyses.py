@@ -1,4 +1,4 @@
-"""Two analyses of a run's test predictions that the report computes rather than reads.
+"""Three analyses of a run's saved predictions that the report computes rather than reads.
 
 * `calibration_before_after`: ECE and Brier score of the test probabilities before temperature scaling (T = 1, the
   sigmoid of the saved logit margin) and after it (the saved, temperature-scaled probability). An ensemble saves no
@@ -6,14 +6,18 @@
 * `overlap_removed`: the test metrics again, at the model's own threshold, without the test images whose patient id
   (parsed from the file name) also names a train/val image of the run's ``split.csv``, and without test images whose
   bytes equal a train/val image's (SHA-256 of the dataset's files, when the dataset root is here).
+* `gating_analysis`: what the input gate and the referral band did (``gate/scores.csv``, ``metrics/selective.json``,
+  the operating point's ``gate`` and ``referral``), with the risk-coverage curve of the films the gate let through:
+  ranked by ``|p - threshold|``, the accuracy of the most confident ones against the share answered.
 
-Both work on the variant the model uses (`used_test_evaluation`). What a run's files do not allow is skipped with a
+All work on the variant the model uses (`used_evaluation`). What a run's files do not allow is skipped with a
 sentence saying why (``note``), never an error. Numbers are returned raw; the report formats them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import Any
 
@@ -28,13 +32,19 @@ from pneumolab.errors import PneumolabError
 from pneumolab.evaluate.calibration import TemperatureScaler, expected_calibration_error
 from pneumolab.evaluate.metrics import evaluate_predictions
 from pneumolab.fsutil import file_sha256
-from pneumolab.report._runfiles import Evaluation, RunFiles, finite, read_config, read_split_table
+from pneumolab.referral import ReferralBand
+from pneumolab.report._runfiles import SPLITS, Evaluation, RunFiles, finite, read_config, read_split_table
 
 __all__ = [
     "FileHashes",
+    "RiskCoverage",
     "calibration_before_after",
+    "gate_refusals",
+    "gating_analysis",
     "overlap_removed",
+    "risk_coverage",
     "shared_patient_mask",
+    "used_evaluation",
     "used_test_evaluation",
 ]
 
@@ -42,16 +52,21 @@ __all__ = [
 _DEFAULT_RESAMPLES, _DEFAULT_SEED = 2000, 0
 
 
-def used_test_evaluation(run: RunFiles) -> Evaluation | None:
-    """The test variant the model uses (its operating point's choice), when its per-image predictions exist.
+def used_evaluation(run: RunFiles, split: str) -> Evaluation | None:
+    """The variant of `split` the model uses (its operating point's choice), when its per-image predictions exist.
 
     Without an operating point, the plain variant is taken, else the TTA one.
     """
     for tta in (False, True) if run.chosen_tta is None else (run.chosen_tta,):
-        evaluation = run.evaluation("test", tta)
+        evaluation = run.evaluation(split, tta)
         if evaluation is not None and evaluation.predictions is not None:
             return evaluation
     return None
+
+
+def used_test_evaluation(run: RunFiles) -> Evaluation | None:
+    """The test variant the model uses, when its per-image predictions exist (`used_evaluation`)."""
+    return used_evaluation(run, "test")
 
 
 # --------------------------------------------------------------------------------------------------- calibration
@@ -266,3 +281,182 @@ def overlap_removed(run: RunFiles, evaluation: Evaluation, hashes: FileHashes | 
             row["metrics"], row["why"] = None, str(error)
         result["rows"].append(row)
     return result
+
+
+# --------------------------------------------------------------------------------------- input gate and referral
+
+
+@dataclass(frozen=True)
+class RiskCoverage:
+    """Accuracy of the answered films as fewer are answered, on one split of the variant the model uses.
+
+    Attributes:
+        label: the variant, e.g. ``test + TTA``.
+        coverage: share of all the split's films answered (gate refusals included in the count), ascending.
+        accuracy: accuracy of the answered films at each coverage.
+        passed: share of the split's films the gate let through: the curve's right end.
+        band: the fitted referral band's point, ``(coverage, accuracy of the answered films or None when it answers
+            none)``, or None when neither ``metrics/selective.json`` nor the band's facts are there.
+    """
+
+    label: str
+    coverage: np.ndarray
+    accuracy: np.ndarray
+    passed: float
+    band: tuple[float, float | None] | None = None
+
+
+def risk_coverage(
+    labels: np.ndarray, probabilities: np.ndarray, threshold: float, refused: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Coverage and accuracy when only the most confident of the films the gate let through are answered.
+
+    The films not `refused` are ranked by ``|p - threshold|``, most confident first; answering the first k gives
+    coverage k / n (n: all films, refused ones included) and the accuracy of their decisions ``p >= threshold``.
+    Films of equal confidence are answered together (one point).
+
+    Args:
+        labels: 0 (NORMAL) / 1 (PNEUMONIA) per film.
+        probabilities: PNEUMONIA probability per film.
+        threshold: the model's decision threshold.
+        refused: True for each film the input gate refused (never answered); none by default.
+
+    Returns:
+        ``(coverage, accuracy)``, ascending coverage; empty when no film passed the gate.
+    """
+    y = np.asarray(labels).astype(np.int64)
+    p = np.asarray(probabilities, dtype=np.float64)
+    kept = np.ones(y.size, dtype=bool) if refused is None else ~np.asarray(refused, dtype=bool)
+    if not kept.any():
+        return np.zeros(0), np.zeros(0)
+    confidence = np.abs(p[kept] - threshold)
+    order = np.argsort(-confidence, kind="stable")
+    confidence = confidence[order]
+    correct = ((p[kept] >= threshold).astype(np.int64) == y[kept])[order]
+    answered = np.arange(1, confidence.size + 1)
+    last = np.append(confidence[1:] != confidence[:-1], True)  # the last film of each group of equal confidence
+    return answered[last] / y.size, np.cumsum(correct)[last] / answered[last]
+
+
+def gate_refusals(run: RunFiles, evaluation: Evaluation) -> tuple[np.ndarray | None, str | None]:
+    """Which of a variant's films the gate refused: ``gate/scores.csv``'s rows of its split, matched by path.
+
+    Returns:
+        ``(refused mask over the predictions' rows, None)``, or ``(None, why not)`` when the file is absent or its
+        rows of the split do not name the predictions' films one to one.
+    """
+    table, predictions = run.gate_scores, evaluation.predictions
+    if table is None:
+        return None, "no gate/scores.csv, so which films the gate refused is not recorded"
+    if predictions is None:
+        return None, f"no predictions/{evaluation.key}.csv"
+    rows = table[table["group"] == evaluation.split]
+    paths = predictions["path"]
+    if len(rows) != len(paths) or rows["name"].duplicated().any() or set(rows["name"]) != set(paths):
+        return None, (
+            f"the {evaluation.split} rows of gate/scores.csv do not name the films of predictions/{evaluation.key}.csv"
+        )
+    return rows.set_index("name")["refused"].reindex(paths).to_numpy(dtype=bool), None
+
+
+def _band_point(
+    summary: dict[str, Any] | None,
+    band: ReferralBand | None,
+    probabilities: np.ndarray,
+    correct: np.ndarray,
+    refused: np.ndarray,
+) -> tuple[float, float | None] | None:
+    """The band's (coverage, accuracy of the answered): ``metrics/selective.json``'s, else its rule applied here."""
+    coverage = finite((summary or {}).get("coverage"))
+    if coverage is not None:
+        return coverage, finite(summary.get("accuracy_answered"))
+    if band is None or not len(probabilities):
+        return None
+    answered = ~refused & ~band.refers(probabilities)
+    return float(answered.mean()), float(correct[answered].mean()) if answered.any() else None
+
+
+def gating_analysis(run: RunFiles) -> dict[str, Any] | None:
+    """What the input gate and the referral band did, from the run's files; None when the run has neither.
+
+    An ensemble, or a run evaluated before the gate existed, holds none of ``gate/scores.csv``,
+    ``metrics/selective.json`` and the operating point's ``gate`` / ``referral``: then None, and the report shows no
+    such section. Nothing is fit here; the band's rule (`ReferralBand.refers`) is applied to the saved probabilities
+    only when ``metrics/selective.json`` does not hold the band's coverage.
+
+    Returns:
+        ``gate`` and ``referral`` (their facts, or None); ``groups``: per ``gate/scores.csv`` group in the file's order
+        ``{"group", "n", "refused", "share", "scores"}`` (``scores``: the finite gate scores; from
+        ``metrics/selective.json``'s ``refused_share`` alone, ``n`` and ``refused`` are None and ``scores`` empty);
+        ``summaries``: ``{split: selective summary}`` as ``metrics/selective.json`` holds them; ``curves``: a
+        `RiskCoverage` per split of the used variant with predictions and known refusals; ``notes``: why a part
+        is missing.
+    """
+    gate, referral, selective, scores = run.gate_facts, run.referral_facts, run.selective, run.gate_scores
+    if gate is None and referral is None and selective is None and scores is None:
+        return None
+    notes: list[str] = []
+    groups: list[dict[str, Any]] = []
+    if scores is not None:
+        for group, rows in scores.groupby("group", sort=False):
+            values = rows["gate_score"].to_numpy(dtype=np.float64)
+            refused = int(rows["refused"].sum())
+            groups.append(
+                {
+                    "group": str(group),
+                    "n": len(rows),
+                    "refused": refused,
+                    "share": refused / len(rows),
+                    "scores": values[np.isfinite(values)],
+                }
+            )
+    else:
+        shares = (selective or {}).get("refused_share") or {}
+        for group, share in shares.items():
+            if finite(share) is not None:
+                groups.append(
+                    {"group": str(group), "n": None, "refused": None, "share": finite(share), "scores": np.zeros(0)}
+                )
+        notes.append("no gate/scores.csv: no score distribution, and the risk-coverage curve is not drawn")
+    summaries = {s: (selective or {}).get(s) for s in SPLITS if isinstance((selective or {}).get(s), dict)}
+    if selective is None:
+        notes.append("no metrics/selective.json: the band's per-class coverage is not recorded")
+    band = None
+    if referral is not None:
+        try:
+            band = ReferralBand.from_saved(referral)
+        except (KeyError, TypeError, ValueError, PneumolabError):
+            notes.append("the operating point's referral facts are incomplete")
+    curves = []
+    for split in SPLITS if scores is not None else ():
+        evaluation = used_evaluation(run, split)
+        if evaluation is None:
+            continue
+        refused, why = gate_refusals(run, evaluation)
+        threshold = run.threshold(split, evaluation.tta)
+        if threshold is None and band is not None:
+            threshold = band.threshold_
+        if refused is None or threshold is None:
+            notes.append(f"no risk-coverage curve on {evaluation.label}: {why or 'no decision threshold recorded'}")
+            continue
+        table = evaluation.predictions
+        y, p = table["label"].to_numpy(), table["probability"].to_numpy(dtype=np.float64)
+        coverage, accuracy = risk_coverage(y, p, threshold, refused)
+        correct = (p >= threshold).astype(np.int64) == y
+        curves.append(
+            RiskCoverage(
+                label=evaluation.label,
+                coverage=coverage,
+                accuracy=accuracy,
+                passed=float((~refused).mean()),
+                band=_band_point(summaries.get(split), band, p, correct, refused),
+            )
+        )
+    return {
+        "gate": gate,
+        "referral": referral,
+        "groups": groups,
+        "summaries": summaries,
+        "curves": curves,
+        "notes": notes,
+    }

@@ -1,9 +1,11 @@
 """Read what a run folder holds, for plots and reports: every file is optional, nothing is recomputed.
 
 A trained run has ``config.yaml``, ``split.csv``, ``history.csv`` and ``env.json``; after evaluation
-``operating_point.json``, ``predictions/{val,test}[_tta].csv`` and ``metrics/{val,test}[_tta].json``. An ensemble folder
-has the predictions, metrics and an ``env.json`` with an ``ensemble`` entry, but no history. A missing file is ``None``
-here; a file that exists but cannot be read raises `PneumolabError` naming the file and the reason.
+``operating_point.json``, ``predictions/{val,test}[_tta].csv`` and ``metrics/{val,test}[_tta].json``, and, since the
+input gate and referral band, ``gate/scores.csv`` and ``metrics/selective.json`` (with ``gate`` and ``referral`` in
+the operating point). An ensemble folder has the predictions, metrics and an ``env.json`` with an ``ensemble`` entry,
+but no history and no gate. A missing file is ``None`` here; a file that exists but cannot be read raises
+`PneumolabError` naming the file and the reason.
 """
 
 from __future__ import annotations
@@ -25,6 +27,28 @@ SPLITS = ("val", "test")
 SPLIT_NAMES = {"val": "validation", "test": "test"}
 PREDICTION_COLUMNS = ("path", "label", "probability", "prediction")
 SPLIT_FILE_COLUMNS = ("path", "split", "patient_id")
+GATE_SCORE_COLUMNS = ("group", "name", "gate_score", "refused")
+
+# gate/scores.csv groups: (short name for legends, what the group is)
+GATE_GROUPS = {
+    "val": ("validation", "validation films (the limit was set on them)"),
+    "test": ("test", "test films (real chest X-rays: every refusal is a false refusal)"),
+    "far-ood": (
+        "far OOD",
+        "far out-of-distribution: photos, documents, charts, noise, DICOM test files that pass the metadata check",
+    ),
+    "far-ood-metadata": (
+        "far OOD, metadata",
+        "DICOM test files refused by their metadata (modality, body part, view, frames) before the content gate",
+    ),
+    "near-rot90": ("near: rot90", "near out-of-distribution: test films turned a quarter"),
+    "near-negated": ("near: negated", "near out-of-distribution: test films with inverted polarity"),
+    "near-corner_zoom": ("near: corner zoom", "near out-of-distribution: the top-left quarter of test films blown up"),
+    "near-lateral_crop": (
+        "near: lateral crop",
+        "near out-of-distribution: the middle third of test films stretched to full width (lateral-looking)",
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -95,6 +119,8 @@ class RunFiles:
     operating_point: dict[str, Any] | None = None
     split_table: pd.DataFrame | None = None
     evaluations: dict[str, Evaluation] = field(default_factory=dict)
+    gate_scores: pd.DataFrame | None = None
+    selective: dict[str, Any] | None = None
 
     @property
     def name(self) -> str:
@@ -129,6 +155,16 @@ class RunFiles:
         return bool(self.operating_point.get("tta"))
 
     @property
+    def gate_facts(self) -> dict[str, Any] | None:
+        """The input gate's facts (`FeatureGate.describe`): the operating point's, else ``metrics/selective.json``'s."""
+        return _facts(self.operating_point, "gate") or _facts(self.selective, "gate")
+
+    @property
+    def referral_facts(self) -> dict[str, Any] | None:
+        """The referral band's facts (`ReferralBand.describe`): the operating point's, else the selective file's."""
+        return _facts(self.operating_point, "referral") or _facts(self.selective, "referral")
+
+    @property
     def best_epoch(self) -> int | None:
         """The selected epoch: env.json's training summary, else the best validation loss of the history."""
         summary = (self.env or {}).get("train_summary") or {}
@@ -138,6 +174,11 @@ class RunFiles:
         if history is not None and "val_loss" in history and history["val_loss"].notna().any():
             return int(history.loc[history["val_loss"].idxmin(), "epoch"])
         return None
+
+
+def _facts(mapping: dict[str, Any] | None, key: str) -> dict[str, Any] | None:
+    value = (mapping or {}).get(key)
+    return value if isinstance(value, dict) and value else None
 
 
 def finite(value: Any) -> float | None:
@@ -221,6 +262,36 @@ def _read_predictions(path: Path) -> pd.DataFrame | None:
     return table
 
 
+_TRUTH = {"true": True, "false": False, "1": True, "0": False, "1.0": True, "0.0": False}
+
+
+def read_gate_scores(path: Path) -> pd.DataFrame | None:
+    """``gate/scores.csv`` (``group``, ``name``, ``gate_score``, ``refused``), or None when absent or empty.
+
+    ``gate_score`` is a float (NaN for files refused by their metadata, which the content gate never scored),
+    ``refused`` a bool.
+
+    Raises:
+        PneumolabError: the file exists but is unreadable, lacks a column or holds a ``refused`` that is not a truth
+            value.
+    """
+    table = _read_csv(path)
+    if table is None:
+        return None
+    _require_columns(table, GATE_SCORE_COLUMNS, path)
+    if table.empty:
+        return None
+    table["group"] = table["group"].astype(str)
+    table["name"] = table["name"].astype(str)
+    table["gate_score"] = pd.to_numeric(table["gate_score"], errors="coerce").astype(float)
+    if table["refused"].dtype != bool:
+        refused = table["refused"].astype(str).str.strip().str.lower().map(_TRUTH)
+        if refused.isna().any():
+            raise PneumolabError(f"{path}: column 'refused' must hold True or False only")
+        table["refused"] = refused.astype(bool)
+    return table
+
+
 def read_split_table(path: Path) -> pd.DataFrame | None:
     """``split.csv`` (``path``, ``split``, ``patient_id``, ...) with text columns as text, or None when absent.
 
@@ -263,6 +334,8 @@ def read_run(run_dir: str | os.PathLike[str]) -> RunFiles:
         history=_read_history(path / "history.csv"),
         operating_point=_read_json(path / "operating_point.json"),
         split_table=read_split_table(path / "split.csv"),
+        gate_scores=read_gate_scores(path / "gate" / "scores.csv"),
+        selective=_read_json(path / "metrics" / "selective.json"),
     )
     for split in SPLITS:
         for tta in (False, True):

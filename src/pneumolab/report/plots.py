@@ -1,4 +1,5 @@
-"""Plots of a run: training history, confusion matrices, ROC and precision-recall curves, reliability diagrams.
+"""Plots of a run: training history, confusion matrices, ROC and precision-recall curves, reliability diagrams, and
+the input gate's score distribution and the risk-coverage curve of the referral band.
 
 Every function builds a `matplotlib.figure.Figure` directly (no ``pyplot``, so no global figure registry and no
 GUI backend: safe in threads and servers); `figure_png` turns it into PNG bytes and `save_figure` writes it
@@ -10,27 +11,31 @@ from __future__ import annotations
 import io
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator, PercentFormatter
+from matplotlib.scale import SymmetricalLogTransform
+from matplotlib.ticker import FuncFormatter, MaxNLocator, PercentFormatter
 from numpy.typing import ArrayLike
 from scipy.special import expit
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
 from pneumolab import CLASSES
 from pneumolab.fsutil import atomic_path
-from pneumolab.report._runfiles import SPLITS, Evaluation, RunFiles, read_run
+from pneumolab.report._analyses import RiskCoverage, gating_analysis
+from pneumolab.report._runfiles import GATE_GROUPS, SPLITS, Evaluation, RunFiles, read_run
 
 __all__ = [
     "DPI",
     "figure_png",
     "plot_confusion",
+    "plot_gate_scores",
     "plot_history",
     "plot_reliability",
+    "plot_risk_coverage",
     "plot_roc_pr",
     "plot_run",
     "save_figure",
@@ -41,6 +46,9 @@ DPI = 110
 
 _TRAIN, _VAL, _EXTRA, _MARK = "#1f77b4", "#d62728", "#9467bd", "#2ca02c"
 _CLASS_COLOURS = ("#4c72b0", "#dd8452")  # NORMAL, PNEUMONIA
+_GROUP_COLOURS = {"val": "0.45", "test": _TRAIN, "far-ood": _EXTRA}
+_NEAR_COLOURS = ("#dd8452", "#55a868", "#c44e52", "#8c564b", "#17becf")
+_SYMLOG_SPAN = 12  # a symmetric-log x axis once the scores span more than this many validation spreads
 
 # (panel title, y axis is a rate, ((column, legend label, colour, line style), ...))
 _HISTORY_PANELS = (
@@ -363,6 +371,191 @@ def plot_reliability(
     return fig
 
 
+def _score_axis(values: np.ndarray, reference: np.ndarray, bins: int) -> tuple[np.ndarray, float | None]:
+    """Bin edges over `values`, and the linear threshold of a symmetric-log axis (None: a linear axis will do).
+
+    The axis turns symmetric-log when the scores span more than `_SYMLOG_SPAN` times the `reference` (validation)
+    films' 1-99 % spread: far out-of-distribution scores can lie a hundred spreads out, and a linear axis would squash
+    the real films into one bin. Validation stays on the linear part; the edges are even on the drawn scale.
+    """
+    lo, hi = float(values.min()), float(values.max())
+    if reference.size >= 2:
+        low_ref, high_ref = np.quantile(reference, (0.01, 0.99))
+    else:
+        low_ref, high_ref = lo, hi
+    spread = max(float(high_ref - low_ref), 1e-6)
+    linthresh = None
+    if hi - lo > _SYMLOG_SPAN * spread:
+        linthresh = max(abs(float(low_ref)), abs(float(high_ref)), spread)
+        transform = SymmetricalLogTransform(10, linthresh, 1.0)
+        t_lo, t_hi = transform.transform(np.array([lo, hi], dtype=np.float64))
+        pad = 0.02 * (t_hi - t_lo)
+        edges = transform.inverted().transform(np.linspace(t_lo - pad, t_hi + pad, bins + 1))
+    else:
+        pad = 0.02 * max(hi - lo, 1e-6)
+        edges = np.linspace(lo - pad, hi + pad, bins + 1)
+    return np.asarray(edges, dtype=np.float64), linthresh
+
+
+def plot_gate_scores(
+    groups: Mapping[str, ArrayLike],
+    limit: float | None,
+    *,
+    labels: Mapping[str, str] | None = None,
+    bins: int = 40,
+    title: str | None = None,
+) -> Figure:
+    """Histogram of the input gate's scores per group of images, with the refusal limit as a vertical line.
+
+    Args:
+        groups: the scores of each group (``val``, ``test``, ``far-ood``, ``near-<kind>``, ...), in legend order; NaN
+            (files refused by their metadata, never scored) and empty groups are left out.
+        limit: the gate's limit (an image scoring above it is refused); None draws no line.
+        labels: legend name of each group; the group's own name by default.
+        bins: number of bins, even on the drawn scale.
+        title: figure title.
+
+    Returns:
+        A figure with validation, test and the far out-of-distribution groups on the left and, when there are any,
+        the ``near-`` groups on the right with validation again for reference. The y axis is the share of each
+        group's images per bin, so groups of different sizes compare; the x axis is symmetric-log (linear near zero,
+        said on the axis) when the scores reach far beyond the validation films' spread.
+    """
+    if bins < 1:
+        raise ValueError(f"bins must be at least 1, got {bins}")
+    names = labels or {}
+    scores = {}
+    for group, values in groups.items():
+        array = np.asarray(values, dtype=np.float64).ravel()
+        array = array[np.isfinite(array)]
+        if array.size:
+            scores[group] = array
+    near = [g for g in scores if g.startswith("near-")]
+    far = [g for g in scores if not g.startswith("near-")]
+    fig = _figure(8.4 if near else 5.6, 3.7)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    if not scores:
+        _note(fig.add_subplot(), "no gate scores")
+        return fig
+    every = np.concatenate([*scores.values(), [] if limit is None else [float(limit)]])
+    reference = scores.get("val", scores[far[0]] if far else every)
+    edges, linthresh = _score_axis(every, reference, bins)
+    panels = [("Validation, test and far out-of-distribution", far)] if far else []
+    if near:
+        panels.append(("Near out-of-distribution (made from test films)", (["val"] if "val" in scores else []) + near))
+    axes = fig.subplots(1, len(panels), squeeze=False, sharex=True, sharey=True)[0]
+    near_colours = iter(_NEAR_COLOURS * len(near))
+    for ax, (name, members) in zip(axes, panels, strict=True):
+        for group in members:
+            values = scores[group]
+            label = f"{names.get(group, group)} ({values.size:,})"
+            weights = np.full(values.size, 1 / values.size)
+            if group == "val":  # the real films, filled, under the outlines of the rest
+                ax.hist(values, bins=edges, weights=weights, color="0.6", alpha=0.45, label=label)
+                continue
+            colour = _GROUP_COLOURS.get(group) or next(near_colours)
+            ax.hist(values, bins=edges, weights=weights, histtype="step", linewidth=1.6, color=colour, label=label)
+        if limit is not None:
+            ax.axvline(limit, color=_VAL, linestyle="--", linewidth=1.6, label=f"limit {limit:.3f} (refused above)")
+        if linthresh is not None:
+            ax.set_xscale("symlog", linthresh=linthresh, linscale=1.0)
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))  # 100, not 10^2
+            ax.set_xlabel(f"gate score (symmetric log scale, linear within \N{PLUS-MINUS SIGN}{linthresh:.3g})")
+        else:
+            ax.set_xlabel("gate score")
+        ax.set_title(name, fontsize=10)
+        ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7.5, loc="best", framealpha=0.85)
+    axes[0].set_ylabel("share of the group's images")
+    return fig
+
+
+def plot_risk_coverage(curves: Sequence[RiskCoverage], *, title: str | None = None) -> Figure:
+    """Risk-coverage curves: accuracy of the answered films against the share answered, with the band's point.
+
+    Args:
+        curves: one `RiskCoverage` per split (validation, test), from `gating_analysis`.
+        title: figure title.
+
+    Returns:
+        A figure with one curve per split, ending at the share of films the gate let through, and a diamond at the
+        coverage and accuracy of the fitted referral band.
+    """
+    fig = _figure(6.0, 3.9)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    ax = fig.add_subplot()
+    ax.set_xlim(0, 1.01)
+    ax.set_xlabel("share of films answered (coverage)")
+    ax.set_ylabel("accuracy of the answered films")
+    ax.xaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
+    ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
+    ax.set_title("Risk-coverage: most confident films (|p \N{MINUS SIGN} threshold|) answered first", fontsize=10)
+    ax.grid(alpha=0.3)
+    drawn = [c for c in curves if c.coverage.size]
+    if not drawn:
+        _note(ax, "no film passed the gate" if curves else "no predictions with gate refusals")
+        return fig
+    lowest = 1.0
+    for curve in drawn:
+        colour = _VAL if curve.label.startswith("validation") else _TRAIN
+        ax.plot(
+            curve.coverage,
+            curve.accuracy,
+            color=colour,
+            linewidth=1.6,
+            drawstyle="steps-post",
+            label=f"{curve.label} (the gate passes {curve.passed:.1%})",
+        )
+        # the first few films say little: the axis starts where a tenth of the curve's films are answered
+        settled = curve.accuracy[curve.coverage >= 0.1 * curve.coverage[-1]]
+        lowest = min(lowest, float(settled.min()) if settled.size else float(curve.accuracy.min()))
+        if curve.band is None:
+            continue
+        coverage, accuracy = curve.band
+        if accuracy is None:
+            ax.plot([], [], "D", color=colour, label=f"{curve.label}: the referral band answers no film")
+            continue
+        ax.plot(
+            coverage,
+            accuracy,
+            "D",
+            color=colour,
+            markersize=8,
+            markeredgecolor="black",
+            label=f"{curve.label}: referral band ({coverage:.1%} answered, {accuracy:.1%} right)",
+        )
+        lowest = min(lowest, accuracy)
+    ax.set_ylim(max(0.0, lowest - 0.05), 1.005)
+    ax.legend(fontsize=7.5, loc="lower left")
+    return fig
+
+
+def _plot_gating_files(run: RunFiles, out: Path, dpi: int) -> dict[str, Path]:
+    """The gate's score histogram and the risk-coverage curves, when the run has the gate's files."""
+    found = gating_analysis(run)
+    if found is None:
+        return {}
+    written = {}
+    scored = {g["group"]: g["scores"] for g in found["groups"] if len(g["scores"])}
+    if scored:
+        limit = (found["gate"] or {}).get("limit")
+        labels = {group: GATE_GROUPS.get(group, (group, ""))[0] for group in scored}
+        fig = plot_gate_scores(
+            scored,
+            float(limit) if isinstance(limit, int | float) else None,
+            labels=labels,
+            title=f"{run.name}: input gate scores",
+        )
+        written["gate_scores"] = save_figure(fig, out / "gate_scores.png", dpi=dpi)
+    if found["curves"]:
+        fig = plot_risk_coverage(found["curves"], title=f"{run.name}: referral band")
+        written["risk_coverage"] = save_figure(fig, out / "risk_coverage.png", dpi=dpi)
+    return written
+
+
 def _file_name(kind: str, evaluation: Evaluation) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", f"{kind}_{evaluation.key}") + ".png"
 
@@ -407,6 +600,7 @@ def _plot_run_files(
             written[f"reliability_{evaluation.key}"] = save_figure(
                 fig, out / _file_name("reliability", evaluation), dpi=dpi
             )
+    written.update(_plot_gating_files(run, out, dpi))
     return written
 
 
@@ -421,7 +615,10 @@ def plot_run(
 
     The training history comes from ``history.csv`` (best epoch from ``env.json``); per evaluated split and variant
     (``test``, ``test_tta``, ...) the confusion matrix comes from ``metrics/`` (else the saved decisions), the ROC,
-    precision-recall and reliability plots from ``predictions/``. Missing files mean missing plots, not errors.
+    precision-recall and reliability plots from ``predictions/``. A run with an input gate also gets the histogram of
+    its gate scores (``gate/scores.csv``) and the risk-coverage curves of the variant it uses on validation and test
+    (``predictions/``, the refusals of ``gate/scores.csv``, the band's point from ``metrics/selective.json``),
+    whatever `splits` says. Missing files mean missing plots, not errors.
 
     Args:
         run_dir: a training run or an ensemble folder.
@@ -430,7 +627,8 @@ def plot_run(
         dpi: resolution of the PNG files.
 
     Returns:
-        ``{plot name: path}``, e.g. ``history``, ``confusion_test``, ``roc_pr_test_tta``, ``reliability_val``.
+        ``{plot name: path}``, e.g. ``history``, ``confusion_test``, ``roc_pr_test_tta``, ``reliability_val``,
+        ``gate_scores``, ``risk_coverage``.
 
     Raises:
         PneumolabError: the folder is not a run folder or one of its files is unreadable.

@@ -2,9 +2,11 @@
 
 Everything shown comes from the run folders' files (``metrics/``, ``predictions/``, ``history.csv``, ``env.json``,
 ``config.yaml``, ``operating_point.json``, ``split.csv``); what a file does not hold is said to be missing ("not
-evaluated", "not recorded"), never recomputed or guessed. Two analyses are derived from the saved test predictions
-(`pneumolab.report._analyses`): calibration before and after temperature scaling, and the test metrics without the
-images that share a patient or the bytes with a train/validation image. The HTML page embeds its images as data URIs
+evaluated", "not recorded"), never recomputed or guessed. Three analyses are derived from the saved predictions
+(`pneumolab.report._analyses`): calibration before and after temperature scaling, the test metrics without the
+images that share a patient or the bytes with a train/validation image, and, for a run with an input gate
+(``gate/scores.csv``, ``metrics/selective.json``), the risk-coverage curve beside what the gate and the referral band
+did. The HTML page embeds its images as data URIs
 and its CSS inline, so it makes no request of any kind when opened; the Markdown file links the same images, written
 under ``images/``.
 """
@@ -25,8 +27,14 @@ import numpy as np
 from pneumolab import __version__
 from pneumolab.errors import PneumolabError
 from pneumolab.fsutil import atomic_dir, write_text_atomic
-from pneumolab.report._analyses import FileHashes, calibration_before_after, overlap_removed, used_test_evaluation
-from pneumolab.report._runfiles import Evaluation, RunFiles, finite, read_run
+from pneumolab.report._analyses import (
+    FileHashes,
+    calibration_before_after,
+    gating_analysis,
+    overlap_removed,
+    used_test_evaluation,
+)
+from pneumolab.report._runfiles import GATE_GROUPS, SPLIT_NAMES, Evaluation, RunFiles, finite, read_run
 from pneumolab.report.plots import _plot_run_files
 
 __all__ = ["RANDOM_INIT_TEXT", "build_report", "describe_weights"]
@@ -47,6 +55,7 @@ METRIC_COLUMNS = (
     ("accuracy_at_0.5", "Accuracy at 0.5", "%"),
     ("ece", "ECE", ""),
 )
+GATING_PLOTS = ("gate_scores", "risk_coverage")  # drawn in the run's "Input gate and referral" part, not under Plots
 CARD_METRICS = ("accuracy", "recall", "specificity", "precision", "f1", "roc_auc", "average_precision")
 OVERLAP_METRICS = ("accuracy", "recall", "specificity", "roc_auc")
 
@@ -557,46 +566,230 @@ _PLOT_TITLES = {
 }
 
 
-def _plots(run: RunFiles, slug: str, images: Path) -> list[dict[str, str]]:
-    written = _plot_run_files(run, images / slug, splits=("test",))
+def _plot_entry(run: RunFiles, slug: str, key: str, path: Path, title: str, caption: str) -> dict[str, str]:
+    """A written plot as the templates show it: its Markdown link and its HTML data URI."""
+    return {
+        "key": key,
+        "title": title,
+        "caption": caption,
+        "alt": f"{run.name}: {title}",
+        "file": f"images/{slug}/{path.name}",
+        "data_uri": "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii"),
+    }
+
+
+def _plots(run: RunFiles, slug: str, written: dict[str, Path]) -> list[dict[str, str]]:
     # plain and TTA side by side, kind by kind, so the two variants can be compared at a glance
     order = ["history"] + [
         f"{kind}_test{variant}" for kind in ("confusion", "roc_pr", "reliability") for variant in ("", "_tta")
     ]
     plots = []
-    for key in sorted(written, key=lambda k: order.index(k) if k in order else len(order)):
-        path = written[key]
+    shown = [key for key in written if key not in GATING_PLOTS]
+    for key in sorted(shown, key=lambda k: order.index(k) if k in order else len(order)):
         kind, _, variant = key.partition("_test")
         title, caption = _PLOT_TITLES.get(kind, (key, ""))
         if key != "history":
             title += " (test + TTA)" if variant == "_tta" else " (test)"
-        plots.append(
+        plots.append(_plot_entry(run, slug, key, written[key], title, caption))
+    return plots
+
+
+# ---------------------------------------------------------------------------------------- input gate and referral
+
+_GATING_CAPTIONS = {
+    "gate_scores": (
+        "Input gate scores",
+        "Share of each group's images per bin of the gate's score (higher: less like the training films); the dashed "
+        "line is the limit, set on validation: above it an image is refused. DICOM files refused by their metadata "
+        "have no score and are not drawn.",
+    ),
+    "risk_coverage": (
+        "Risk-coverage",
+        "The films the gate let through, most confident first (largest |p - threshold|): accuracy of the answered "
+        "films against the share of all films answered; each curve ends at the share the gate passes. Diamonds: the "
+        "fitted referral band (from metrics/selective.json); its edges need not lie symmetrically about the "
+        "threshold, so a diamond can sit off its curve.",
+    ),
+}
+
+
+def _alpha(value: float) -> str:
+    return f"{100 * value:g} %"
+
+
+def _share_count(share: float | None, n: int | None) -> str:
+    """``3.4 % (8 of 234)``: a share of a class's films, with the count it stands for."""
+    if share is None:
+        return _MISSING
+    count = f" ({round(share * n):,} of {n:,})" if n else ""
+    return f"{_rate(share)} %{count}"
+
+
+def _gate_facts(gate: dict[str, Any]) -> list[tuple[str, str]]:
+    facts = [("Score", str(gate.get("score") or "not recorded"))]
+    layers = gate.get("layers")
+    if isinstance(layers, list) and layers:
+        facts.append(("Layers", ", ".join(str(layer) for layer in layers)))
+    facts.append(("Fit on", str(gate.get("fit_on") or "not recorded")))
+    limit = finite(gate.get("limit"))
+    facts.append(("Limit", f"{limit:.3f} (refused above)" if limit is not None else "not recorded"))
+    return facts  # where the limit was set is said in words beside the refusals
+
+
+def _band_facts(referral: dict[str, Any]) -> list[tuple[str, str]]:
+    """The band's facts, without its nominal level: that is shown only beside the realised shares (per class)."""
+    facts = [("Method", str(referral.get("method") or "not recorded"))]
+    facts.append(("Fit on", str(referral.get("fit_on") or "not recorded")))
+    threshold = finite(referral.get("threshold"))
+    if threshold is not None:
+        facts.append(("Threshold", f"{threshold:.3f} (the model's)"))
+    band = referral.get("band")
+    if isinstance(band, list) and len(band) == 2 and all(finite(v) is not None for v in band):
+        facts.append(("Referred", f"P(PNEUMONIA) from {float(band[0]):.3f} to {float(band[1]):.3f}"))
+    return facts
+
+
+def _refusal_groups(groups: list[dict[str, Any]]) -> list[dict[str, str]]:
+    rows = []
+    for group in groups:
+        name = group["group"]
+        description = GATE_GROUPS.get(name, (name, ""))[1]
+        rows.append(
             {
-                "key": key,
-                "title": title,
-                "caption": caption,
-                "alt": f"{run.name}: {title}",
-                "file": f"images/{slug}/{path.name}",
-                "data_uri": "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii"),
+                "group": name,
+                "description": description,
+                "n": _MISSING if group["n"] is None else f"{group['n']:,}",
+                "refused": _MISSING if group["refused"] is None else f"{group['refused']:,}",
+                "share": _rate(group["share"]),
             }
         )
-    return plots
+    return rows
+
+
+def _guarantee(alpha: float | None, test: dict[str, Any] | None) -> tuple[str | None, bool]:
+    """The sentence on the band's per-class guarantee on test (None without test figures), and whether it fails."""
+    if alpha is None or test is None:
+        return None, False
+    per_class = test.get("per_class") or {}
+    realised = [
+        (name, finite((per_class.get(name) or {}).get("wrong_answered")), (per_class.get(name) or {}).get("n"))
+        for name in ("NORMAL", "PNEUMONIA")
+    ]
+    realised = [(name, share, n) for name, share, n in realised if share is not None]
+    if not realised:
+        return None, False
+    above = [(name, share, n) for name, share, n in realised if share > alpha]
+    if above:
+        shares = " and ".join(f"{name} {_share_count(share, n)}" for name, share, n in above)
+        return (
+            f"On test the guarantee fails under the validation-test shift: {shares} of the films were answered "
+            f"wrongly, more than the nominal {_alpha(alpha)} per class that the band was fit for on validation. The "
+            "bound holds only for films exchangeable with validation, and the test films are not.",
+            True,
+        )
+    shares = " and ".join(f"{name} {_share_count(share, n)}" for name, share, n in realised)
+    return (
+        f"On test the realised shares of films answered wrongly, {shares}, stay within the nominal {_alpha(alpha)} "
+        "per class; the bound itself is promised only for films exchangeable with validation, which the test films "
+        "are not.",
+        False,
+    )
+
+
+def _selective_rows(summaries: dict[str, dict[str, Any]], alpha: float | None) -> tuple[list, list]:
+    """(one row per split: films, refused, referred, answered, accuracies; one row per split and class)."""
+    splits, classes = [], []
+    for split, summary in summaries.items():
+        name = SPLIT_NAMES.get(split, split)
+        n = summary.get("n")
+        splits.append(
+            {
+                "split": name,
+                "n": _count(finite(n)),
+                "refused": _count(finite(summary.get("refused"))),
+                "referred": _count(finite(summary.get("referred"))),
+                "answered": _count(finite(summary.get("answered"))),
+                "coverage": _rate(finite(summary.get("coverage"))),
+                "accuracy_answered": _rate(finite(summary.get("accuracy_answered"))),
+                "accuracy_all": _rate(finite(summary.get("accuracy_all"))),
+            }
+        )
+        for label, facts in (summary.get("per_class") or {}).items():
+            facts = facts or {}
+            wrong, total = finite(facts.get("wrong_answered")), facts.get("n")
+            total = int(total) if finite(total) is not None else None
+            above = alpha is not None and wrong is not None and wrong > alpha
+            classes.append(
+                {
+                    "split": name,
+                    "class": str(label),
+                    "n": _count(total),
+                    "answered": _share_count(finite(facts.get("answered")), total),
+                    "wrong_answered": _share_count(wrong, total),
+                    "alpha": _MISSING if alpha is None else _alpha(alpha),
+                    "verdict": _MISSING if wrong is None or alpha is None else ("above" if above else "within"),
+                    "above": above,
+                }
+            )
+    return splits, classes
+
+
+def _gating(run: RunFiles, slug: str, written: dict[str, Path]) -> dict[str, Any] | None:
+    """The "Input gate and referral" part of a run, formatted; None for a run without a gate (an ensemble)."""
+    found = gating_analysis(run)
+    if found is None:
+        return None
+    gate, referral = found["gate"], found["referral"]
+    alpha = finite((referral or {}).get("alpha"))
+    groups = {g["group"]: g for g in found["groups"]}
+    statement = None
+    if gate is not None or "test" in groups:
+        limit_set_on = (gate or {}).get("limit_set_on") or "validation (how: not recorded)"
+        statement = f"The limit was set on {limit_set_on}; nothing of the gate was fit on test."
+        test = groups.get("test")
+        if test is not None:
+            of = f" of the {test['n']:,}" if test["n"] is not None else " of the"
+            statement += (
+                f" The gate refused {_rate(test['share'])} %{of} test films: they are real chest X-rays, so this is a "
+                "false-refusal rate, reported here, not fit."
+            )
+    splits, classes = _selective_rows(found["summaries"], alpha)
+    guarantee, fails = _guarantee(alpha, found["summaries"].get("test"))
+    plots = {
+        key: _plot_entry(run, slug, key, written[key], *_GATING_CAPTIONS[key]) if key in written else None
+        for key in GATING_PLOTS
+    }
+    return {
+        "gate_facts": _gate_facts(gate) if gate is not None else [],
+        "statement": statement,
+        "groups": _refusal_groups(found["groups"]),
+        "band_facts": _band_facts(referral) if referral is not None else [],
+        "splits": splits,
+        "classes": classes,
+        "guarantee": guarantee,
+        "guarantee_fails": fails,
+        "gate_plot": plots["gate_scores"],
+        "risk_plot": plots["risk_coverage"],
+        "notes": found["notes"],
+    }
 
 
 def _run_section(run: RunFiles, slug: str, images: Path, hashes: FileHashes) -> dict[str, Any]:
     weights = describe_weights(_weights_source(run), ensemble=run.ensemble)
     errors = [e for tta in (False, True) if (ev := run.evaluation("test", tta)) and (e := _errors(ev))]
     used = used_test_evaluation(run)
+    written = _plot_run_files(run, images / slug, splits=("test",))
     return {
         "name": run.name,
         "anchor": slug,
         "path": str(run.path),
         "kind": "ensemble" if run.ensemble is not None else "trained model",
         "machine": _machine(run),
-        "plots": _plots(run, slug, images),
+        "plots": _plots(run, slug, written),
         "errors": errors,
         "calibration": _calibration(used, run.evaluation("val", used.tta)) if used is not None else None,
         "overlap": _overlap(run, used, hashes) if used is not None else None,
+        "gating": _gating(run, slug, written),
         "evaluated_test": run.evaluation("test") is not None or run.evaluation("test", True) is not None,
         "card": {
             "intended_use": INTENDED_USE,
