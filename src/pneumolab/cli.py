@@ -639,7 +639,13 @@ def explain_command(
 @app.command("serve")
 def serve_command(
     model: ModelOption = None,
-    host: Annotated[str, typer.Option(help="Interface to listen on (127.0.0.1: this machine only).")] = "127.0.0.1",
+    host: Annotated[
+        str,
+        typer.Option(
+            help="Interface to listen on (127.0.0.1: this machine only; any other needs --api-key or "
+            "--allow-unauthenticated-remote)."
+        ),
+    ] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.", min=0, max=65535)] = 8000,
     api_key: Annotated[
         str | None,
@@ -649,11 +655,32 @@ def serve_command(
     max_batch: Annotated[
         int, typer.Option(help="Most concurrent /v1/predict images in one model call (1: no batching).", min=1)
     ] = 16,
+    no_gate: NoGateFlag = False,
+    allow_unauthenticated_remote: Annotated[
+        bool,
+        typer.Option(
+            "--allow-unauthenticated-remote",
+            help="Listen on a --host beyond this machine with no API key: anyone who can reach the port may use "
+            "the model.",
+        ),
+    ] = False,
 ) -> None:
-    """Serve a model over HTTP: an upload page at /, JSON API at /v1/predict and /v1/explain, docs at /docs."""
+    """Serve a model over HTTP: an upload page at /, JSON API at /v1/predict and /v1/explain, docs at /docs.
+
+    Uploads that are not frontal chest X-rays get HTTP 422 with the input gate's reason (no label, no heatmap).
+    """
     from pneumolab.serve import serve
 
-    serve(model, host=host, port=port, api_key=api_key, backend=backend, max_batch=max_batch)
+    serve(
+        model,
+        host=host,
+        port=port,
+        api_key=api_key,
+        backend=backend,
+        max_batch=max_batch,
+        gate=not no_gate,
+        allow_unauthenticated_remote=allow_unauthenticated_remote,
+    )
 
 
 def main() -> None:

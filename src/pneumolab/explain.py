@@ -3,7 +3,8 @@
 The target layer is the model's own `ModelSpec.gradcam_layer` (the module whose output is the last feature map;
 for DenseNet a non-inplace ReLU after ``features``, since torchvision's in-place one breaks the hooks). The map is
 computed in fp32 for the PNEUMONIA logit, on the same preprocessed image the model classifies, and drawn over the
-X-ray beside the plain film.
+X-ray beside the plain film (``panel="both"``), or alone, enlarged, for a page that already shows the film
+(``panel="overlay"``).
 """
 
 from __future__ import annotations
@@ -14,14 +15,18 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from pneumolab.data.augment import eval_transform
 from pneumolab.data.io import load_xray_with_meta
-from pneumolab.errors import InputRefusedError, PneumolabError
+from pneumolab.errors import InputRefusedError, PneumolabError, SettingError
 from pneumolab.infer import Decision, TrainedModel
 
-__all__ = ["Explanation", "explain_image", "grad_cam"]
+__all__ = ["PANELS", "Explanation", "explain_image", "grad_cam"]
+
+PANELS = ("both", "overlay")
+"""What `explain_image` draws: the film and the overlay side by side, or the overlay alone (enlarged)."""
+_OVERLAY_SIDE = 512  # the overlay panel is enlarged by a whole factor towards this width, for a legible page
 
 
 @dataclass(frozen=True)
@@ -66,31 +71,76 @@ def grad_cam(trained: TrainedModel, image_u8: np.ndarray, target_class: int = 1)
     return np.clip(np.nan_to_num(heatmap), 0.0, 1.0).astype(np.float32)
 
 
-def _render(gray: np.ndarray, heatmap: np.ndarray, caption: str) -> bytes:
-    """The film and the film with the heatmap (jet colours, 40 %) side by side, with a caption, as PNG."""
+def _blend(gray: np.ndarray, heatmap: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The film as RGB in [0, 1], and the film with the heatmap over it (jet colours, 40 %)."""
     from matplotlib import colormaps
 
     film = np.repeat(gray[..., None], 3, axis=2).astype(np.float32) / 255.0
     colours = colormaps["jet"](heatmap)[..., :3].astype(np.float32)
-    overlay = np.clip(0.6 * film + 0.4 * colours, 0.0, 1.0)
-    side = np.concatenate([film, overlay], axis=1)
-    picture = Image.fromarray((side * 255).round().astype(np.uint8))
-    canvas = Image.new("RGB", (picture.width, picture.height + 22), "white")
-    canvas.paste(picture, (0, 22))
-    ImageDraw.Draw(canvas).text((6, 5), caption, fill="black")
+    return film, np.clip(0.6 * film + 0.4 * colours, 0.0, 1.0)
+
+
+def _png(canvas: Image.Image) -> bytes:
     buffer = io.BytesIO()
     canvas.save(buffer, "PNG")
     return buffer.getvalue()
 
 
+def _render(gray: np.ndarray, heatmap: np.ndarray, caption: str) -> bytes:
+    """The film and the film with the heatmap (jet colours, 40 %) side by side, with a caption, as PNG."""
+    film, overlay = _blend(gray, heatmap)
+    side = np.concatenate([film, overlay], axis=1)
+    picture = Image.fromarray((side * 255).round().astype(np.uint8))
+    canvas = Image.new("RGB", (picture.width, picture.height + 22), "white")
+    canvas.paste(picture, (0, 22))
+    ImageDraw.Draw(canvas).text((6, 5), caption, fill="black")
+    return _png(canvas)
+
+
+def _render_overlay(gray: np.ndarray, heatmap: np.ndarray, caption: str) -> bytes:
+    """The overlay alone, enlarged by a whole factor to about 512 px, under its caption wrapped to that width."""
+    _, overlay = _blend(gray, heatmap)
+    picture = Image.fromarray((overlay * 255).round().astype(np.uint8))
+    scale = max(1, _OVERLAY_SIDE // picture.width)
+    picture = picture.resize((picture.width * scale, picture.height * scale), Image.Resampling.BICUBIC)
+    font = ImageFont.load_default(size=15)
+    measure = ImageDraw.Draw(picture)
+    # the caption's parts are separated by two spaces: break between parts, never inside one
+    lines: list[str] = []
+    for part in caption.split("  "):
+        joined = f"{lines[-1]}  {part}" if lines else part
+        if lines and measure.textlength(joined, font=font) <= picture.width - 12:
+            lines[-1] = joined
+        else:
+            lines.append(part)
+    line_height = 20
+    top = 8 + line_height * len(lines)
+    canvas = Image.new("RGB", (picture.width, picture.height + top), "white")
+    canvas.paste(picture, (0, top))
+    draw = ImageDraw.Draw(canvas)
+    for i, line in enumerate(lines):
+        draw.text((6, 4 + i * line_height), line, fill="black", font=font)
+    return _png(canvas)
+
+
 def explain_image(
-    trained: TrainedModel, source: str | os.PathLike[str] | bytes, *, name: str | None = None
+    trained: TrainedModel, source: str | os.PathLike[str] | bytes, *, name: str | None = None, panel: str = "both"
 ) -> Explanation:
     """Read an X-ray file (or uploaded bytes), gate and classify it, and explain the PNEUMONIA score with Grad-CAM.
 
+    Args:
+        trained: The PyTorch model (Grad-CAM needs its graph).
+        source: A path, or the file's bytes.
+        name: The name used in messages (default: the path, or ``"<upload>"`` for bytes).
+        panel: ``"both"``: the film and the overlay side by side; ``"overlay"``: the overlay alone, enlarged to about
+            512 px wide, for a page that shows the film already.
+
     Raises:
         InputRefusedError: the input gate refused the file (no heatmap is drawn for what is not a chest X-ray).
+        SettingError: `panel` is not one of `PANELS`.
     """
+    if panel not in PANELS:
+        raise SettingError(f"panel: must be one of {', '.join(PANELS)}, got {panel!r}")
     image, meta = load_xray_with_meta(source, size=trained.cache_size, name=name)
     decision = trained.assess(image[None], [meta])[0]
     if decision.status == "refused":
@@ -109,4 +159,5 @@ def explain_image(
         f"{verdict}  P(pneumonia) = {decision.probability:.3f}  threshold {trained.threshold:.3f}  "
         f"Grad-CAM: {trained.name}"
     )
-    return Explanation(heatmap, decision, _render(gray, heatmap, caption))
+    render = _render_overlay if panel == "overlay" else _render
+    return Explanation(heatmap, decision, render(gray, heatmap, caption))

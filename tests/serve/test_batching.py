@@ -11,9 +11,9 @@ import pytest
 from pneumolab.serve.batching import MicroBatcher
 
 
-def _brightness(images: np.ndarray) -> np.ndarray:
+def _brightness(images: list[np.ndarray]) -> np.ndarray:
     """A per-image answer that tells the images apart, so a mix-up within a batch would show."""
-    return images.reshape(len(images), -1).mean(axis=1) / 255
+    return np.stack(images).reshape(len(images), -1).mean(axis=1) / 255
 
 
 def _images(n: int) -> list[np.ndarray]:
@@ -22,7 +22,7 @@ def _images(n: int) -> list[np.ndarray]:
 
 async def _ask_all(batcher: MicroBatcher, images: list[np.ndarray]) -> list[float]:
     try:
-        return await asyncio.gather(*(batcher.probability(image) for image in images))
+        return await asyncio.gather(*(batcher.submit(image) for image in images))
     finally:
         await batcher.close()
 
@@ -32,7 +32,7 @@ def test_waiting_requests_are_answered_in_shared_calls_of_at_most_max_batch():
         batcher = MicroBatcher(_brightness, pool, max_batch=4)
         images = _images(10)
         answers = asyncio.run(_ask_all(batcher, images))
-    assert answers == pytest.approx([float(_brightness(image[None])[0]) for image in images])
+    assert answers == pytest.approx([float(_brightness([image])[0]) for image in images])
     assert list(batcher.batch_sizes) == [4, 4, 2]
 
 
@@ -40,7 +40,7 @@ def test_a_lone_request_runs_alone_and_a_wait_gathers_later_arrivals():
     async def staggered(batcher: MicroBatcher) -> list[float]:
         async def later(image: np.ndarray, delay: float) -> float:
             await asyncio.sleep(delay)
-            return await batcher.probability(image)
+            return await batcher.submit(image)
 
         try:
             return await asyncio.gather(*(later(image, 0.01 * i) for i, image in enumerate(_images(3))))
@@ -57,7 +57,7 @@ def test_a_lone_request_runs_alone_and_a_wait_gathers_later_arrivals():
 
 
 def test_a_failing_call_fails_every_request_of_its_batch():
-    def broken(images: np.ndarray) -> np.ndarray:
+    def broken(images: list[np.ndarray]) -> np.ndarray:
         raise RuntimeError("model exploded")
 
     with ThreadPoolExecutor(1) as pool:
@@ -70,11 +70,11 @@ def test_a_failing_call_fails_every_request_of_its_batch():
 def test_a_request_that_gave_up_is_left_out_of_the_next_call():
     async def one_gives_up(batcher: MicroBatcher) -> float:
         images = _images(2)
-        hurried = asyncio.ensure_future(asyncio.wait_for(batcher.probability(images[0]), 0.01))
+        hurried = asyncio.ensure_future(asyncio.wait_for(batcher.submit(images[0]), 0.01))
         with pytest.raises(TimeoutError):
             await hurried  # cancelled while the batcher still waits for company
         try:
-            return await batcher.probability(images[1])
+            return await batcher.submit(images[1])
         finally:
             await batcher.close()
 

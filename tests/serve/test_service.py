@@ -88,6 +88,8 @@ def test_predict_matches_the_library(client, trained, name, content_type, make):
     assert body["probability"] == pytest.approx(probability, abs=1e-4)
     assert body["label"] == ("PNEUMONIA" if probability >= trained.threshold else "NORMAL")
     assert body["threshold"] == trained.threshold and body["model"] == "resnet18"
+    # an untrained model has no content gate and no referral band: these pass the metadata check and are answered
+    assert body["status"] == "answered" and body["gate"] == trained.gate_status
 
 
 def test_explain_returns_a_png_with_label_headers(client, trained):
@@ -102,8 +104,11 @@ def test_explain_returns_a_png_with_label_headers(client, trained):
 
 
 def test_health_model_card_page_and_docs(client, trained):
-    assert client.get("/health").json() == {"status": "ok", "model": "resnet18"}
-    assert client.get("/v1/model").json() == {**trained.card(), "backend": "pytorch", "max_batch": 16}
+    gate = trained.gate_status
+    assert gate.startswith("metadata only")  # no fitted content gate
+    assert client.get("/health").json() == {"status": "ok", "model": "resnet18", "gate": gate}
+    card = {**trained.card(), "gate": gate, "gate_facts": None, "backend": "pytorch", "max_batch": 16}
+    assert client.get("/v1/model").json() == card
     page = client.get("/")
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
     assert "/v1/predict" in page.text and "/v1/explain" in page.text
