@@ -11,6 +11,7 @@ Sources: scikit-image data (BSD-3 and public-domain pictures, `skimage/data/READ
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 from collections.abc import Iterator
@@ -142,33 +143,36 @@ def write_far_ood_corpus(dest: str | os.PathLike[str], seed: int = 0) -> list[Pa
     return files
 
 
-def dicom_test_files(modalities: set[str] | None = None) -> list[tuple[Path, str]]:
-    """pydicom's bundled test files that hold pixel data: ``(path, Modality or "")``, optionally only `modalities`.
-
-    Empty when pydicom is not installed. Files pydicom would fetch from the network are not asked for.
-    """
+@functools.lru_cache(maxsize=1)
+def _dicom_test_files() -> tuple[tuple[Path, str], ...]:
     try:
         import pydicom
-        from pydicom.data import get_testdata_files
+        import pydicom.data
     except ImportError:
-        return []
+        return ()
     import warnings
 
+    # the files inside the package only: pydicom's get_testdata_files would also try to download more
+    folder = Path(pydicom.data.__file__).parent / "test_files"
     found = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # pydicom warns about its own deliberately odd test files
-        for name in sorted(get_testdata_files("*")):
-            path = Path(name)
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
             try:
-                ds = pydicom.dcmread(path, stop_before_pixels=False, force=True)
-            except Exception:  # a deliberately broken test file
+                ds = pydicom.dcmread(path, force=True, defer_size="1 KB")  # pixel data left on disk
+            except Exception:  # a deliberately broken test file, or not DICOM at all
                 continue
-            if "PixelData" not in ds:
-                continue
-            modality = str(ds.get("Modality") or "").strip().upper()
-            if modalities is None or modality in modalities:
-                found.append((path, modality))
-    return found
+            if "PixelData" in ds:
+                found.append((path, str(ds.get("Modality") or "").strip().upper()))
+    return tuple(found)
+
+
+def dicom_test_files(modalities: set[str] | None = None) -> list[tuple[Path, str]]:
+    """pydicom's bundled test files that hold pixel data: ``(path, Modality or "")``, optionally only `modalities`.
+
+    Empty when pydicom is not installed. Only the files shipped in the package are listed (no download).
+    """
+    return [(path, modality) for path, modality in _dicom_test_files() if modalities is None or modality in modalities]
 
 
 def near_ood(films: np.ndarray, kind: str) -> np.ndarray:
