@@ -12,7 +12,10 @@ Every corpus is made at run time; nothing is fit here (the gate and band come fr
 * selective prediction on validation and test at the card's band (`evaluate_artefact`): coverage, accuracy of the
   answered films, and per class the share answered wrongly against the band's nominal alpha.
 
-    python benchmarks/gate.py --model default --data ../shared/data/chest_xray [--json OUT.json]
+    python benchmarks/gate.py --model default --data ../shared/data/chest_xray [--backend onnx] [--json OUT.json]
+
+``--backend onnx`` measures the same goals (bar selective prediction, a PyTorch evaluation) through ONNX Runtime,
+whose fp32 network is scored by the gate fit in fp32.
 
 ``--compare`` instead measures the candidate scores the gate was chosen from (max softmax, energy, class-conditional
 Mahalanobis at each depth with channel-mean or mean + std pooling, and their max / mean over depth sets), fit on the
@@ -35,6 +38,7 @@ from pneumolab.data.io import load_xray_with_meta
 from pneumolab.data.ood import NEAR_KINDS, dicom_test_files, near_ood, write_far_ood_corpus
 from pneumolab.evaluate.runner import evaluate_artefact
 from pneumolab.infer import collect_image_paths, load_trained, predict_files
+from pneumolab.onnx_backend import BACKENDS, load_backend
 
 
 def _share(rows, status: str) -> float:
@@ -81,11 +85,16 @@ def _odd_encodings(films: list[Path], dest: Path) -> dict[str, list[Path]]:
 PARTS = ("far", "near", "test", "odd", "selective")
 
 
-def goals(model: str, data: Path, parts: tuple[str, ...] = PARTS) -> dict:
-    trained = load_trained(model)
+def goals(model: str, data: Path, parts: tuple[str, ...] = PARTS, backend: str = "pytorch") -> dict:
+    trained = load_backend(model, backend)
     if trained.gate is None:
         raise SystemExit(f"{model}: no fitted gate (pneumolab gate MODEL --data DIR --out DIR)")
-    result: dict = {"model": str(trained.source), "gate": trained.gate.describe(), "referral": trained.band.describe()}
+    result: dict = {
+        "model": model,
+        "backend": f"{backend} ({trained.compute_precision}), gate fit in {trained.gate.precision}",
+        "gate": trained.gate.describe(),
+        "referral": trained.band.describe(),
+    }
     test_files, _ = collect_image_paths([str(data / "test")])
     with tempfile.TemporaryDirectory() as tmp:
         if "far" in parts:
@@ -106,7 +115,7 @@ def goals(model: str, data: Path, parts: tuple[str, ...] = PARTS) -> dict:
                 odd[encoding] = {"n": len(files), "unreadable": len(failures),
                                  "answered_not_refused": 1 - _share(encoded_rows, "refused")}  # fmt: skip
             result["odd_encodings"] = odd
-    for split in ("val", "test") if "selective" in parts else ():
+    for split in ("val", "test") if "selective" in parts and backend == "pytorch" else ():
         metrics = evaluate_artefact(model, data=data, split=split, n_resamples=200, progress=False)
         result[f"selective_{split}"] = metrics["selective"]
     return result
@@ -136,7 +145,7 @@ def compare(model: str, data: Path) -> list[dict]:
     from pneumolab.gate import FeatureGate
 
     trained = load_trained(model)
-    trained.gate = None
+    trained.gates = None
     layers = tuple(group.prefixes[-1] for group in trained.model.spec.freeze_groups)
     cache, _ = prepare_cache(data, size=trained.cache_size, progress=False)
     settings = trained.validation_split
@@ -188,10 +197,14 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--compare", action="store_true")
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="which goals to measure")
+    parser.add_argument("--backend", choices=BACKENDS, default="pytorch")
     parser.add_argument("--json", type=Path, help="also write the result here")
     args = parser.parse_args()
     started = time.perf_counter()
-    result = compare(args.model, args.data) if args.compare else goals(args.model, args.data, tuple(args.parts))
+    if args.compare:
+        result = compare(args.model, args.data)
+    else:
+        result = goals(args.model, args.data, tuple(args.parts), args.backend)
     if not args.compare:
         print(json.dumps(result, indent=2))
     print(f"wall {time.perf_counter() - started:.0f} s")

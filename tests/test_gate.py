@@ -12,13 +12,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from pneumolab.data.io import XrayMeta, load_xray_with_meta
+from pneumolab.data.io import XrayMeta, load_xray, load_xray_with_meta
 from pneumolab.data.ood import NEAR_KINDS, far_ood_pictures, near_ood, write_far_ood_corpus
 from pneumolab.errors import InputRefusedError, PneumolabError, SettingError
 from pneumolab.explain import explain_image
-from pneumolab.gate import FeatureGate, check_metadata
+from pneumolab.gate import FeatureGate, GateSet, check_metadata
+from pneumolab.hardware import cpu_has_bf16, resolve_precision
 from pneumolab.infer import load_trained, predict_files
 from pneumolab.referral import ReferralBand
 from tests.data.test_io import dicom_bytes, dicom_dataset, encode
@@ -93,6 +95,29 @@ def test_feature_gate_keeps_its_share_of_real_data_and_refuses_shifted_data():
         FeatureGate(keep=1.0)
 
 
+def test_gate_set_keeps_one_gate_per_precision_and_round_trips():
+    rng = np.random.default_rng(2)
+    train, labels = _clusters(rng, 1000)
+    val, _ = _clusters(rng, 500)
+    shifted_val = [x + 0.3 for x in val]  # another precision's features: a little off
+    bf16 = FeatureGate(keep=0.99, layers=("a", "b"), precision="bf16").fit(train, labels, val)
+    fp32 = FeatureGate(keep=0.99, layers=("a", "b"), precision="fp32").fit(train, labels, shifted_val)
+    gates = GateSet([bf16, fp32])
+    facts = json.loads(json.dumps(gates.describe()))
+    assert facts["precision"] == "bf16" and facts["limit"] == bf16.limit_
+    assert facts["limits"] == {"bf16": bf16.limit_, "fp32": fp32.limit_} and bf16.limit_ != fp32.limit_
+    again = GateSet.from_saved(facts, gates.arrays())
+    for name, gate in (("bf16", bf16), ("fp32", fp32)):
+        chosen = again.for_precision(name)
+        assert chosen.precision == name and chosen.limit_ == gate.limit_
+        np.testing.assert_allclose(chosen.score(val), gate.score(val), rtol=1e-6)
+    assert again.for_precision("fp16").precision == "fp32"  # fp16 is nearer fp32 than bf16
+    # a card written before per-precision gates: one gate, taken as bf16
+    old_facts = {k: v for k, v in bf16.describe().items() if k != "precision"}
+    old = GateSet.from_saved(old_facts, bf16.arrays())
+    assert list(old.gates) == ["bf16"] and old.for_precision("fp32").limit_ == bf16.limit_
+
+
 def test_referral_band_bounds_each_class_error_on_exchangeable_data():
     rng = np.random.default_rng(1)
 
@@ -135,6 +160,22 @@ def bundled():
 
 def _test_films(shared_data: Path, per_class: int) -> list[Path]:
     return [p for c in ("NORMAL", "PNEUMONIA") for p in sorted((shared_data / "test" / c).iterdir())[:per_class]]
+
+
+def test_each_precision_scores_with_the_gate_fit_in_it(shared_data):
+    fp32 = load_trained(None, device=torch.device("cpu"))
+    fp32.precision = resolve_precision("fp32", fp32.device)
+    assert fp32.gate.precision == "fp32" and fp32.gate_status == "on"
+    films = np.stack([load_xray(p, size=fp32.cache_size) for p in _test_films(shared_data, 8)])
+    fp32_scores = [d.gate_score for d in fp32.assess(films)]
+    if cpu_has_bf16():
+        bf16 = load_trained(None, device=torch.device("cpu"))
+        assert bf16.gate.precision == "bf16" and bf16.gate_status == "on"
+        bf16_scores = [d.gate_score for d in bf16.assess(films)]
+        # the features differ with the arithmetic, each gate scores its own: close, not equal
+        assert np.allclose(fp32_scores, bf16_scores, atol=0.5) and fp32_scores != bf16_scores
+    fp32.gates = GateSet([fp32.gates.gates["bf16"]])  # as a card from before per-precision gates: bf16 alone
+    assert "fit in bf16 while the network runs in fp32" in fp32.gate_status
 
 
 def test_bundled_gate_refuses_far_pictures_and_answers_real_films(bundled, shared_data, tmp_path):

@@ -183,7 +183,8 @@ def test_a_gated_model_exports_its_gate_and_refuses_the_same_files(tmp_path, sha
     export_onnx(bundled, out)  # checks the gate scores of both backends agree (<= 1e-3)
     assert (tmp_path / "default.gate.safetensors").is_file()
     onnx = load_backend(out, "onnx")
-    assert onnx.gate is not None and onnx.gate.limit_ == bundled.gate.limit_
+    assert onnx.gate is not None and onnx.gate.precision == "fp32" and onnx.gate.limit_ == bundled.gate.limit_
+    assert onnx.gate_status == "on"  # the fp32 graph scored by the gate fit in fp32
     pictures = [p for n, p in far_ood_pictures() if n in ("skimage-chelsea", "text-page0", "noise-gauss0")]
     files = []
     for i, pixels in enumerate(pictures):

@@ -81,15 +81,16 @@ def export_artefact(model: str | os.PathLike[str], out: str | os.PathLike[str]) 
         weights.write_bytes(save(state, metadata={"format": "pt", "architecture": trained.name}))
         card["weights_sha256"] = file_sha256(weights)
         card["weights_bytes"] = weights.stat().st_size
-        if trained.gate is not None:
+        if trained.gates is not None:
             card["gate_sha256"] = write_gate_arrays(trained, tmp / GATE_FILE)
         (tmp / "card.json").write_text(json.dumps(card, indent=2) + "\n")
     return out
 
 
 def write_gate_arrays(trained: TrainedModel, dest: Path) -> str:
-    """Write the model's content-gate arrays as safetensors; return the file's SHA-256 (for the card)."""
-    dest.write_bytes(save(trained.gate.arrays(), metadata={"format": "pt", "layers": ",".join(trained.gate.layers)}))
+    """Write the model's content-gate arrays (every precision's) as safetensors; return the file's SHA-256."""
+    gates = trained.gates
+    dest.write_bytes(save(gates.arrays(), metadata={"format": "pt", "layers": ",".join(gates.layers)}))
     return file_sha256(dest)
 
 
@@ -131,10 +132,10 @@ def export_onnx(
     size = trained.image_size
     example = torch.zeros(2, trained.model.in_chans, size, size)
     out = Path(out)
-    gated = trained.gate is not None
+    gated = trained.gates is not None
     # eval(): the exporter restores the wrapper's mode afterwards, recursively, onto the network too
-    graph = _WithGateFeatures(network, trained.gate.layers).eval() if gated else network
-    outputs = ["logits", *(f"gate.{i}" for i in range(len(trained.gate.layers) if gated else 0))]
+    graph = _WithGateFeatures(network, trained.gates.layers).eval() if gated else network
+    outputs = ["logits", *(f"gate.{i}" for i in range(len(trained.gates.layers) if gated else 0))]
     with atomic_path(out) as tmp:
         torch.onnx.export(
             graph,
@@ -168,7 +169,8 @@ def export_onnx(
             with torch.no_grad():
                 reference_features = [f.numpy() for f in graph(x)[1:]]
             onnx_features = session.run(outputs[1:], {"image": x.numpy()})
-            gate_gap = float(np.abs(trained.gate.score(reference_features) - trained.gate.score(onnx_features)).max())
+            fp32_gate = trained.gates.for_precision("fp32")  # the one the ONNX backend scores with
+            gate_gap = float(np.abs(fp32_gate.score(reference_features) - fp32_gate.score(onnx_features)).max())
             if gate_gap > 1e-3:
                 raise PneumolabError(f"{out}: ONNX gate scores differ from PyTorch by {gate_gap:.2e} (limit 1e-3)")
     card = {

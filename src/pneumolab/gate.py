@@ -14,6 +14,11 @@ Two checks, in this order:
    depths; the limit is the validation quantile that keeps `keep` of the real films (default 99.5 %). Nothing is
    fit on test.
 
+The features move with the precision the network runs in: bf16 autocast shifts them enough that a gate fit on bf16
+features refused 5 % of the real test films when the same network ran in fp32 (ONNX Runtime), against 1.3 % in
+bf16. So a gate is fit once per precision a model may run in (`GateSet`: the run's own, and fp32 for ONNX), and each
+backend scores with the one fit in its precision.
+
 Which depths, pooling and combination were chosen, and against what (max softmax, energy, single depths, max vs
 mean over depths), is measured in ``benchmarks/gate.py`` and written in BENCHMARKS.md.
 """
@@ -36,6 +41,7 @@ from pneumolab.errors import SettingError
 __all__ = [
     "PROJECTION_MODALITIES",
     "FeatureGate",
+    "GateSet",
     "XrayMeta",
     "check_metadata",
     "default_gate_layers",
@@ -100,13 +106,15 @@ class FeatureGate(BaseEstimator):
     Args:
         keep: Share of validation films the limit keeps (answers), e.g. 0.995.
         layers: Names of the tapped modules (recorded for the card; the features arrive in this order).
+        precision: The precision the network ran in when the features were computed (``bf16``, ``fp32``, ...).
     """
 
-    def __init__(self, keep: float = 0.995, layers: Sequence[str] = ()) -> None:
+    def __init__(self, keep: float = 0.995, layers: Sequence[str] = (), precision: str = "fp32") -> None:
         if not 0.5 <= keep < 1:
             raise SettingError(f"gate keep: must be in [0.5, 1), got {keep}")
         self.keep = keep
         self.layers = tuple(layers)
+        self.precision = precision
 
     def fit(self, train: Sequence[np.ndarray], labels: np.ndarray, val: Sequence[np.ndarray]) -> FeatureGate:
         """Fit class means and covariances on `train` features (one array N x D per layer, with `labels`), then the
@@ -172,6 +180,7 @@ class FeatureGate(BaseEstimator):
             "keep": self.keep,
             "limit_set_on": f"validation ({self.n_val_} films): the {self.keep:.1%} quantile of their scores",
             "fit_on": f"training split ({self.n_train_} films)",
+            "precision": self.precision,
             "n_train": self.n_train_,
             "n_val": self.n_val_,
         }
@@ -179,7 +188,8 @@ class FeatureGate(BaseEstimator):
     @classmethod
     def from_saved(cls, facts: dict[str, Any], tensors: dict[str, torch.Tensor]) -> FeatureGate:
         """Rebuild a fitted gate from `describe()` and `arrays()` output (KeyError when a part is missing)."""
-        gate = cls(keep=float(facts["keep"]), layers=facts["layers"])
+        # cards written before the gate was fit per precision hold one gate, fit in bf16 on the CPU
+        gate = cls(keep=float(facts["keep"]), layers=facts["layers"], precision=facts.get("precision", "bf16"))
         count = len(gate.layers)
         gate.means_ = [tensors[f"means.{i}"].numpy() for i in range(count)]
         gate.precisions_ = [tensors[f"precision.{i}"].numpy() for i in range(count)]
@@ -187,3 +197,44 @@ class FeatureGate(BaseEstimator):
         gate.limit_ = float(facts["limit"])
         gate.n_train_, gate.n_val_ = int(facts["n_train"]), int(facts["n_val"])
         return gate
+
+
+class GateSet:
+    """One content gate per precision the model may run in (fit on the same films), and the choice between them.
+
+    The card records the first gate's facts (the precision the run was evaluated in, whose scores the report draws)
+    plus ``limits`` by precision; the arrays file holds each gate's arrays under ``<precision>/``.
+    """
+
+    def __init__(self, gates: Sequence[FeatureGate]) -> None:
+        if not gates:
+            raise ValueError("a GateSet needs at least one fitted gate")
+        self.gates = {gate.precision: gate for gate in gates}
+        self.primary = gates[0]
+
+    @property
+    def layers(self) -> tuple[str, ...]:
+        return self.primary.layers
+
+    def for_precision(self, precision: str) -> FeatureGate:
+        """The gate fit in `precision`; else the fp32 one (closest to fp16), else the primary."""
+        return self.gates.get(precision) or self.gates.get("fp32") or self.primary
+
+    def describe(self) -> dict[str, Any]:
+        return {**self.primary.describe(), "limits": {name: gate.limit_ for name, gate in self.gates.items()}}
+
+    def arrays(self) -> dict[str, torch.Tensor]:
+        return {f"{name}/{key}": value for name, gate in self.gates.items() for key, value in gate.arrays().items()}
+
+    @classmethod
+    def from_saved(cls, facts: dict[str, Any], tensors: dict[str, torch.Tensor]) -> GateSet:
+        """Rebuild from `describe()` and `arrays()` output; a card from before per-precision gates gives one gate."""
+        limits = facts.get("limits")
+        if not limits:
+            return cls([FeatureGate.from_saved(facts, tensors)])
+        gates = []
+        for name, limit in limits.items():
+            prefix = f"{name}/"
+            own = {key[len(prefix) :]: value for key, value in tensors.items() if key.startswith(prefix)}
+            gates.append(FeatureGate.from_saved({**facts, "limit": limit, "precision": name}, own))
+        return cls(gates)

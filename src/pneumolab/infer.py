@@ -25,7 +25,7 @@ from pneumolab.data.io import IMAGE_SUFFIXES, XrayMeta, load_xray, load_xray_wit
 from pneumolab.data.tta import apply_view
 from pneumolab.errors import ImageReadError, PneumolabError
 from pneumolab.fsutil import file_sha256
-from pneumolab.gate import FeatureGate, check_metadata, tap_features
+from pneumolab.gate import FeatureGate, GateSet, check_metadata, tap_features
 from pneumolab.hardware import Precision, default_device, resolve_precision
 from pneumolab.models import Classifier, create_model
 from pneumolab.referral import ReferralBand
@@ -93,13 +93,23 @@ class InferenceSteps:
     temperature: float
     threshold: float
     tta: tuple[str, ...]
-    gate: FeatureGate | None
+    gates: GateSet | None
     band: ReferralBand | None
     gate_enabled: bool
 
     @property
     def _input_device(self) -> torch.device:
         raise NotImplementedError
+
+    @property
+    def compute_precision(self) -> str:
+        """The precision the network runs in (``bf16``, ``fp32``, ``fp16``): it picks the gate fit in it."""
+        raise NotImplementedError
+
+    @property
+    def gate(self) -> FeatureGate | None:
+        """The content gate for this backend's precision (None: no gate fitted)."""
+        return None if self.gates is None else self.gates.for_precision(self.compute_precision)
 
     def _network(self, batch: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -138,29 +148,39 @@ class InferenceSteps:
             return GATE_OFF
         if self.gate is None:
             return "metadata only: this model has no fitted content gate (pneumolab gate MODEL --data DIR)"
+        if self.gate.precision != self.compute_precision:
+            return (f"on, with the gate fit in {self.gate.precision} while the network runs in "
+                    f"{self.compute_precision}: expect more refusals of real films")  # fmt: skip
         return "on"
 
-    def assess(self, images_u8: np.ndarray, metas: Sequence[XrayMeta | None] | None = None) -> list[Decision]:
+    @torch.no_grad()
+    def assess(
+        self, images_u8: np.ndarray, metas: Sequence[XrayMeta | None] | None = None, *, batch_size: int = 64
+    ) -> list[Decision]:
         """Gate, classify and decide a batch of uint8 images (the model's TTA views), with their files' metadata.
 
-        The content gate's features come from the plain view's forward pass, so the gate costs no extra pass.
+        The content gate's features come from the plain view's forward pass, and every view starts from the one
+        preprocessed batch, so the gate costs no extra pass.
         """
         images = _as_batch(images_u8)
         metas = list(metas) if metas is not None else [None] * len(images)
         views = self.tta or ("identity",)
-        content = self.gate_enabled and self.gate is not None
-        if content:
-            plain, features = self.gate_features(images, self.gate.layers)
-            scores = self.gate.score(features)
+        gate = self.gate if self.gate_enabled else None
+        logits, scores = [], []
+        for start in range(0, len(images), batch_size):
+            x = self._preprocess(images[start : start + batch_size])
+            if gate is None:
+                logits.append(self._views_logits(x, views))
+                scores.extend([None] * len(x))
+                continue
+            plain, features = self._network_and_features(x, gate.layers)
+            scores.extend(gate.score(features))
             rest = [v for v in views if v != "identity"]
-            total = plain * (len(views) - len(rest))
+            total = plain.float().cpu() * (len(views) - len(rest))
             if rest:
-                total = total + self.logits(images, views=rest) * len(rest)
-            logits = total / len(views)
-        else:
-            scores = [None] * len(images)
-            logits = self.logits(images, views=views)
-        probabilities = self.probabilities(logits)
+                total = total + self._views_logits(x, rest) * len(rest)
+            logits.append(total / len(views))
+        probabilities = self.probabilities(torch.cat(logits)) if logits else np.empty(0)
         return [
             self.decide(float(p), None if s is None else float(s), meta)
             for p, s, meta in zip(probabilities, scores, metas, strict=True)
@@ -197,15 +217,19 @@ class InferenceSteps:
         Each view costs one forward pass per batch, never one per image.
         """
         images = _as_batch(images_u8)
-        outputs = []
-        for start in range(0, len(images), batch_size):
-            x = self._preprocess(images[start : start + batch_size])
-            total = None
-            for view in views:
-                out = self._network(apply_view(view, x, self.normalize)).float()
-                total = out if total is None else total + out
-            outputs.append((total / len(views)).cpu())
+        outputs = [
+            self._views_logits(self._preprocess(images[start : start + batch_size]), views)
+            for start in range(0, len(images), batch_size)
+        ]
         return torch.cat(outputs) if outputs else torch.empty(0, len(CLASSES))
+
+    def _views_logits(self, x: torch.Tensor, views: Sequence[str]) -> torch.Tensor:
+        """Mean logits (float32, CPU) of one preprocessed batch over `views`."""
+        total = None
+        for view in views:
+            out = self._network(apply_view(view, x, self.normalize)).float()
+            total = out if total is None else total + out
+        return (total / len(views)).cpu()
 
     def probabilities(self, logits: torch.Tensor) -> np.ndarray:
         """Calibrated P(PNEUMONIA): softmax of the temperature-scaled logits."""
@@ -238,7 +262,7 @@ class TrainedModel(InferenceSteps):
     threshold_method: str = "fixed 0.5"
     tta: tuple[str, ...] = ()
     validation_split: dict[str, Any] | None = None  # {"fraction", "seed"} of the carve the model was tuned on
-    gate: FeatureGate | None = None  # the content gate, fit on the training split (None: not fitted)
+    gates: GateSet | None = None  # the content gate per precision, fit on the training split (None: not fitted)
     band: ReferralBand | None = None  # the referral band, fit on validation (None: not fitted)
     gate_enabled: bool = True  # False: research use, every file answered (--no-gate)
     device: torch.device = field(default_factory=default_device)
@@ -254,6 +278,10 @@ class TrainedModel(InferenceSteps):
     @property
     def _input_device(self) -> torch.device:
         return self.device
+
+    @property
+    def compute_precision(self) -> str:
+        return self.precision.name
 
     def _network(self, batch: torch.Tensor) -> torch.Tensor:
         batch = batch.contiguous(memory_format=torch.channels_last)
@@ -280,7 +308,7 @@ class TrainedModel(InferenceSteps):
             "tta": list(self.tta),
             "validation_split": self.validation_split,
             "weights_source": self.weights_source,
-            "gate": self.gate.describe() if self.gate is not None else None,
+            "gate": self.gates.describe() if self.gates is not None else None,
             "referral": self.band.describe() if self.band is not None else None,
         }
 
@@ -327,12 +355,12 @@ def _load_artefact(folder: Path, device: torch.device | None) -> TrainedModel:
 
 
 def load_gate(facts: dict[str, Any], arrays_file: Path, sha_key: str | None = None) -> dict[str, Any]:
-    """``{"gate": FeatureGate | None, "band": ReferralBand | None}`` from a card or operating point's facts and the
+    """``{"gates": GateSet | None, "band": ReferralBand | None}`` from a card or operating point's facts and the
     gate's arrays file (checked against ``facts[sha_key]`` when given)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    loaded: dict[str, Any] = {"gate": None, "band": None}
+    loaded: dict[str, Any] = {"gates": None, "band": None}
     if facts.get("referral"):
         loaded["band"] = ReferralBand.from_saved(facts["referral"])
     if facts.get("gate"):
@@ -341,7 +369,7 @@ def load_gate(facts: dict[str, Any], arrays_file: Path, sha_key: str | None = No
         if sha_key is not None:
             check_against_card(arrays_file, facts, sha_key)
         try:
-            loaded["gate"] = FeatureGate.from_saved(facts["gate"], load_file(str(arrays_file)))
+            loaded["gates"] = GateSet.from_saved(facts["gate"], load_file(str(arrays_file)))
         except (KeyError, SafetensorError) as error:
             raise PneumolabError(f"{arrays_file}: not the gate its card describes ({error})") from None
     return loaded
@@ -424,7 +452,7 @@ def load_trained(path: str | os.PathLike[str] | None = None, *, device: torch.de
         trained.threshold_method = point["method"]
         trained.tta = tuple(point.get("tta", ()))
         gate = load_gate(point, RunDir(path).gate)
-        trained.gate, trained.band = gate["gate"], gate["band"]
+        trained.gates, trained.band = gate["gates"], gate["band"]
     config = path / "config.yaml" if path.is_dir() else None
     if config is not None and config.is_file():
         data = load_config(config).data

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import torch
 
 from pneumolab.errors import PneumolabError, did_you_mean
-from pneumolab.gate import FeatureGate
+from pneumolab.gate import GateSet
 from pneumolab.hardware import resolve_precision
 from pneumolab.infer import (
     InferenceSteps,
@@ -53,7 +53,7 @@ class OnnxModel(InferenceSteps):
     tta: tuple[str, ...]
     info: dict[str, Any]  # the card as written beside the .onnx file
     pytorch: TrainedModel | None = None  # the same weights in PyTorch (fp32), when at hand: for Grad-CAM
-    gate: FeatureGate | None = None
+    gates: GateSet | None = None
     band: ReferralBand | None = None
     gate_enabled: bool = True
     backend: ClassVar[str] = "onnx"
@@ -61,6 +61,10 @@ class OnnxModel(InferenceSteps):
     @property
     def _input_device(self) -> torch.device:
         return _CPU
+
+    @property
+    def compute_precision(self) -> str:
+        return "fp32"  # the exported graph is fp32 (CPUExecutionProvider)
 
     def __post_init__(self) -> None:
         self._feed = self.session.get_inputs()[0].name  # looked up once, not per batch and view

@@ -149,6 +149,10 @@ def test_model_cards_carry_use_data_training_metrics_and_limitations(
         in markdown
     )
     assert "| Members | lite0-imagenet, resnet50-scratch |" in markdown
+    # the gated run's card bounds what its gate shows; the two without one say that they label anything
+    cards = markdown.split("### Model card:")[1:]
+    assert "The input gate refuses what is unlike the training films" in cards[0]
+    assert all("No input gate: this model labels anything that decodes" in card for card in cards[1:])
 
 
 def test_error_analysis_counts_match_the_predictions(report_runs: list[Path], built_report: dict[str, Path]) -> None:

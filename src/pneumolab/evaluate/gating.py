@@ -20,7 +20,8 @@ from pneumolab.data.io import load_xray_with_meta
 from pneumolab.data.ood import NEAR_KINDS, dicom_test_files, far_ood_pictures, near_ood
 from pneumolab.errors import ImageReadError
 from pneumolab.fsutil import atomic_path
-from pneumolab.gate import FeatureGate, check_metadata, default_gate_layers
+from pneumolab.gate import FeatureGate, GateSet, check_metadata, default_gate_layers
+from pneumolab.hardware import resolve_precision
 from pneumolab.infer import InferenceSteps
 from pneumolab.progress import progress_bar
 from pneumolab.referral import ReferralBand
@@ -61,15 +62,28 @@ def fit_gate(
     *,
     keep: float = DEFAULT_KEEP,
     progress: bool = True,
-) -> FeatureGate:
-    """Fit the content gate: class statistics on the training films, standardisation and limit on validation."""
+) -> GateSet:
+    """Fit the content gate: class statistics on the training films, standardisation and limit on validation.
+
+    Once in the model's own precision and, when that is not fp32, once more in fp32 (what ONNX Runtime runs), so
+    each backend scores with a gate fit on features like its own (`GateSet`).
+    """
     network = getattr(trained, "model", None)
     if network is None:
         raise TypeError("fitting a gate needs the PyTorch model (TrainedModel)")
     layers = default_gate_layers(network)
-    train = collect_gate_features(trained, train_images, layers, label="gate: train", progress=progress)
-    val = collect_gate_features(trained, val_images, layers, label="gate: val", progress=progress)
-    return FeatureGate(keep=keep, layers=layers).fit(train, train_labels, val)
+    own = trained.precision
+    gates = []
+    try:
+        for precision in dict.fromkeys([own.name, "fp32"]):
+            trained.precision = resolve_precision(precision, trained.device)
+            tag = f"gate ({precision})"
+            train = collect_gate_features(trained, train_images, layers, label=f"{tag}: train", progress=progress)
+            val = collect_gate_features(trained, val_images, layers, label=f"{tag}: val", progress=progress)
+            gates.append(FeatureGate(keep=keep, layers=layers, precision=precision).fit(train, train_labels, val))
+    finally:
+        trained.precision = own
+    return GateSet(gates)
 
 
 def fit_band(labels: np.ndarray, probabilities: np.ndarray, threshold: float, *, alpha: float = DEFAULT_ALPHA):

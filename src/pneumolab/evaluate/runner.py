@@ -235,7 +235,7 @@ def _fit_gating(
     Returns the facts for the operating point."""
     manifest_labels = cache.manifest["label"].to_numpy()
     trained.band = fit_band(labels["val"], probabilities["val"], threshold)
-    trained.gate = fit_gate(
+    trained.gates = fit_gate(
         trained,
         np.asarray(cache.images[rows["train"]]),
         manifest_labels[rows["train"]],
@@ -250,7 +250,7 @@ def _fit_gating(
         write_gate_arrays(trained, tmp)
     write_gate_scores(run.path / "gate" / "scores.csv", table)
     summary: dict[str, Any] = {
-        "gate": trained.gate.describe(),
+        "gate": trained.gates.describe(),
         "referral": trained.band.describe(),
         "refused_share": table.groupby("group", sort=False)["refused"].mean().to_dict(),
     }
@@ -264,7 +264,7 @@ def _fit_gating(
             referred=trained.band.refers(probabilities[split]),
         )
     write_json_atomic(run.path / "metrics" / SELECTIVE, summary)
-    return {"gate": trained.gate.describe(), "referral": trained.band.describe()}
+    return {"gate": trained.gates.describe(), "referral": trained.band.describe()}
 
 
 def evaluate_artefact(
@@ -366,7 +366,7 @@ def gate_artefact(
     val_images = np.asarray(cache.images[rows["val"]])
     logits, _ = _timed_logits(trained, val_images, trained.tta or ("identity",), progress, "val")
     trained.band = fit_band(labels[rows["val"]], trained.probabilities(logits), trained.threshold, alpha=alpha)
-    trained.gate = fit_gate(
+    trained.gates = fit_gate(
         trained,
         np.asarray(cache.images[rows["train"]]),
         labels[rows["train"]],
@@ -375,7 +375,7 @@ def gate_artefact(
         progress=progress,
     )
     card = read_card(source / "card.json")
-    card.update(gate=trained.gate.describe(), referral=trained.band.describe())
+    card.update(gate=trained.gates.describe(), referral=trained.band.describe())
     out = Path(out)
     with atomic_dir(out) as tmp:
         (tmp / "model.safetensors").write_bytes((source / "model.safetensors").read_bytes())

@@ -520,6 +520,18 @@ def _limitations(run: RunFiles, weights: str) -> list[str]:
             "Trained from random initialisation, not from ImageNet weights: on about 5,000 images such models usually "
             "generalise worse than ImageNet-initialised ones."
         )
+    if run.gate_facts is None:
+        items.append(
+            "No input gate: this model labels anything that decodes (a photo, a CT slice); serve it only behind a "
+            "check that the input is a frontal chest X-ray."
+        )
+    else:
+        items.append(
+            "The input gate refuses what is unlike the training films, measured on pictures, other modalities and "
+            "altered test films; it was never measured on adult films, other hospitals' films or other X-ray body "
+            "parts, and it is no proof that an answered image is a chest X-ray. The referral band was fit on "
+            "validation, which is easier than test; see the section Input gate and referral for how it held."
+        )
     temperature = None
     for evaluation in run.evaluations.values():
         temperature = temperature or evaluation.metric("temperature")
