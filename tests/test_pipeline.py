@@ -79,6 +79,8 @@ def test_evaluate_writes_predictions_metrics_and_operating_point(dataset, tmp_pa
             "test",
             "--tta-views",
             "plan",
+            "--resamples",
+            "200",
             "--json",
         ],
         capture_output=True,
@@ -88,6 +90,13 @@ def test_evaluate_writes_predictions_metrics_and_operating_point(dataset, tmp_pa
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["accuracy"] == pytest.approx(test["accuracy"])
     assert (run / "metrics" / "test.json").stat().st_mtime == mtime
+
+    # a changed setting is not answered from the old files: another threshold rule, another operating point
+    evaluate_run(run, tta="plan", threshold_method="youden", n_resamples=200, progress=False)
+    again = json.loads((run / "operating_point.json").read_text())
+    assert again["evaluated_with"]["threshold_method"] == "youden" and again["method"] != point["method"]
+    assert (run / "metrics" / "test.json").stat().st_mtime > mtime
+    assert point["evaluated_with"]["checkpoint_sha256"] == again["evaluated_with"]["checkpoint_sha256"]
 
 
 def test_ensemble_of_two_runs(dataset, tmp_path):

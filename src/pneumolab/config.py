@@ -3,7 +3,8 @@
 A training run is described by one `TrainConfig`. It is read from YAML (unknown keys are errors, so a typo never
 passes silently), common settings are overridden by CLI flags through `apply_overrides`, and the resolved config is
 saved as ``config.yaml`` beside the checkpoints. The library receives the config object, never an ``args``
-namespace.
+namespace. Settings with a fixed set of values (model name against the registry, augmentation preset; the rest are
+literals) are checked when the config is read, with a "did you mean", so a typo fails before any data is touched.
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from pneumolab.errors import SettingError
+from pneumolab.data.augment import PRESETS
+from pneumolab.errors import PneumolabError, SettingError, did_you_mean
 from pneumolab.fsutil import write_text_atomic
+from pneumolab.models import list_models
 
 __all__ = [
     "AugmentSettings",
@@ -27,6 +30,7 @@ __all__ = [
     "StrictModel",
     "TrainConfig",
     "apply_overrides",
+    "check_setting",
     "dump_config",
     "load_config",
     "load_yaml_model",
@@ -40,6 +44,21 @@ class StrictModel(BaseModel):
 
 
 _M = TypeVar("_M", bound=BaseModel)
+
+
+def check_setting(check: Any, *args: Any, **kwargs: Any) -> None:
+    """Run a library check (a constructor, a resolver) inside a pydantic validator: its one-line error becomes the
+    validation error (pydantic reports ValueErrors only; an unknown name is a KeyError)."""
+    try:
+        check(*args, **kwargs)
+    except PneumolabError as error:
+        raise ValueError(str(error)) from None
+
+
+def _known(kind: str, value: str, known: Any) -> str:
+    if value not in known:
+        raise ValueError(str(did_you_mean(kind, value, known)))
+    return value
 
 
 class DataConfig(StrictModel):
@@ -60,11 +79,21 @@ class ModelConfig(StrictModel):
     head: Literal["linear", "plan", "attention"] = "linear"
     drop_rate: float = Field(0.2, ge=0, lt=1)
 
+    @field_validator("name")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        return _known("model", name, list_models())
+
 
 class AugmentSettings(StrictModel):
     """Which augmentation preset trains the model."""
 
     preset: str = "cxr"
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, preset: str) -> str:
+        return _known("augmentation preset", preset, PRESETS)
 
 
 class OptimConfig(StrictModel):
@@ -123,7 +152,8 @@ def _one_line(error: ValidationError, source: str) -> str:
     first = error.errors()[0]
     where = ".".join(str(p) for p in first["loc"]) or "config"
     more = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
-    return f"{source}: {where}: {first['msg']}{more}"
+    message = first["msg"].removeprefix("Value error, ")  # our checks' messages stand alone
+    return f"{source}: {where}: {message}{more}"
 
 
 def load_yaml_model(path: str | os.PathLike[str], model: type[_M]) -> _M:

@@ -14,10 +14,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 
-from pneumolab.config import DataConfig, StrictModel, TrainConfig, load_yaml_model
+from pneumolab.config import DataConfig, StrictModel, TrainConfig, check_setting, load_yaml_model
+from pneumolab.data.tta import resolve_views
 from pneumolab.errors import PneumolabError, SettingError
+from pneumolab.evaluate.calibration import ThresholdSelector
+from pneumolab.evaluate.ensemble import EnsembleCombiner
 from pneumolab.fsutil import write_json_atomic
 from pneumolab.progress import stderr_console
 from pneumolab.runs import RunDir
@@ -35,15 +38,32 @@ class ModelRun(StrictModel):
 
 
 class EvaluateSettings(StrictModel):
+    """How every model is evaluated: TTA views (a preset or comma-separated views), the threshold rule."""
+
     tta: str | None = "cxr"
     threshold: str = "balanced_accuracy"
     target_sensitivity: float | None = None
     resamples: int = Field(2000, ge=100)
 
+    @model_validator(mode="after")
+    def _checked(self) -> EvaluateSettings:
+        if self.tta:
+            check_setting(resolve_views, self.tta)
+        check_setting(ThresholdSelector, self.threshold, target_sensitivity=self.target_sensitivity)
+        return self
+
 
 class EnsembleSettings(StrictModel):
+    """How the models are combined (fit on validation), and which of them (None: every model of the config)."""
+
     method: str = "mean"
-    members: list[str] | None = None  # None: every model of the config
+    members: list[str] | None = None
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, method: str) -> str:
+        check_setting(EnsembleCombiner, method)
+        return method
 
 
 class PipelineConfig(StrictModel):
@@ -54,6 +74,18 @@ class PipelineConfig(StrictModel):
     models: list[ModelRun] = Field(min_length=1)
     evaluate: EvaluateSettings = Field(default_factory=EvaluateSettings)
     ensemble: EnsembleSettings | None = None
+
+    @model_validator(mode="after")
+    def _members_are_models(self) -> PipelineConfig:
+        names = [m.name for m in self.models]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"models: {twice} named more than once (each run needs its own folder)")
+        members = self.ensemble.members if self.ensemble is not None else None
+        unknown = sorted(set(members or []) - set(names))
+        if unknown:
+            raise ValueError(f"ensemble.members: {unknown} are not models of this config ({', '.join(names)})")
+        return self
 
 
 def load_pipeline_config(path: str | os.PathLike[str]) -> PipelineConfig:
@@ -147,10 +179,7 @@ def run_pipeline(
         timings[model.name] = round(time.perf_counter() - step_started, 1)
 
     report_runs = list(run_dirs)
-    members = (config.ensemble.members or names) if config.ensemble is not None else []
-    unknown = sorted(set(members) - set(names))
-    if unknown:
-        raise SettingError(f"ensemble.members: {unknown} are not models of this config")
+    members = (config.ensemble.members or names) if config.ensemble is not None else []  # checked on load
     ready = {Path(r).name for r in run_dirs}
     if len(members) >= 2 and not set(members) <= ready:
         _log(f"ensemble skipped: {', '.join(sorted(set(members) - ready))} not finished yet")

@@ -7,7 +7,12 @@ is the one with the higher validation ROC-AUC. Files written::
 
     RUN/predictions/{val,test}[_tta].csv   path, label, probability, prediction, logit
     RUN/metrics/{val,test}[_tta].json      the metric object with 95 % bootstrap intervals
-    RUN/operating_point.json               threshold, method, temperature, tta views
+    RUN/operating_point.json               threshold, method, temperature, tta views, and ``evaluated_with``:
+                                           the settings and checkpoint that made all of the above
+
+A finished evaluation is reused only when ``evaluated_with`` equals what a new one would be made with (the
+checkpoint's SHA-256, the dataset, TTA views, threshold rule, bootstrap resamples, gate and band settings), so a
+changed setting recomputes and an unchanged re-run costs one hash of ``best.pt``.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ from pneumolab.evaluate.gating import (
 )
 from pneumolab.evaluate.metrics import evaluate_predictions
 from pneumolab.export import write_gate_arrays
-from pneumolab.fsutil import atomic_dir, atomic_path, write_json_atomic
+from pneumolab.fsutil import atomic_dir, atomic_path, file_sha256, write_json_atomic
 from pneumolab.infer import GATE_FILE, TrainedModel, load_trained, read_card
 from pneumolab.progress import progress_bar
 from pneumolab.runs import RunDir
@@ -120,8 +125,33 @@ def _rows(run: RunDir, manifest: pd.DataFrame) -> dict[str, np.ndarray]:
     return rows
 
 
-def _newer(path: Path, than: Path) -> bool:
-    return path.is_file() and path.stat().st_mtime > than.stat().st_mtime
+# bump when evaluate_run writes different files or figures from the same settings, so older results are redone
+EVALUATION_FORMAT = 1
+
+
+def _evaluation_key(run: RunDir, root: Path | None, variants: dict[str, tuple[str, ...]], **settings: Any) -> dict:
+    """What an evaluation of `run` is made from: the key its saved results are reused on."""
+    return {
+        "format": EVALUATION_FORMAT,
+        "checkpoint_sha256": file_sha256(run.best),
+        "data": str(Path(root).resolve()) if root is not None else None,
+        "tta": list(variants.get("_tta", ())),
+        **settings,
+        "gate": {"keep": DEFAULT_KEEP, "alpha": DEFAULT_ALPHA},
+    }
+
+
+def _saved_evaluation(run: RunDir, wanted: list[Path], key: dict[str, Any]) -> dict[str, dict[str, Any]] | None:
+    """The saved metrics when every file is there and they were made with `key`; else None."""
+    if not run.operating_point.is_file() or not all(p.is_file() for p in wanted):
+        return None
+    try:
+        saved_key = json.loads(run.operating_point.read_text()).get("evaluated_with")
+    except json.JSONDecodeError:
+        return None
+    if saved_key != json.loads(json.dumps(key)):  # compared as JSON, as saved
+        return None
+    return {p.stem: json.loads(p.read_text()) for p in wanted}
 
 
 def _timed_logits(trained: TrainedModel, images: np.ndarray, views, progress: bool, label: str):
@@ -149,22 +179,35 @@ def evaluate_run(
 ) -> dict[str, dict[str, Any]]:
     """Evaluate a run on its validation and test images; return ``{"val": m, "test": m, "val_tta": ...}``.
 
-    Finished evaluations are reused (their files are newer than ``best.pt``) unless `force`.
+    A finished evaluation made with the same checkpoint, data and settings is reused unless `force` (module doc).
     """
     run = RunDir(run_dir)
     variants = {"": ("identity",)}
     if tta:
         variants["_tta"] = resolve_views(tta)
-    wanted = [run.path / "metrics" / f"{s}{v}.json" for v in variants for s in SPLITS]
-    done = [*wanted, run.path / "metrics" / SELECTIVE]
-    if not force and run.best.is_file() and all(_newer(p, run.best) for p in done):
-        return {p.stem: json.loads(p.read_text()) for p in wanted}
-
+    ThresholdSelector(threshold_method, target_sensitivity=target_sensitivity)  # a bad setting fails before any work
     config = load_config(run.config)
-    trained = load_trained(run.path)
     root = data or config.data.root
     if root is None:
         raise PneumolabError(f"{run.path}: the run names no dataset; pass --data DIR")
+    wanted = [run.path / "metrics" / f"{s}{v}.json" for v in variants for s in SPLITS]
+    wanted.append(run.path / "metrics" / SELECTIVE)
+    key = None
+    if run.best.is_file():
+        key = _evaluation_key(
+            run,
+            Path(root),
+            variants,
+            threshold_method=threshold_method,
+            target_sensitivity=target_sensitivity,
+            n_resamples=n_resamples,
+        )
+        saved = None if force else _saved_evaluation(run, wanted, key)
+        if saved is not None:
+            saved.pop(Path(SELECTIVE).stem)
+            return saved
+
+    trained = load_trained(run.path)
     cache, _ = prepare_cache(root, size=trained.cache_size, cache_root=config.data.cache_dir, progress=progress)
     rows = _rows(run, cache.manifest)
     labels = {s: cache.manifest["label"].to_numpy()[rows[s]] for s in SPLITS}
@@ -215,7 +258,8 @@ def evaluate_run(
     gating = _fit_gating(
         run, trained, cache, rows, labels, calibrated[chosen], points[chosen]["threshold"], progress=progress
     )
-    write_json_atomic(run.operating_point, {**points[chosen], "chosen_on": "validation", "variants": points, **gating})
+    point = {**points[chosen], "chosen_on": "validation", "variants": points, **gating, "evaluated_with": key}
+    write_json_atomic(run.operating_point, point)
     return results
 
 
