@@ -37,8 +37,9 @@ from PIL import Image
 from pneumolab.data.io import load_xray_with_meta
 from pneumolab.data.ood import NEAR_KINDS, dicom_test_files, near_ood, write_far_ood_corpus
 from pneumolab.evaluate.runner import evaluate_artefact
-from pneumolab.infer import collect_image_paths, load_trained, predict_files
-from pneumolab.onnx_backend import BACKENDS, load_backend
+from pneumolab.inference.files import collect_image_paths, predict_files
+from pneumolab.inference.loader import BACKENDS, load_backend
+from pneumolab.inference.pytorch import load_trained
 
 
 def _share(rows, status: str) -> float:

@@ -19,8 +19,9 @@ import numpy as np
 import torch
 
 from pneumolab.data.augment import eval_transform
-from pneumolab.export import export_onnx
-from pneumolab.infer import collect_image_paths, load_trained
+from pneumolab.inference.export import export_onnx
+from pneumolab.inference.files import collect_image_paths
+from pneumolab.inference.pytorch import load_trained
 
 
 def main() -> None:

@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from pneumolab.data.io import load_xray, load_xray_with_meta
-from pneumolab.onnx_backend import BACKENDS, load_backend
+from pneumolab.inference.loader import BACKENDS, load_backend
 
 GATED = "gated"  # the same views through the input gate and referral band
 

@@ -25,8 +25,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from pneumolab.infer import collect_image_paths
-from pneumolab.onnx_backend import BACKENDS
+from pneumolab.inference.files import collect_image_paths
+from pneumolab.inference.loader import BACKENDS
 
 
 def free_port() -> int:

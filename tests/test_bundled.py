@@ -12,7 +12,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from pneumolab.infer import bundled_model_dir, load_trained
+from pneumolab.inference.card import bundled_model_dir
+from pneumolab.inference.pytorch import load_trained
 
 CLI = [sys.executable, "-m", "pneumolab.cli"]
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pneumolab.explain import explain_image, grad_cam
+from pneumolab.inference.explain import explain_image, grad_cam
 from pneumolab.models import list_models
 from tests.serve import tiny_trained
 

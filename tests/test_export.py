@@ -10,8 +10,9 @@ import pytest
 from pneumolab.config import TrainConfig, apply_overrides
 from pneumolab.errors import PneumolabError
 from pneumolab.evaluate.runner import evaluate_run
-from pneumolab.export import export_artefact, export_onnx
-from pneumolab.infer import load_trained
+from pneumolab.inference.card import CARD_FORMAT
+from pneumolab.inference.export import export_artefact, export_onnx
+from pneumolab.inference.pytorch import load_trained
 from pneumolab.train.api import train
 
 
@@ -50,6 +51,11 @@ def test_artefact_reproduces_the_run_and_refuses_a_mismatched_card(evaluated_run
     (artefact / "card.json").write_text(json.dumps(card))
     with pytest.raises(PneumolabError, match="do not fit the card's resnet18"):
         load_trained(artefact)
+    # a card of another format is refused by name, not misread
+    for version, words in ((CARD_FORMAT + 1, "is a newer format"), (None, "is an older or unknown format")):
+        (artefact / "card.json").write_text(json.dumps({**card, "format": version}))
+        with pytest.raises(PneumolabError, match=f"card format {version!r} {words}"):
+            load_trained(artefact)
 
 
 def test_onnx_matches_pytorch(evaluated_run, tmp_path):

@@ -18,10 +18,11 @@ from PIL import Image
 from pneumolab.data.io import XrayMeta, load_xray, load_xray_with_meta
 from pneumolab.data.ood import NEAR_KINDS, far_ood_pictures, near_ood, write_far_ood_corpus
 from pneumolab.errors import InputRefusedError, PneumolabError, SettingError
-from pneumolab.explain import explain_image
 from pneumolab.gate import FeatureGate, GateSet, check_metadata
 from pneumolab.hardware import cpu_has_bf16, resolve_precision
-from pneumolab.infer import load_trained, predict_files
+from pneumolab.inference.explain import explain_image
+from pneumolab.inference.files import predict_files
+from pneumolab.inference.pytorch import load_trained
 from pneumolab.referral import ReferralBand
 from tests.data.test_io import dicom_bytes, dicom_dataset, encode
 

@@ -17,11 +17,12 @@ from safetensors.torch import save_file
 from pneumolab.data.io import load_xray
 from pneumolab.data.tta import TTA_PRESETS
 from pneumolab.errors import PneumolabError
-from pneumolab.export import build_card, export_onnx
 from pneumolab.fsutil import file_sha256
 from pneumolab.hardware import resolve_precision
-from pneumolab.infer import load_trained, predict_files
-from pneumolab.onnx_backend import load_backend
+from pneumolab.inference.export import build_card, export_onnx
+from pneumolab.inference.files import predict_files
+from pneumolab.inference.loader import load_backend
+from pneumolab.inference.pytorch import load_trained
 from pneumolab.serve.app import create_app
 from tests.serve import tiny_trained
 from tests.serve.test_service import png_bytes

@@ -5,20 +5,26 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pandas as pd
 import pytest
 import yaml
 
+from pneumolab import CLASSES
 from pneumolab.config import TrainConfig, apply_overrides
 from pneumolab.errors import PneumolabError, SettingError
 from pneumolab.evaluate.runner import ensemble_runs, evaluate_artefact, evaluate_run
-from pneumolab.export import export_artefact
-from pneumolab.infer import load_trained
+from pneumolab.inference.export import export_artefact
+from pneumolab.inference.files import predict_files
+from pneumolab.inference.loader import load_backend
+from pneumolab.inference.pytorch import load_trained
 from pneumolab.pipeline import load_pipeline_config, run_pipeline
 from pneumolab.train.api import train
 
@@ -113,6 +119,7 @@ def test_ensemble_of_two_runs(dataset, tmp_path):
     assert results["test"]["model"] == "ens" and not list(tmp_path.glob(".ens.*"))  # no temporary folder left
     with pytest.raises(Exception, match="at least two"):
         ensemble_runs(runs[:1], tmp_path / "ens1")
+    _check_ensemble_is_servable(tmp_path / "ens", dataset, tmp_path)
 
     # the folder is replaced whole, so a member (or any trained run) is never the destination
     member_files = sorted(p.relative_to(runs[0]) for p in runs[0].rglob("*"))
@@ -130,6 +137,62 @@ def test_ensemble_of_two_runs(dataset, tmp_path):
         with pytest.raises(PneumolabError, match="test images differ"):
             ensemble_runs([runs[0], other], out)
     assert (tmp_path / "ens" / "metrics" / "test.json").read_text() == before and not (tmp_path / "ens2").exists()
+
+
+def _check_ensemble_is_servable(ensemble: Path, root: Path, tmp_path: Path) -> None:
+    """predict, export and serve take the ensemble folder as a model; all give its own saved test predictions."""
+    saved = pd.read_csv(ensemble / "predictions" / "test.csv")
+    saved["path"] = [str(root / p) for p in saved["path"]]  # saved relative to the dataset
+    point = json.loads((ensemble / "operating_point.json").read_text())
+    loaded = load_backend(ensemble)
+    assert loaded.backend == "ensemble" and loaded.threshold == point["threshold"] and loaded.band is not None
+    loaded.gate_enabled = False  # tiny, barely trained members: compare probabilities on every film
+    rows, failures = predict_files(loaded, [Path(p) for p in saved["path"]])
+    assert not failures
+    np.testing.assert_allclose([r["probability"] for r in rows], saved["probability"], atol=2e-4)
+    assert [r["label"] for r in rows] == [CLASSES[int(v)] for v in saved["prediction"]]
+
+    cli = [sys.executable, "-m", "pneumolab.cli"]
+    predicted = subprocess.run(
+        [*cli, "predict", *saved["path"][:6], "--model", str(ensemble), "--csv", "--no-gate"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert predicted.returncode == 0, predicted.stderr
+    table = pd.read_csv(io.StringIO(predicted.stdout))
+    np.testing.assert_allclose(table["probability"], saved["probability"][:6], atol=2e-4)
+
+    artefact = tmp_path / "ens-artefact"
+    exported = subprocess.run([*cli, "export", str(ensemble), "--out", str(artefact)], capture_output=True, text=True,
+                              timeout=300)  # fmt: skip
+    assert exported.returncode == 0, exported.stderr
+    assert (artefact / "ensemble.json").is_file() and len(list((artefact / "members").iterdir())) == 2
+    again = load_backend(artefact)
+    again.gate_enabled = False
+    np.testing.assert_allclose(again.score(loaded.load_images(saved["path"][:6]))[0], saved["probability"][:6],
+                               atol=2e-4)  # fmt: skip
+
+    with socket.socket() as probe:  # a free port for the service
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([*cli, "serve", "--model", str(ensemble), "--port", str(port), "--no-gate"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(240):
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.5)
+        first = Path(saved["path"][0])
+        with first.open("rb") as handle:
+            answer = httpx.post(url + "/v1/predict", files={"file": (first.name, handle, "image/jpeg")}, timeout=60)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["probability"] == pytest.approx(saved["probability"][0], abs=2e-4)
+        assert httpx.get(url + "/v1/model", timeout=30).json()["backend"] == "ensemble"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 def _write_tiny_config(tmp_path: Path) -> Path:

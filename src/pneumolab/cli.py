@@ -344,7 +344,7 @@ def evaluate_command(
     the rest.
     """
     from pneumolab.evaluate.runner import evaluate_artefact, evaluate_run
-    from pneumolab.infer import DEFAULT_MODEL
+    from pneumolab.inference.card import DEFAULT_MODEL
 
     if split not in ("val", "test"):
         raise PneumolabError(f"--split must be val or test, not {split!r}")
@@ -499,8 +499,8 @@ def predict_command(
     """
     import csv
 
-    from pneumolab.infer import collect_image_paths, predict_files
-    from pneumolab.onnx_backend import load_backend
+    from pneumolab.inference.files import collect_image_paths, predict_files
+    from pneumolab.inference.loader import load_backend
 
     trained = load_backend(model, backend)
     trained.gate_enabled = not no_gate
@@ -549,14 +549,27 @@ def export_command(
     ] = None,
     json_out: JsonFlag = False,
 ) -> None:
-    """Export a model: safetensors weights + JSON card (default), or ONNX with a dynamic batch axis."""
-    from pneumolab.export import export_artefact, export_onnx
+    """Export a model: safetensors weights + JSON card (default), or ONNX with a dynamic batch axis.
+
+    An ensemble (run folder or artefact) becomes an ensemble artefact: ``ensemble.json`` and one artefact per member
+    under ``members/``; for ONNX, serve it with ``--backend onnx`` (each member is exported and checked on load).
+    """
+    from pneumolab.inference.ensemble import export_ensemble, is_ensemble
+    from pneumolab.inference.export import export_artefact, export_onnx
 
     target = out or Path("artefacts") / model.resolve().name
-    if target.suffix.lower() == ".onnx":
+    if model.is_dir() and is_ensemble(model):
+        if target.suffix.lower() == ".onnx":
+            raise PneumolabError(f"{model}: an ensemble exports as an artefact folder; run it with --backend onnx")
+        from pneumolab.inference.loader import load_backend
+
+        ensemble = load_backend(model)
+        result = {"artefact": str(export_ensemble(ensemble, target, export_artefact))}
+    elif target.suffix.lower() == ".onnx":
         images = None
         if check_data is not None:
-            from pneumolab.infer import collect_image_paths, load_trained
+            from pneumolab.inference.files import collect_image_paths
+            from pneumolab.inference.pytorch import load_trained
 
             trained = load_trained(model)
             files, _ = collect_image_paths([str(check_data)])
@@ -614,10 +627,13 @@ def explain_command(
 
     A file the input gate refuses (not a frontal chest X-ray) gets no heatmap: one line on stderr, exit status 2.
     """
-    from pneumolab.explain import explain_image
     from pneumolab.fsutil import atomic_path
-    from pneumolab.infer import load_trained
+    from pneumolab.inference.ensemble import is_ensemble
+    from pneumolab.inference.explain import explain_image
+    from pneumolab.inference.pytorch import load_trained
 
+    if model is not None and model.is_dir() and is_ensemble(model):
+        raise PneumolabError(f"{model}: Grad-CAM explains one network; explain an ensemble per member (--model MEMBER)")
     trained = load_trained(model)
     trained.gate_enabled = not no_gate
     explanation = explain_image(trained, image)

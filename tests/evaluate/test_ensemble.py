@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from scipy.special import expit
+from scipy.special import expit, logit
 from sklearn.exceptions import NotFittedError
 from sklearn.metrics import log_loss, roc_auc_score
 
@@ -126,3 +126,17 @@ def test_single_class_and_unfitted() -> None:
         EnsembleCombiner().fit(np.full((2, 3), 0.5), [1, 1, 1])
     with pytest.raises(NotFittedError):
         EnsembleCombiner().predict_proba(np.full((2, 3), 0.5))
+
+
+@pytest.mark.parametrize(("method", "c"), [("mean", 1.0), ("weighted", 1.0), ("stacking", 1.0), ("stacking", None)])
+def test_a_saved_combiner_predicts_as_the_fitted_one(method: str, c: float | None) -> None:
+    members, labels = members_and_labels(400, (0.5, 1.5))
+    fitted = EnsembleCombiner(method, C=c).fit(members, labels)
+    saved = json.loads(json.dumps(fitted.describe()))  # as an ensemble's card holds it
+    again = EnsembleCombiner.from_saved(saved)
+    fresh, _ = members_and_labels(200, (0.5, 1.5), seed=3)
+    np.testing.assert_allclose(again.predict_proba(fresh), fitted.predict_proba(fresh), rtol=0, atol=1e-12)
+    assert again.describe() == saved
+    if method == "stacking":  # the closed form is the logistic regression's own prediction
+        regression = fitted.model_.predict_proba(logit(fresh).T)[:, 1]  # no member is near 0 or 1 here: no clipping
+        np.testing.assert_allclose(fitted.predict_proba(fresh), regression, atol=1e-12)

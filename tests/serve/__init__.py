@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 import uvicorn
 
-from pneumolab.infer import TrainedModel
+from pneumolab.data.preprocess import Preprocessing
+from pneumolab.inference.pytorch import TrainedModel
 from pneumolab.models import create_model
 
 
@@ -23,10 +24,9 @@ def tiny_trained(name: str = "resnet18", size: int = 64) -> TrainedModel:
     return TrainedModel(
         model=model,
         name=name,
-        image_size=size,
-        crop_fraction=1.0,
-        normalize=(spec.gray_mean, spec.gray_std),
-        cache_size=size,
+        preprocessing=Preprocessing(
+            image_size=size, crop_fraction=1.0, normalize=(spec.gray_mean, spec.gray_std), cache_size=size
+        ),
         weights_source="random",
         source=Path("."),
         device=torch.device("cpu"),

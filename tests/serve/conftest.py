@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pneumolab.infer import TrainedModel, load_trained
+from pneumolab.inference.pytorch import TrainedModel, load_trained
 
 
 @pytest.fixture(scope="session")

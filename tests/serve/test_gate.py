@@ -17,7 +17,7 @@ from PIL import Image
 
 from pneumolab import CLASSES
 from pneumolab.errors import PneumolabError
-from pneumolab.infer import predict_files
+from pneumolab.inference.files import predict_files
 from pneumolab.serve.app import check_exposure, create_app
 from tests.serve import running_server, tiny_trained
 

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 from scipy.optimize import minimize
-from scipy.special import logit, softmax
+from scipy.special import expit, logit, softmax
 from sklearn.base import BaseEstimator
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import GridSearchCV, StratifiedKFold
@@ -113,6 +113,8 @@ class EnsembleCombiner(BaseEstimator):
             self.model_ = self._fit_stacker(_log_odds(members), y)
             self.weights_ = self.model_.coef_[0].copy()
             self.intercept_ = float(self.model_.intercept_[0])
+            self.C_ = float(self.model_.C)
+            self.C_chosen_by_ = "fixed" if self.C is not None else "cross-validated log-loss"
         return self
 
     @staticmethod
@@ -143,8 +145,8 @@ class EnsembleCombiner(BaseEstimator):
         members = _members(member_probabilities)
         if members.shape[0] != self.n_members_:
             raise SettingError(f"the combiner was fit on {self.n_members_} members, got {members.shape[0]}")
-        if self.method == "stacking":
-            return self.model_.predict_proba(_log_odds(members))[:, 1]
+        if self.method == "stacking":  # the logistic regression's own formula, from its saved coefficients
+            return expit(_log_odds(members) @ self.weights_ + self.intercept_)
         if self.method == "mean":
             return members.mean(axis=0)
         return self.weights_ @ members
@@ -159,6 +161,19 @@ class EnsembleCombiner(BaseEstimator):
             "combines": "log-odds",
             "coefficients": self.weights_.tolist(),
             "intercept": self.intercept_,
-            "C": float(self.model_.C),
-            "C_chosen_by": "fixed" if self.C is not None else "cross-validated log-loss",
+            "C": self.C_,
+            "C_chosen_by": self.C_chosen_by_,
         }
+
+    @classmethod
+    def from_saved(cls, facts: dict[str, Any]) -> EnsembleCombiner:
+        """A fitted combiner from `describe()` output (an ensemble artefact's card); KeyError when a part is missing."""
+        combiner = cls(facts["method"], C=facts.get("C", 1.0))
+        if combiner.method == "stacking":
+            combiner.weights_ = np.asarray(facts["coefficients"], dtype=np.float64)
+            combiner.intercept_ = float(facts["intercept"])
+            combiner.C_, combiner.C_chosen_by_ = float(facts["C"]), str(facts.get("C_chosen_by", "fixed"))
+        else:
+            combiner.weights_ = np.asarray(facts["weights"], dtype=np.float64)
+        combiner.n_members_ = len(combiner.weights_)
+        return combiner

@@ -22,7 +22,7 @@ from pneumolab.errors import ImageReadError
 from pneumolab.fsutil import atomic_path
 from pneumolab.gate import FeatureGate, GateSet, check_metadata, default_gate_layers
 from pneumolab.hardware import resolve_precision
-from pneumolab.infer import InferenceSteps
+from pneumolab.inference.steps import InferenceModel
 from pneumolab.progress import progress_bar
 from pneumolab.referral import ReferralBand
 
@@ -43,7 +43,7 @@ DEFAULT_ALPHA = 0.02  # per-class share of films the band may leave answered wro
 
 
 def collect_gate_features(
-    trained: InferenceSteps, images: np.ndarray, layers: tuple[str, ...], *, label: str = "gate", progress: bool = True
+    trained: InferenceModel, images: np.ndarray, layers: tuple[str, ...], *, label: str = "gate", progress: bool = True
 ) -> list[np.ndarray]:
     """The gate's features (one array per layer) of uint8 N x S x S images, in batches with a progress bar."""
     parts = []
@@ -55,7 +55,7 @@ def collect_gate_features(
 
 
 def fit_gate(
-    trained: InferenceSteps,
+    trained: InferenceModel,
     train_images: np.ndarray,
     train_labels: np.ndarray,
     val_images: np.ndarray,
@@ -124,7 +124,7 @@ def ood_corpus(cache_size: int, test_films: np.ndarray | None = None) -> dict[st
 
 
 def score_groups(
-    trained: InferenceSteps, groups: dict[str, tuple[list[str], np.ndarray]], *, progress: bool = True
+    trained: InferenceModel, groups: dict[str, tuple[list[str], np.ndarray]], *, progress: bool = True
 ) -> pd.DataFrame:
     """``group, name, gate_score, refused`` for each image of each group (metadata refusals score NaN)."""
     gate = trained.gate

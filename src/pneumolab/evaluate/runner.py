@@ -45,9 +45,10 @@ from pneumolab.evaluate.gating import (
     write_gate_scores,
 )
 from pneumolab.evaluate.metrics import evaluate_predictions
-from pneumolab.export import write_gate_arrays
 from pneumolab.fsutil import atomic_dir, atomic_path, file_sha256, write_json_atomic
-from pneumolab.infer import GATE_FILE, TrainedModel, load_trained, read_card
+from pneumolab.inference.card import GATE_FILE, read_card
+from pneumolab.inference.export import write_gate_arrays
+from pneumolab.inference.pytorch import TrainedModel, load_trained
 from pneumolab.progress import progress_bar
 from pneumolab.runs import RunDir
 
@@ -418,7 +419,7 @@ def gate_artefact(
         keep=keep,
         progress=progress,
     )
-    card = read_card(source / "card.json")
+    card = dict(read_card(source / "card.json").facts)
     card.update(gate=trained.gates.describe(), referral=trained.band.describe())
     out = Path(out)
     with atomic_dir(out) as tmp:
@@ -496,8 +497,9 @@ def ensemble_runs(
                 weights_source="ensemble",
                 model=target.path.name,
             )
+        band = fit_band(labels["val"], probabilities["val"], threshold)  # the ensemble's own, as a model's
         point = {"threshold": threshold, "method": selector.describe(), "temperature": None, "tta": []}
-        write_json_atomic(run.operating_point, {**point, "chosen_on": "validation"})
+        write_json_atomic(run.operating_point, {**point, "chosen_on": "validation", "referral": band.describe()})
         members_text = [str(m.path) for m in members]
         write_json_atomic(
             run.env, {"ensemble": {**combiner.describe(), "members": members_text}, "weights_source": "ensemble"}

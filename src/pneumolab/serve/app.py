@@ -1,6 +1,6 @@
 """The FastAPI app: gate, predict and explain uploaded X-rays with one model loaded once.
 
-Every upload first meets the model's input gate (`InferenceSteps.assess`): a file that is not a frontal chest X-ray
+Every upload first meets the model's input gate (`InferenceModel.assess`): a file that is not a frontal chest X-ray
 (by its DICOM metadata or its content) gets HTTP 422 ``{"detail": "<file>: not a frontal chest X-ray: ...", "file",
 "status": "refused", "reason", "gate_score", ...}`` and no label, probability or heatmap; one the model is unsure of is
 answered with ``status: "refer"`` (refer to a radiologist). Every response says what the gate does (``gate``: on,
@@ -38,8 +38,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from pneumolab.data.io import XrayMeta, load_xray_with_meta
 from pneumolab.errors import ImageReadError, InputRefusedError, PneumolabError
-from pneumolab.infer import Decision, TrainedModel
-from pneumolab.onnx_backend import OnnxModel, load_backend
+from pneumolab.inference.loader import load_backend
+from pneumolab.inference.steps import Decision, InferenceModel
 from pneumolab.serve.batching import MicroBatcher
 
 __all__ = ["ALLOWED_CONTENT_TYPES", "Prediction", "Refusal", "check_exposure", "create_app", "serve"]
@@ -183,7 +183,7 @@ def _index_html() -> str:
 
 
 def create_app(
-    trained: TrainedModel | OnnxModel,
+    trained: InferenceModel,
     *,
     max_upload_bytes: int = 32 * 2**20,
     max_pixels: int = 60_000_000,
@@ -197,8 +197,8 @@ def create_app(
     """Build the service around an already loaded model.
 
     Args:
-        trained: The model, loaded once (`pneumolab.infer.load_trained`, or `pneumolab.onnx_backend.load_backend`
-            for the ONNX backend, which explains only when it holds the PyTorch model too).
+        trained: The model, loaded once on either backend (`pneumolab.inference.loader.load_backend`); the ONNX one
+            explains only when it holds the PyTorch model too.
         max_upload_bytes: Largest accepted file; larger bodies get 413.
         max_pixels: Largest accepted image (width x height), checked before decoding.
         api_key: When set, every `/v1/*` request needs the header ``X-API-Key`` equal to it (401 otherwise).
@@ -213,7 +213,7 @@ def create_app(
         raise PneumolabError(f"workers: must be at least 1, got {workers}")
     trained = _with_gate(trained, gate)
     # Grad-CAM needs the PyTorch graph; the ONNX backend has it when it was loaded from PyTorch weights
-    gradcam_model = _with_gate(trained.pytorch, gate) if isinstance(trained, OnnxModel) else trained
+    gradcam_model = trained if trained.explainer is trained else _with_gate(trained.explainer, gate)
     gate_status = trained.gate_status
     model_lock = threading.Lock()  # Grad-CAM registers hooks on the model: one model call at a time
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pneumolab-serve")
@@ -294,7 +294,7 @@ def create_app(
         return await batcher.submit((image, meta)), meta
 
     def _explain(name: str, data: bytes, panel: str):
-        from pneumolab.explain import explain_image
+        from pneumolab.inference.explain import explain_image
 
         _, meta = _decode(name, data)  # the upload limits (max_pixels) before explain_image decodes it again
         with model_lock:
@@ -353,8 +353,8 @@ def create_app(
         """
         name, data = await _read_upload(file)
         if gradcam_model is None:
-            detail = f"{name}: Grad-CAM needs the PyTorch weights; this service runs an ONNX file alone"
-            raise HTTPException(501, detail + " (serve a run folder or artefact to explain)")
+            detail = f"{name}: Grad-CAM needs one PyTorch network; this service runs an ONNX file alone or an ensemble"
+            raise HTTPException(501, detail + " (serve a run folder or artefact to explain; an ensemble, per member)")
         explanation, meta = await _limited(name, _in_pool(_explain, name, data, panel))
         decision = explanation.decision
         headers = {

@@ -2,7 +2,8 @@
 
 The artefact is a folder with ``model.safetensors`` (the weights, no pickle) and ``card.json`` (architecture,
 preprocessing, classes, threshold, temperature, TTA views, metrics, data fingerprint and the SHA-256 of the weights
-file). `pneumolab.infer.load_trained` reads it like a run folder and refuses a card that does not match its weights.
+file). `pneumolab.inference.pytorch.load_trained` reads it like a run folder and refuses a card that does not match
+its weights.
 
 ONNX: the network alone (normalised N x 1 x H x W float in, 2 logits out) with a dynamic batch axis, checked
 against PyTorch fp32 on the images given; preprocessing, TTA and the threshold stay in pneumolab, described by the
@@ -22,17 +23,15 @@ import torch
 from safetensors.torch import save
 
 from pneumolab import __version__
-from pneumolab.data.augment import eval_transform
 from pneumolab.errors import PneumolabError
 from pneumolab.fsutil import atomic_dir, atomic_path, file_sha256, write_json_atomic
 from pneumolab.gate import tap_features
-from pneumolab.infer import GATE_FILE, TrainedModel, load_trained
+from pneumolab.inference.card import CARD_FORMAT, GATE_FILE
+from pneumolab.inference.pytorch import TrainedModel, load_trained
 from pneumolab.models import count_parameters
 from pneumolab.runs import RunDir
 
-__all__ = ["CARD_FORMAT", "build_card", "export_artefact", "export_onnx"]
-
-CARD_FORMAT = 1
+__all__ = ["build_card", "export_artefact", "export_onnx", "write_gate_arrays"]
 
 
 def _run_facts(source: Path) -> dict[str, Any]:
@@ -151,12 +150,7 @@ def export_onnx(
             check_images = np.random.default_rng(0).integers(
                 0, 256, (8, trained.cache_size, trained.cache_size), np.uint8
             )
-        x = eval_transform(
-            torch.as_tensor(check_images).unsqueeze(1),
-            image_size=size,
-            crop_fraction=trained.crop_fraction,
-            normalize=trained.normalize,
-        )
+        x = trained.preprocessing.transform(torch.as_tensor(check_images).unsqueeze(1))
         with torch.no_grad():
             reference = torch.softmax(network(x) / trained.temperature, 1)[:, 1].numpy()
         session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
@@ -170,9 +164,14 @@ def export_onnx(
                 reference_features = [f.numpy() for f in graph(x)[1:]]
             onnx_features = session.run(outputs[1:], {"image": x.numpy()})
             fp32_gate = trained.gates.for_precision("fp32")  # the one the ONNX backend scores with
-            gate_gap = float(np.abs(fp32_gate.score(reference_features) - fp32_gate.score(onnx_features)).max())
-            if gate_gap > 1e-3:
-                raise PneumolabError(f"{out}: ONNX gate scores differ from PyTorch by {gate_gap:.2e} (limit 1e-3)")
+            reference_scores = fp32_gate.score(reference_features)
+            gate_gap = float(np.abs(reference_scores - fp32_gate.score(onnx_features)).max())
+            # float32 sums differ relatively: far-out images (random check images) score in the tens
+            allowed = 1e-3 * max(1.0, float(np.abs(reference_scores).max()))
+            if gate_gap > allowed:
+                raise PneumolabError(
+                    f"{out}: ONNX gate scores differ from PyTorch by {gate_gap:.2e} (limit {allowed:.1e})"
+                )
     card = {
         **build_card(trained),
         "onnx_sha256": file_sha256(out),

@@ -1,16 +1,14 @@
 """The ONNX backend: the network in onnxruntime, preprocessing and TTA in the same torch code as the PyTorch one.
 
-`OnnxModel` has the inference interface of `TrainedModel` (`logits`, `probabilities`, `load_images`, `card`, the
-threshold, temperature and TTA views), so `predict_files`, the service and the benchmarks take either. It loads an
-``.onnx`` file with the card that `export_onnx` writes beside it (``model.onnx`` -> ``model.json``; the file's SHA-256
-is checked against the card), or exports a run folder, artefact or the bundled model to a temporary file first and
-then also keeps the PyTorch model, for Grad-CAM, which needs the PyTorch graph.
+`OnnxModel` is an `InferenceModel` like `TrainedModel`, so `predict_files`, the service and the benchmarks take
+either. `load_onnx` reads an ``.onnx`` file with the card that `export_onnx` writes beside it (``model.onnx`` ->
+``model.json``; the file's SHA-256 is checked against the card); `pneumolab.inference.loader` exports a run folder,
+artefact or the bundled model to a temporary file first and keeps the PyTorch model too, for Grad-CAM.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,36 +16,27 @@ from typing import Any, ClassVar
 
 import torch
 
-from pneumolab.errors import PneumolabError, did_you_mean
+from pneumolab.data.preprocess import Preprocessing
+from pneumolab.errors import PneumolabError
 from pneumolab.gate import GateSet
-from pneumolab.hardware import resolve_precision
-from pneumolab.infer import (
-    InferenceSteps,
-    TrainedModel,
-    card_settings,
-    check_against_card,
-    load_gate,
-    load_trained,
-    read_card,
-)
+from pneumolab.inference.card import check_against_card, load_gate, read_card
+from pneumolab.inference.pytorch import TrainedModel
+from pneumolab.inference.steps import InferenceModel
 from pneumolab.referral import ReferralBand
 
-__all__ = ["BACKENDS", "OnnxModel", "load_backend", "load_onnx"]
+__all__ = ["OnnxModel", "load_onnx"]
 
-BACKENDS = ("pytorch", "onnx")
 _CPU = torch.device("cpu")
 
 
 @dataclass
-class OnnxModel(InferenceSteps):
+class OnnxModel(InferenceModel):
     """An onnxruntime session on the CPU plus the preprocessing and operating point of the model's card."""
 
     session: Any  # onnxruntime.InferenceSession
     name: str
-    image_size: int
-    crop_fraction: float
-    normalize: tuple[float, float]
-    cache_size: int
+    source: Path
+    preprocessing: Preprocessing
     threshold: float
     temperature: float
     tta: tuple[str, ...]
@@ -65,6 +54,10 @@ class OnnxModel(InferenceSteps):
     @property
     def compute_precision(self) -> str:
         return "fp32"  # the exported graph is fp32 (CPUExecutionProvider)
+
+    @property
+    def explainer(self) -> TrainedModel | None:
+        return self.pytorch
 
     def __post_init__(self) -> None:
         self._feed = self.session.get_inputs()[0].name  # looked up once, not per batch and view
@@ -119,46 +112,21 @@ def load_onnx(path: str | os.PathLike[str], *, pytorch: TrainedModel | None = No
     if not card_file.is_file():
         raise PneumolabError(f"{card_file}: missing; {path.name} needs the card that `pneumolab export` writes")
     card = read_card(card_file)
-    check_against_card(path, card, "onnx_sha256")
+    check_against_card(path, card.facts, "onnx_sha256")
     session = _session(path)
-    gate = load_gate(card, path.with_suffix(".gate.safetensors"), "gate_sha256")
-    try:
-        model = OnnxModel(session=session, **card_settings(card), **gate, info=card, pytorch=pytorch)
-    except (KeyError, TypeError, ValueError) as error:
-        raise PneumolabError(f"{card_file}: not a model card ({type(error).__name__}: {error})") from None
+    model = OnnxModel(
+        session=session,
+        name=card.architecture,
+        source=path,
+        preprocessing=card.preprocessing,
+        threshold=card.threshold,
+        temperature=card.temperature,
+        tta=card.tta,
+        info=card.facts,
+        pytorch=pytorch,
+        **load_gate(card.facts, path.with_suffix(".gate.safetensors"), "gate_sha256"),
+    )
     side = session.get_inputs()[0].shape[2:]  # [batch, channels, H, W]; a mismatch would fail on every request
     if side != [model.image_size, model.image_size]:
         raise PneumolabError(f"{path}: takes {side} pixel input, but its card says {model.image_size}")
     return model
-
-
-def _export_and_load(model: str | os.PathLike[str] | None) -> OnnxModel:
-    """Export a run folder, artefact or the bundled model to a temporary ONNX file and load it from there."""
-    from pneumolab.export import export_onnx
-
-    # loaded once: exported from, and kept for Grad-CAM in fp32 (so an explanation shows onnxruntime's probability)
-    pytorch = load_trained(model, device=_CPU)
-    pytorch.precision = resolve_precision("fp32", _CPU)
-    with tempfile.TemporaryDirectory(prefix="pneumolab-onnx-") as tmp:
-        onnx_file = Path(tmp) / "model.onnx"
-        export_onnx(pytorch, onnx_file)  # checked against PyTorch fp32 (<= 1e-4 in probability)
-        return load_onnx(onnx_file, pytorch=pytorch)  # the session holds the graph: the file may go
-
-
-def load_backend(
-    model: str | os.PathLike[str] | None, backend: str = "pytorch", *, device: torch.device | None = None
-) -> TrainedModel | OnnxModel:
-    """Load `model` for inference on `backend`: ``pytorch`` (`load_trained`) or ``onnx``.
-
-    With ``onnx``, `model` is an ``.onnx`` file with its card, or anything `load_trained` reads (a run folder, an
-    artefact, None for the bundled model), exported on the fly. `device` applies to ``pytorch`` only; onnxruntime
-    runs on the CPU.
-    """
-    if backend not in BACKENDS:
-        raise did_you_mean("backend", backend, BACKENDS)
-    onnx_file = model is not None and Path(model).suffix.lower() == ".onnx"
-    if backend == "pytorch":
-        if onnx_file:
-            raise PneumolabError(f"{model}: an ONNX file needs the onnx backend (--backend onnx)")
-        return load_trained(model, device=device)
-    return load_onnx(model) if onnx_file else _export_and_load(model)

@@ -9,6 +9,7 @@ X-ray beside the plain film (``panel="both"``), or alone, enlarged, for a page t
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 from dataclasses import dataclass
@@ -17,10 +18,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from pneumolab.data.augment import eval_transform
 from pneumolab.data.io import load_xray_with_meta
 from pneumolab.errors import InputRefusedError, PneumolabError, SettingError
-from pneumolab.infer import Decision, TrainedModel
+from pneumolab.inference.pytorch import TrainedModel
+from pneumolab.inference.steps import Decision
 
 __all__ = ["PANELS", "Explanation", "explain_image", "grad_cam"]
 
@@ -59,12 +60,7 @@ def grad_cam(trained: TrainedModel, image_u8: np.ndarray, target_class: int = 1)
         raise PneumolabError('Grad-CAM needs the grad-cam package: pip install "pneumolab[explain]"') from None
 
     model = trained.model.float().eval()
-    x = eval_transform(
-        torch.as_tensor(image_u8)[None, None].to(trained.device),
-        image_size=trained.image_size,
-        crop_fraction=trained.crop_fraction,
-        normalize=trained.normalize,
-    ).contiguous()
+    x = trained.preprocessing.transform(torch.as_tensor(image_u8)[None, None].to(trained.device)).contiguous()
     layer = _module(model, model.spec.gradcam_layer)
     with GradCAM(model=model, target_layers=[layer]) as cam:
         heatmap = cam(input_tensor=x, targets=[ClassifierOutputTarget(target_class)])[0]
@@ -147,12 +143,9 @@ def explain_image(
         label = name or (str(source) if not isinstance(source, bytes) else "<upload>")
         raise InputRefusedError(label, decision.reason, decision.gate_score)
     heatmap = grad_cam(trained, image)
-    shown = eval_transform(
-        torch.as_tensor(image)[None, None],
-        image_size=trained.image_size,
-        crop_fraction=trained.crop_fraction,
-        normalize=(0.0, 1.0 / 255.0),  # undo nothing: the displayed film, in 0-255
-    )[0, 0]
+    # the same crop and resize, normalised to nothing: the displayed film, in 0-255
+    as_shown = dataclasses.replace(trained.preprocessing, normalize=(0.0, 1.0 / 255.0))
+    shown = as_shown.transform(torch.as_tensor(image)[None, None])[0, 0]
     gray = shown.clamp(0, 255).round().to(torch.uint8).cpu().numpy()
     verdict = decision.label if decision.status == "answered" else f"REFER ({decision.label}?)"
     caption = (

@@ -1,0 +1,202 @@
+"""An ensemble as one servable model: its members, the combiner fit on validation, its own operating point.
+
+`EnsembleModel` is an `InferenceModel`, so `predict`, `serve`, the benchmarks and `export` take it wherever they
+take one network. Each member runs with its own preprocessing, TTA views, temperature and input gate; the combiner
+(`EnsembleCombiner`, mean / weighted / stacking) turns their calibrated probabilities into the ensemble's, and the
+ensemble's threshold and referral band (fit on the ensemble's validation predictions) decide. A film is refused
+when any member's gate refuses it: each member knows only the films it was trained on.
+
+Two forms load: an ensemble run folder (``pneumolab run``'s ``ensemble/``: ``env.json`` names the member runs and
+the combiner, ``operating_point.json`` holds the threshold and band), and an ensemble artefact (``pneumolab export
+ENSEMBLE --out DIR``: ``DIR/ensemble.json`` and one artefact per member under ``DIR/members/``). Grad-CAM explains
+one network, so an ensemble is explained per member (`pneumolab explain IMAGE --model MEMBER`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from pneumolab import CLASSES, __version__
+from pneumolab.data.preprocess import Preprocessing
+from pneumolab.errors import PneumolabError
+from pneumolab.evaluate.ensemble import EnsembleCombiner
+from pneumolab.fsutil import atomic_dir
+from pneumolab.gate import GateSet
+from pneumolab.inference.card import CARD_FORMAT
+from pneumolab.inference.steps import GATE_OFF, InferenceModel
+from pneumolab.referral import ReferralBand
+
+__all__ = ["ENSEMBLE_CARD", "EnsembleModel", "export_ensemble", "is_ensemble", "load_ensemble"]
+
+ENSEMBLE_CARD = "ensemble.json"  # an ensemble artefact's card, beside members/
+
+
+@dataclass
+class EnsembleModel(InferenceModel):
+    """Members (any backend), the combiner and the ensemble's operating point."""
+
+    members: list[InferenceModel]
+    member_names: list[str]
+    member_sources: list[Path]  # where each member was loaded from (run folders or artefacts)
+    combiner: EnsembleCombiner
+    source: Path
+    threshold: float
+    threshold_method: str = "from the ensemble's operating point"
+    band: ReferralBand | None = None
+    gate_enabled: bool = True
+    name: str = field(init=False)
+    preprocessing: Preprocessing = field(init=False)
+    temperature: float = field(default=1.0, init=False)  # the members are calibrated; the combiner is not rescaled
+    tta: tuple[str, ...] = field(default=(), init=False)  # each member applies its own views
+    gates: GateSet | None = field(default=None, init=False)  # each member has its own
+    backend: ClassVar[str] = "ensemble"
+
+    def __post_init__(self) -> None:
+        sizes = sorted({m.cache_size for m in self.members})
+        if len(sizes) > 1:  # a file is read once, at one side, for all members
+            raise PneumolabError(f"{self.source}: the members read films at different cache sizes {sizes}")
+        self.name = f"ensemble ({self.combiner.method}) of {', '.join(self.member_names)}"
+        self.preprocessing = self.members[0].preprocessing
+
+    @property
+    def compute_precision(self) -> str:
+        return "/".join(dict.fromkeys(m.compute_precision for m in self.members))
+
+    @property
+    def explainer(self) -> None:
+        return None  # Grad-CAM explains one network: explain the members
+
+    @property
+    def gate_status(self) -> str:
+        if not self.gate_enabled:
+            return GATE_OFF
+        statuses = {m.gate_status for m in self.members}
+        if statuses == {"on"}:
+            return "on (every member's gate; a film any of them refuses is refused)"
+        named = "; ".join(f"{n}: {m.gate_status}" for n, m in zip(self.member_names, self.members, strict=True))
+        return f"partly on: {named}"
+
+    def score(self, images_u8: np.ndarray, *, batch_size: int = 64) -> tuple[np.ndarray, list[float | None]]:
+        """The combined probability, and as gate score the largest margin of a member's score over its limit
+        (> 0: that member refuses; None when no member has a gate or the gate is off)."""
+        member_probabilities, margins = [], []
+        for member in self.members:
+            member.gate_enabled = self.gate_enabled
+            probabilities, scores = member.score(images_u8, batch_size=batch_size)
+            member_probabilities.append(probabilities)
+            gate = member.gate
+            if gate is not None:
+                margins.append([None if s is None else s - gate.limit_ for s in scores])
+        probabilities = self.combiner.predict_proba(np.stack(member_probabilities))
+        scores: list[float | None] = []
+        for i in range(len(probabilities)):
+            known = [m[i] for m in margins if m[i] is not None]
+            scores.append(max(known) if known else None)
+        return probabilities, scores
+
+    def _content_refusal(self, gate_score: float | None) -> str | None:
+        if gate_score is None or gate_score <= 0:
+            return None
+        return (
+            "not a frontal chest X-ray: its features are unlike the training films of a member "
+            f"(gate score {gate_score:.2f} over that member's limit)"
+        )
+
+    def card(self) -> dict[str, Any]:
+        return {
+            "kind": "ensemble",
+            "architecture": self.name,
+            "classes": list(CLASSES),
+            "combiner": self.combiner.describe(),
+            "threshold": self.threshold,
+            "threshold_method": self.threshold_method,
+            "temperature": None,
+            "tta": [],
+            "referral": self.band.describe() if self.band is not None else None,
+            "gate": None,
+            "members": [{"name": n, **m.card()} for n, m in zip(self.member_names, self.members, strict=True)],
+        }
+
+
+def is_ensemble(path: Path) -> bool:
+    """An ensemble artefact folder, or an ensemble run folder."""
+    if (path / ENSEMBLE_CARD).is_file():
+        return True
+    env = path / "env.json"
+    return env.is_file() and "ensemble" in json.loads(env.read_text())
+
+
+def _member_path(folder: Path, recorded: str) -> Path:
+    """A member run as recorded (relative to where `pneumolab run` ran), else the ensemble folder's sibling."""
+    for candidate in (Path(recorded), folder.parent / Path(recorded).name):
+        if candidate.is_dir():
+            return candidate
+    raise PneumolabError(f"{folder}: member run {recorded} is not there (nor beside the ensemble folder)")
+
+
+def load_ensemble(path: Path, load_member: Callable[[Path], InferenceModel]) -> EnsembleModel:
+    """An ensemble run folder or artefact, each member loaded by `load_member` (the backend's loader)."""
+    if (path / ENSEMBLE_CARD).is_file():
+        card = json.loads((path / ENSEMBLE_CARD).read_text())
+        if card.get("format") != CARD_FORMAT:
+            raise PneumolabError(f"{path / ENSEMBLE_CARD}: card format {card.get('format')!r}, this pneumolab reads "
+                                 f"{CARD_FORMAT}")  # fmt: skip
+        names = [m["name"] for m in card["members"]]
+        folders = [path / "members" / m["folder"] for m in card["members"]]
+        combiner_facts, point = card["combiner"], card
+    else:
+        env = json.loads((path / "env.json").read_text())["ensemble"]
+        folders = [_member_path(path, m) for m in env["members"]]
+        names = [f.name for f in folders]
+        combiner_facts = env
+        point_file = path / "operating_point.json"
+        if not point_file.is_file():
+            raise PneumolabError(f"{path}: the ensemble was not evaluated (no operating_point.json)")
+        point = json.loads(point_file.read_text())
+    try:
+        combiner = EnsembleCombiner.from_saved(combiner_facts)
+    except KeyError as error:
+        raise PneumolabError(f"{path}: the ensemble's combiner is not recorded whole (no {error})") from None
+    if combiner.n_members_ != len(folders):
+        raise PneumolabError(f"{path}: the combiner has {combiner.n_members_} weights for {len(folders)} members")
+    return EnsembleModel(
+        members=[load_member(folder) for folder in folders],
+        member_names=names,
+        member_sources=folders,
+        combiner=combiner,
+        source=path,
+        threshold=float(point["threshold"]),
+        threshold_method=str(point.get("method") or point.get("threshold_method") or "from the operating point"),
+        band=ReferralBand.from_saved(point["referral"]) if point.get("referral") else None,
+    )
+
+
+def export_ensemble(ensemble: EnsembleModel, out: Path, export_member: Callable[[Path, Path], Any]) -> Path:
+    """Write an ensemble artefact: ``out/ensemble.json`` and ``out/members/<i>-<name>/`` (``export_member(source,
+    dest)`` writes one member's artefact)."""
+    with atomic_dir(out) as tmp:
+        entries = []
+        for i, (name, source) in enumerate(zip(ensemble.member_names, ensemble.member_sources, strict=True)):
+            folder = f"{i}-{name}"
+            export_member(source, tmp / "members" / folder)
+            entries.append({"name": name, "folder": folder})
+        card = {
+            "format": CARD_FORMAT,
+            "pneumolab_version": __version__,
+            "kind": "ensemble",
+            "classes": list(CLASSES),
+            "combiner": ensemble.combiner.describe(),
+            "threshold": ensemble.threshold,
+            "threshold_method": ensemble.threshold_method,
+            "referral": ensemble.band.describe() if ensemble.band is not None else None,
+            "members": entries,
+            "source": str(ensemble.source),
+        }
+        (tmp / ENSEMBLE_CARD).write_text(json.dumps(card, indent=2) + "\n")
+    return out
