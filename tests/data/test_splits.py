@@ -7,6 +7,7 @@ import pytest
 
 from pneumolab.data.dataset import build_manifest
 from pneumolab.data.splits import carve_validation, read_split, write_split
+from pneumolab.fsutil import file_sha256
 
 
 def _val_patients(manifest: pd.DataFrame, splits: pd.Series) -> list[str]:
@@ -49,7 +50,10 @@ def test_official_val_folds_into_train_before_the_carve(make_dataset, tmp_path):
     written = write_split(manifest, splits, tmp_path / "run" / "split.csv")
     table = read_split(written)
     assert list(table["split"]) == list(splits)
-    assert list(table.columns) == ["path", "split", "label", "patient_id"]
+    assert list(table.columns) == ["path", "split", "label", "patient_id", "kind", "sha256"]
+    # the file's own bytes and kind, so a report needs no dataset to check overlap or break errors down by kind
+    first = table.iloc[0]
+    assert first["sha256"] == file_sha256(root / first["path"]) and first["kind"] == manifest["kind"].iloc[0]
 
 
 def test_bad_fraction_is_refused(make_dataset):

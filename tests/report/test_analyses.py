@@ -186,6 +186,24 @@ def test_exact_duplicates_are_found_by_hashing_the_dataset(tmp_path: Path) -> No
     assert "Exact duplicates: 2 test images are byte-identical to a train/validation image, 1 of them" in markdown
 
 
+def test_exact_duplicates_are_read_from_the_split_file_without_the_dataset(tmp_path: Path) -> None:
+    run = write_run(tmp_path / "runs", "lite0", tta=False, data_root=tmp_path / "nowhere")
+    split = pd.read_csv(run / "split.csv")
+    split["sha256"] = [f"{index:064x}" for index in range(len(split))]  # every file distinct ...
+    test_rows = split.index[split["split"] == "test"]
+    train_hash = split.loc[split["path"] == "train/NORMAL/IM-2000-0001.jpeg", "sha256"].item()
+    split.loc[test_rows[[2, 3]], "sha256"] = train_hash  # ... but two test files are copies of a train file
+    split.to_csv(run / "split.csv", index=False)
+
+    files = read_run(run)
+    found = overlap_removed(files, used_test_evaluation(files))
+    assert (found["duplicates"], found["duplicates_only"]) == (2, 1) and found["duplicates_facts"]["root"] is None
+    assert [r["n"] for r in found["rows"]] == [100, 96, 98, 95]
+    markdown = build_report([run], tmp_path / "report")["markdown"].read_text()
+    assert "1 of them not already removed by patient (SHA-256 of 100 test and" in markdown
+    assert "files as split.csv records them)" in markdown
+
+
 def test_a_missing_dataset_root_is_said_not_fatal(tmp_path: Path) -> None:
     nowhere = tmp_path / "nowhere"
     run = write_run(tmp_path / "runs", "lite0", tta=False, data_root=nowhere)

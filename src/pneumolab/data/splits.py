@@ -17,9 +17,10 @@ import pandas as pd
 from pneumolab.errors import PneumolabError, SettingError
 from pneumolab.fsutil import atomic_path
 
-__all__ = ["SPLIT_COLUMNS", "carve_validation", "read_split", "write_split"]
+__all__ = ["SPLIT_COLUMNS", "SPLIT_EXTRA_COLUMNS", "carve_validation", "read_split", "write_split"]
 
 SPLIT_COLUMNS = ["path", "split", "label", "patient_id"]
+SPLIT_EXTRA_COLUMNS = ["kind", "sha256"]  # since the report stopped re-hashing the dataset; older files lack them
 
 
 def _patient_order_key(seed: int, patient_id: str) -> str:
@@ -64,8 +65,13 @@ def carve_validation(manifest: pd.DataFrame, *, fraction: float = 0.1, seed: int
 
 
 def write_split(manifest: pd.DataFrame, splits: pd.Series, dest: str | os.PathLike[str]) -> Path:
-    """Write ``split.csv`` (path, split, label, patient_id) atomically."""
-    table = manifest[["path", "label", "patient_id"]].assign(split=splits.to_numpy())[SPLIT_COLUMNS]
+    """Write ``split.csv`` (path, split, label, patient_id, and the manifest's kind and sha256) atomically.
+
+    The kind and SHA-256 travel with the split so that a report checks test/train overlap (byte-identical files)
+    and breaks errors down by pneumonia kind from the run folder alone, without the dataset at hand.
+    """
+    extra = [c for c in SPLIT_EXTRA_COLUMNS if c in manifest.columns]
+    table = manifest[["path", "label", "patient_id", *extra]].assign(split=splits.to_numpy())[[*SPLIT_COLUMNS, *extra]]
     with atomic_path(dest) as tmp:
         table.to_csv(tmp, index=False)
     return Path(dest)
@@ -73,7 +79,9 @@ def write_split(manifest: pd.DataFrame, splits: pd.Series, dest: str | os.PathLi
 
 def read_split(path: str | os.PathLike[str]) -> pd.DataFrame:
     """Read a ``split.csv`` written by `write_split`."""
-    table = pd.read_csv(path, dtype={"path": str, "split": str, "label": int, "patient_id": str})
+    table = pd.read_csv(
+        path, dtype={"path": str, "split": str, "label": int, "patient_id": str, "kind": str, "sha256": str}
+    )
     missing = set(SPLIT_COLUMNS) - set(table.columns)
     if missing:
         raise PneumolabError(f"{path}: not a split file, missing columns {sorted(missing)}")

@@ -5,7 +5,8 @@
   logits and is not scaled: the report fits T on its validation log-odds to show what scaling would change.
 * `overlap_removed`: the test metrics again, at the model's own threshold, without the test images whose patient id
   (parsed from the file name) also names a train/val image of the run's ``split.csv``, and without test images whose
-  bytes equal a train/val image's (SHA-256 of the dataset's files, when the dataset root is here).
+  bytes equal a train/val image's (the SHA-256 that ``split.csv`` records; for a split file from before it recorded
+  them, the dataset's files are hashed, when the dataset root is here).
 * `gating_analysis`: what the input gate and the referral band did (``gate/scores.csv``, ``metrics/selective.json``,
   the operating point's ``gate`` and ``referral``), with the risk-coverage curve of the films the gate let through:
   ranked by ``|p - threshold|``, the accuracy of the most confident ones against the share answered.
@@ -182,6 +183,25 @@ def _split_sources(run: RunFiles) -> list[tuple[Path, pd.DataFrame | None, dict[
     return sources
 
 
+def _recorded_duplicates(
+    sources: list[tuple[Path, pd.DataFrame, dict[str, Any] | None]], test_paths: list[str]
+) -> tuple[np.ndarray | None, dict[str, Any]]:
+    """(mask of test images byte-identical to a train/val image, facts) from the SHA-256 the split files record;
+    None when a split file does not record them."""
+    tables = [split for _, split, _ in sources]
+    if not all("sha256" in t.columns and t["sha256"].notna().all() for t in tables):
+        return None, {}
+    every = pd.concat(tables, ignore_index=True)
+    train_rows = every.loc[every["split"] != "test"].drop_duplicates("path")
+    train_hashes = set(train_rows["sha256"])
+    by_path = dict(zip(every["path"], every["sha256"], strict=False))
+    missing = [path for path in test_paths if path not in by_path]
+    if missing:
+        return None, {"note": f"{len(missing):,} test images are not in split.csv (e.g. {missing[0]})"}
+    mask = np.array([by_path[path] in train_hashes for path in test_paths], dtype=bool)
+    return mask, {"root": None, "n_train_hashed": len(train_rows), "n_test_hashed": len(test_paths)}
+
+
 def _exact_duplicates(
     root_setting: Any, train_paths: list[str], test_paths: list[str], hashes: FileHashes
 ) -> tuple[np.ndarray | None, dict[str, Any]]:
@@ -255,7 +275,9 @@ def overlap_removed(run: RunFiles, evaluation: Evaluation, hashes: FileHashes | 
     root_setting = next(
         (root for _, _, config in sources if (root := ((config or {}).get("data") or {}).get("root"))), None
     )
-    duplicates, facts = _exact_duplicates(root_setting, train_paths, test_paths, hashes or FileHashes())
+    duplicates, facts = _recorded_duplicates(sources, test_paths)
+    if duplicates is None:  # a split.csv from before it recorded SHA-256: hash the files, when they are here
+        duplicates, facts = _exact_duplicates(root_setting, train_paths, test_paths, hashes or FileHashes())
     result["duplicates_facts"] = facts
     result["duplicates"] = None if duplicates is None else int(duplicates.sum())
     result["duplicates_only"] = None if duplicates is None else int((duplicates & ~shared).sum())

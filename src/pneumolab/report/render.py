@@ -24,7 +24,8 @@ from typing import Any
 import jinja2
 import numpy as np
 
-from pneumolab import __version__
+from pneumolab import CLASSES, __version__
+from pneumolab.data.dataset import parse_name
 from pneumolab.errors import PneumolabError
 from pneumolab.fsutil import atomic_dir, write_text_atomic
 from pneumolab.report._analyses import (
@@ -86,7 +87,6 @@ DATA_FACTS = (
     "390 PNEUMONIA). Validation is carved from train/ by patient; test/ chose nothing.",
 )
 
-_KIND = re.compile(r"(?:^|[_\-.])(bacteria|virus)(?:[_\-.]|$)", re.IGNORECASE)
 _KIND_NAMES = {"bacteria": "bacterial pneumonia", "virus": "viral pneumonia"}
 _MISSING = "\N{EN DASH}"
 
@@ -293,7 +293,9 @@ def _errors(evaluation: Evaluation, worst: int = 5) -> dict[str, Any] | None:
         index = index[np.argsort(-p[index] if descending else p[index], kind="stable")][:worst]
         return [{"name": names[i], "path": str(table["path"].iloc[i]), "probability": f"{p[i]:.3f}"} for i in index]
 
-    kinds = np.array([(m.group(1).lower() if (m := _KIND.search(n)) else "") for n in names])
+    # the dataset's own file-name rules (patient, kind), as the split and the overlap analysis read them
+    parsed = [parse_name(n, CLASSES[int(label)]).kind for n, label in zip(names, y, strict=True)]
+    kinds = np.array([kind if kind in _KIND_NAMES else "" for kind in parsed])
     groups = []
     if (kinds[y == 1] != "").any():
         normal = y == 0
@@ -375,9 +377,9 @@ def _overlap(run: RunFiles, evaluation: Evaluation, hashes: FileHashes) -> dict[
     if found["duplicates"] is None:
         block["facts"].append(f"Exact duplicates not checked: {facts['note']}.")
     else:
+        where = f"under {facts['root']}" if facts.get("root") else "as split.csv records them"
         hashed = (
-            f"SHA-256 of {facts['n_test_hashed']:,} test and {facts['n_train_hashed']:,} train/validation files "
-            f"under {facts['root']}"
+            f"SHA-256 of {facts['n_test_hashed']:,} test and {facts['n_train_hashed']:,} train/validation files {where}"
         )
         if found["duplicates"]:
             block["facts"].append(
