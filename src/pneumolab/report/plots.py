@@ -24,6 +24,7 @@ from scipy.special import expit
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
 from pneumolab import CLASSES
+from pneumolab.evaluate.calibration import expected_calibration_error, reliability_curve
 from pneumolab.fsutil import atomic_path
 from pneumolab.report._analyses import RiskCoverage, gating_analysis
 from pneumolab.report._runfiles import GATE_GROUPS, SPLITS, Evaluation, RunFiles, read_run
@@ -273,14 +274,12 @@ def plot_roc_pr(
     return fig
 
 
-def _bins(y: np.ndarray, p: np.ndarray, n_bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per equal-width bin over [0, 1]: count, mean probability, observed PNEUMONIA share (NaN when empty)."""
-    index = np.minimum((p * n_bins).astype(np.int64), n_bins - 1)
-    counts = np.bincount(index, minlength=n_bins)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        confidence = np.bincount(index, weights=p, minlength=n_bins) / counts
-        observed = np.bincount(index, weights=y, minlength=n_bins) / counts
-    return counts, confidence, observed
+def _curve(y: np.ndarray, p: np.ndarray, n_bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per non-empty bin: centre, mean probability, observed PNEUMONIA share (the bins of `reliability_curve`)."""
+    if not y.size:  # nothing to bin: an empty diagram
+        return np.empty(0), np.empty(0), np.empty(0)
+    curve = reliability_curve(y, p, n_bins)
+    return np.asarray(curve["bin_centers"]), np.asarray(curve["confidence"]), np.asarray(curve["accuracy"])
 
 
 def plot_reliability(
@@ -298,7 +297,7 @@ def plot_reliability(
     Args:
         labels: 0 (NORMAL) / 1 (PNEUMONIA) per image.
         probabilities: calibrated PNEUMONIA probability per image.
-        n_bins: equal-width bins over [0, 1].
+        n_bins: equal-width bins over [0, 1], as `pneumolab.evaluate.calibration.reliability_curve` makes them.
         ece: the expected calibration error to show (e.g. from the metrics file); computed from the bins when None.
         threshold: the decision threshold, drawn on the histogram when given.
         title: figure title.
@@ -316,19 +315,17 @@ def plot_reliability(
         fig.suptitle(title, fontsize=11)
     diagram, histogram = fig.subplots(1, 2)
     edges = np.linspace(0.0, 1.0, n_bins + 1)
-    centres = (edges[:-1] + edges[1:]) / 2
-    counts, confidence, observed = _bins(y, p, n_bins)
-    filled = counts > 0
+    centres, confidence, observed = _curve(y, p, n_bins)
     if ece is None and y.size:
-        ece = float(np.sum(counts[filled] / y.size * np.abs(observed[filled] - confidence[filled])))
+        ece = expected_calibration_error(y, p, n_bins)
     diagram.plot((0, 1), (0, 1), color="0.6", linestyle="--", linewidth=1, label="perfect calibration")
     diagram.bar(
-        centres[filled], observed[filled], width=1 / n_bins, color=_TRAIN, alpha=0.2, edgecolor=_TRAIN,
+        centres, observed, width=1 / n_bins, color=_TRAIN, alpha=0.2, edgecolor=_TRAIN,
         linewidth=0.8, label="observed share per bin",
     )  # fmt: skip
     diagram.plot(
-        confidence[filled],
-        observed[filled],
+        confidence,
+        observed,
         "o-",
         color=_TRAIN,
         markersize=4,
@@ -336,11 +333,10 @@ def plot_reliability(
     )
     if uncalibrated is not None:
         _, before = _binary_inputs(y, uncalibrated)
-        counts_before, confidence_before, observed_before = _bins(y, before, n_bins)
-        kept = counts_before > 0
+        _, confidence_before, observed_before = _curve(y, before, n_bins)
         diagram.plot(
-            confidence_before[kept],
-            observed_before[kept],
+            confidence_before,
+            observed_before,
             "s--",
             color="0.45",
             markersize=3.5,
