@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pneumolab.config import TrainConfig, apply_overrides
-from pneumolab.errors import PneumolabError
+from pneumolab.errors import ArtefactError, PneumolabError
 from pneumolab.evaluate.runner import evaluate_run
 from pneumolab.inference.card import CARD_FORMAT
 from pneumolab.inference.export import export_artefact, export_onnx
@@ -45,7 +45,7 @@ def test_artefact_reproduces_the_run_and_refuses_a_mismatched_card(evaluated_run
 
     card["weights_sha256"] = "0" * 64
     (artefact / "card.json").write_text(json.dumps(card))
-    with pytest.raises(PneumolabError, match="does not match its card"):
+    with pytest.raises(ArtefactError, match="does not match its card"):  # the specific error, not just the base
         load_trained(artefact)
     card["weights_sha256"], card["architecture"] = None, "resnet18"
     (artefact / "card.json").write_text(json.dumps(card))

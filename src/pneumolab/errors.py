@@ -11,10 +11,12 @@ from collections.abc import Iterable
 from os import PathLike
 
 __all__ = [
+    "ArtefactError",
     "DatasetLayoutError",
     "DownloadError",
     "ImageReadError",
     "InputRefusedError",
+    "MissingExtraError",
     "PneumolabError",
     "SettingError",
     "UnknownNameError",
@@ -43,6 +45,15 @@ class InputRefusedError(PneumolabError, ValueError):
         self.reason = reason
         self.gate_score = gate_score
         super().__init__(f"{self.path}: refused: {reason}")
+
+
+class ArtefactError(PneumolabError, ValueError):
+    """A model or run file (checkpoint, card, weights, gate arrays, ONNX graph, a run folder's files) is missing,
+    unreadable, of another format, or does not match what describes it."""
+
+
+class MissingExtraError(PneumolabError, ImportError):
+    """A feature needs an optional dependency that is not installed; the message names the extra to install."""
 
 
 class DatasetLayoutError(PneumolabError, ValueError):

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from pneumolab.errors import PneumolabError
+from pneumolab.errors import ArtefactError
 from pneumolab.fsutil import atomic_path, write_json_atomic
 
 __all__ = ["RunDir", "environment_info", "load_checkpoint", "save_checkpoint", "write_environment"]
@@ -106,11 +106,11 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
     """Load a checkpoint safely (``weights_only=True``: no arbitrary code from the file)."""
     path = Path(path)
     if not path.is_file():
-        raise PneumolabError(f"{path}: no such checkpoint")
+        raise ArtefactError(f"{path}: no such checkpoint")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # corrupt file, foreign pickle: one clear line
-        raise PneumolabError(f"{path}: not a loadable checkpoint ({type(error).__name__}: {error})") from None
+        raise ArtefactError(f"{path}: not a loadable checkpoint ({type(error).__name__}: {error})") from None
 
 
 def _package_version(name: str) -> str | None:

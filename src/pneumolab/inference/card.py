@@ -15,7 +15,7 @@ from typing import Any
 
 from pneumolab import CLASSES
 from pneumolab.data.preprocess import Preprocessing
-from pneumolab.errors import PneumolabError
+from pneumolab.errors import ArtefactError
 from pneumolab.fsutil import file_sha256
 from pneumolab.gate import GateSet
 from pneumolab.referral import ReferralBand
@@ -62,7 +62,7 @@ class ModelCard:
         version = facts.get("format")
         if version != CARD_FORMAT:
             age = "a newer" if isinstance(version, int) and version > CARD_FORMAT else "an older or unknown"
-            raise PneumolabError(
+            raise ArtefactError(
                 f"{where}: card format {version!r} is {age} format than this pneumolab reads ({CARD_FORMAT}); "
                 "export the model again with this version, or install the version that wrote it"
             )
@@ -82,9 +82,9 @@ class ModelCard:
                 facts=facts,
             )
         except (KeyError, TypeError, ValueError) as error:
-            raise PneumolabError(f"{where}: not a model card ({type(error).__name__}: {error})") from None
+            raise ArtefactError(f"{where}: not a model card ({type(error).__name__}: {error})") from None
         if card.classes != CLASSES:
-            raise PneumolabError(f"{where}: classes {list(card.classes)}; this pneumolab reads {list(CLASSES)}")
+            raise ArtefactError(f"{where}: classes {list(card.classes)}; this pneumolab reads {list(CLASSES)}")
         return card
 
 
@@ -93,9 +93,9 @@ def read_card(card_file: Path) -> ModelCard:
     try:
         facts = json.loads(card_file.read_text())
     except (OSError, json.JSONDecodeError) as error:
-        raise PneumolabError(f"{card_file}: not a readable model card ({error})") from None
+        raise ArtefactError(f"{card_file}: not a readable model card ({error})") from None
     if not isinstance(facts, dict):
-        raise PneumolabError(f"{card_file}: not a model card (a JSON object is expected)")
+        raise ArtefactError(f"{card_file}: not a model card (a JSON object is expected)")
     return ModelCard.from_dict(facts, str(card_file))
 
 
@@ -103,7 +103,7 @@ def check_against_card(file: Path, facts: dict[str, Any], key: str) -> None:
     """Refuse `file` when its SHA-256 differs from the one the card records under `key` (weights, ONNX graph)."""
     digest = file_sha256(file)
     if facts.get(key) not in (None, digest):
-        raise PneumolabError(f"{file}: does not match its card (SHA-256 {digest[:12]}..., card says "
+        raise ArtefactError(f"{file}: does not match its card (SHA-256 {digest[:12]}..., card says "
                              f"{str(facts[key])[:12]}...)")  # fmt: skip
 
 
@@ -118,13 +118,13 @@ def load_gate(facts: dict[str, Any], arrays_file: Path, sha_key: str | None = No
         loaded["band"] = ReferralBand.from_saved(facts["referral"])
     if facts.get("gate"):
         if not arrays_file.is_file():
-            raise PneumolabError(f"{arrays_file}: missing; the card describes an input gate whose arrays are not there")
+            raise ArtefactError(f"{arrays_file}: missing; the card describes an input gate whose arrays are not there")
         if sha_key is not None:
             check_against_card(arrays_file, facts, sha_key)
         try:
             loaded["gates"] = GateSet.from_saved(facts["gate"], load_file(str(arrays_file)))
         except (KeyError, SafetensorError) as error:
-            raise PneumolabError(f"{arrays_file}: not the gate its card describes ({error})") from None
+            raise ArtefactError(f"{arrays_file}: not the gate its card describes ({error})") from None
     return loaded
 
 
@@ -132,5 +132,5 @@ def bundled_model_dir(name: str = DEFAULT_MODEL) -> Path:
     """The artefact folder of a model shipped inside the package (``pneumolab/bundled/<name>/``)."""
     folder = Path(__file__).resolve().parent.parent / "bundled" / name
     if not (folder / "card.json").is_file():
-        raise PneumolabError(f"{folder}: no bundled model {name!r} in this installation; pass --model RUN")
+        raise ArtefactError(f"{folder}: no bundled model {name!r} in this installation; pass --model RUN")
     return folder

@@ -24,7 +24,7 @@ import numpy as np
 
 from pneumolab import CLASSES, __version__
 from pneumolab.data.preprocess import Preprocessing
-from pneumolab.errors import PneumolabError
+from pneumolab.errors import ArtefactError
 from pneumolab.evaluate.ensemble import EnsembleCombiner
 from pneumolab.fsutil import atomic_dir
 from pneumolab.gate import GateSet
@@ -60,7 +60,7 @@ class EnsembleModel(InferenceModel):
     def __post_init__(self) -> None:
         sizes = sorted({m.cache_size for m in self.members})
         if len(sizes) > 1:  # a file is read once, at one side, for all members
-            raise PneumolabError(f"{self.source}: the members read films at different cache sizes {sizes}")
+            raise ArtefactError(f"{self.source}: the members read films at different cache sizes {sizes}")
         self.name = f"ensemble ({self.combiner.method}) of {', '.join(self.member_names)}"
         self.preprocessing = self.members[0].preprocessing
 
@@ -137,7 +137,7 @@ def _member_path(folder: Path, recorded: str) -> Path:
     for candidate in (Path(recorded), folder.parent / Path(recorded).name):
         if candidate.is_dir():
             return candidate
-    raise PneumolabError(f"{folder}: member run {recorded} is not there (nor beside the ensemble folder)")
+    raise ArtefactError(f"{folder}: member run {recorded} is not there (nor beside the ensemble folder)")
 
 
 def load_ensemble(path: Path, load_member: Callable[[Path], InferenceModel]) -> EnsembleModel:
@@ -145,7 +145,7 @@ def load_ensemble(path: Path, load_member: Callable[[Path], InferenceModel]) -> 
     if (path / ENSEMBLE_CARD).is_file():
         card = json.loads((path / ENSEMBLE_CARD).read_text())
         if card.get("format") != CARD_FORMAT:
-            raise PneumolabError(f"{path / ENSEMBLE_CARD}: card format {card.get('format')!r}, this pneumolab reads "
+            raise ArtefactError(f"{path / ENSEMBLE_CARD}: card format {card.get('format')!r}, this pneumolab reads "
                                  f"{CARD_FORMAT}")  # fmt: skip
         names = [m["name"] for m in card["members"]]
         folders = [path / "members" / m["folder"] for m in card["members"]]
@@ -157,14 +157,14 @@ def load_ensemble(path: Path, load_member: Callable[[Path], InferenceModel]) -> 
         combiner_facts = env
         point_file = path / "operating_point.json"
         if not point_file.is_file():
-            raise PneumolabError(f"{path}: the ensemble was not evaluated (no operating_point.json)")
+            raise ArtefactError(f"{path}: the ensemble was not evaluated (no operating_point.json)")
         point = json.loads(point_file.read_text())
     try:
         combiner = EnsembleCombiner.from_saved(combiner_facts)
     except KeyError as error:
-        raise PneumolabError(f"{path}: the ensemble's combiner is not recorded whole (no {error})") from None
+        raise ArtefactError(f"{path}: the ensemble's combiner is not recorded whole (no {error})") from None
     if combiner.n_members_ != len(folders):
-        raise PneumolabError(f"{path}: the combiner has {combiner.n_members_} weights for {len(folders)} members")
+        raise ArtefactError(f"{path}: the combiner has {combiner.n_members_} weights for {len(folders)} members")
     return EnsembleModel(
         members=[load_member(folder) for folder in folders],
         member_names=names,

@@ -19,7 +19,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from pneumolab.data.io import load_xray_with_meta
-from pneumolab.errors import InputRefusedError, PneumolabError, SettingError
+from pneumolab.errors import InputRefusedError, MissingExtraError, SettingError
 from pneumolab.inference.pytorch import TrainedModel
 from pneumolab.inference.steps import Decision
 
@@ -57,7 +57,7 @@ def grad_cam(trained: TrainedModel, image_u8: np.ndarray, target_class: int = 1)
         from pytorch_grad_cam import GradCAM
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
     except ImportError:
-        raise PneumolabError('Grad-CAM needs the grad-cam package: pip install "pneumolab[explain]"') from None
+        raise MissingExtraError('Grad-CAM needs the grad-cam package: pip install "pneumolab[explain]"') from None
 
     model = trained.model.float().eval()
     x = trained.preprocessing.transform(torch.as_tensor(image_u8)[None, None].to(trained.device)).contiguous()

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import save
 
 from pneumolab import __version__
-from pneumolab.errors import PneumolabError
+from pneumolab.errors import ArtefactError
 from pneumolab.fsutil import atomic_dir, atomic_path, file_sha256, write_json_atomic
 from pneumolab.gate import tap_features
 from pneumolab.inference.card import CARD_FORMAT, GATE_FILE
@@ -158,7 +158,7 @@ def export_onnx(
         onnx_probability = torch.softmax(torch.from_numpy(logits) / trained.temperature, 1)[:, 1].numpy()
         difference = float(np.abs(reference - onnx_probability).max())
         if difference > 1e-4:
-            raise PneumolabError(f"{out}: ONNX output differs from PyTorch by {difference:.2e} (limit 1e-4)")
+            raise ArtefactError(f"{out}: ONNX output differs from PyTorch by {difference:.2e} (limit 1e-4)")
         if gated:  # the gate must refuse the same films on both backends
             with torch.no_grad():
                 reference_features = [f.numpy() for f in graph(x)[1:]]
@@ -169,7 +169,7 @@ def export_onnx(
             # float32 sums differ relatively: far-out images (random check images) score in the tens
             allowed = 1e-3 * max(1.0, float(np.abs(reference_scores).max()))
             if gate_gap > allowed:
-                raise PneumolabError(
+                raise ArtefactError(
                     f"{out}: ONNX gate scores differ from PyTorch by {gate_gap:.2e} (limit {allowed:.1e})"
                 )
     card = {

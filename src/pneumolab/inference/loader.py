@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from pneumolab.errors import PneumolabError, did_you_mean
+from pneumolab.errors import SettingError, did_you_mean
 from pneumolab.hardware import resolve_precision
 from pneumolab.inference.ensemble import is_ensemble, load_ensemble
 from pneumolab.inference.export import export_onnx
@@ -53,6 +53,6 @@ def load_backend(
     onnx_file = model is not None and Path(model).suffix.lower() == ".onnx"
     if backend == "pytorch":
         if onnx_file:
-            raise PneumolabError(f"{model}: an ONNX file needs the onnx backend (--backend onnx)")
+            raise SettingError(f"{model}: an ONNX file needs the onnx backend (--backend onnx)")
         return load_trained(model, device=device)
     return load_onnx(model) if onnx_file else _export_and_load(model)

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import torch
 
 from pneumolab.data.preprocess import Preprocessing
-from pneumolab.errors import PneumolabError
+from pneumolab.errors import ArtefactError, MissingExtraError
 from pneumolab.gate import GateSet
 from pneumolab.inference.card import check_against_card, load_gate, read_card
 from pneumolab.inference.pytorch import TrainedModel
@@ -71,7 +71,7 @@ class OnnxModel(InferenceModel):
         # export_onnx writes the gate's features as outputs gate.0, gate.1 ... after the logits
         wanted = [f"gate.{i}" for i in range(len(layers))]
         if self._outputs[1:] != wanted:
-            raise PneumolabError(f"{self.name}: the ONNX graph has no gate outputs; export it again to gate it")
+            raise ArtefactError(f"{self.name}: the ONNX graph has no gate outputs; export it again to gate it")
         logits, *features = self.session.run(None, {self._feed: batch.contiguous().numpy()})
         return torch.from_numpy(logits), features
 
@@ -84,7 +84,7 @@ def _session(path: Path) -> Any:
     try:
         import onnxruntime as ort
     except ImportError:
-        raise PneumolabError('the ONNX backend needs onnxruntime: pip install "pneumolab[onnx]"') from None
+        raise MissingExtraError('the ONNX backend needs onnxruntime: pip install "pneumolab[onnx]"') from None
     options = ort.SessionOptions()
     # the threads torch would use (the physical cores, or OMP_NUM_THREADS): both backends get the same budget
     options.intra_op_num_threads = torch.get_num_threads()
@@ -92,7 +92,7 @@ def _session(path: Path) -> Any:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as error:  # onnxruntime's errors (InvalidProtobuf, Fail, ...) subclass only Exception
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise PneumolabError(f"{path}: not a loadable ONNX model ({reason})") from None
+        raise ArtefactError(f"{path}: not a loadable ONNX model ({reason})") from None
 
 
 def load_onnx(path: str | os.PathLike[str], *, pytorch: TrainedModel | None = None) -> OnnxModel:
@@ -102,15 +102,15 @@ def load_onnx(path: str | os.PathLike[str], *, pytorch: TrainedModel | None = No
         pytorch: The same model in PyTorch, kept for Grad-CAM (None: the service cannot explain).
 
     Raises:
-        PneumolabError: no file, no readable card, a SHA-256 that differs from the card's ``onnx_sha256``, a file
+        ArtefactError: no file, no readable card, a SHA-256 that differs from the card's ``onnx_sha256``, a file
             onnxruntime cannot load, or an input size that differs from the card's.
     """
     path = Path(path)
     if not path.is_file():
-        raise PneumolabError(f"{path}: no such ONNX file")
+        raise ArtefactError(f"{path}: no such ONNX file")
     card_file = path.with_suffix(".json")
     if not card_file.is_file():
-        raise PneumolabError(f"{card_file}: missing; {path.name} needs the card that `pneumolab export` writes")
+        raise ArtefactError(f"{card_file}: missing; {path.name} needs the card that `pneumolab export` writes")
     card = read_card(card_file)
     check_against_card(path, card.facts, "onnx_sha256")
     session = _session(path)
@@ -128,5 +128,5 @@ def load_onnx(path: str | os.PathLike[str], *, pytorch: TrainedModel | None = No
     )
     side = session.get_inputs()[0].shape[2:]  # [batch, channels, H, W]; a mismatch would fail on every request
     if side != [model.image_size, model.image_size]:
-        raise PneumolabError(f"{path}: takes {side} pixel input, but its card says {model.image_size}")
+        raise ArtefactError(f"{path}: takes {side} pixel input, but its card says {model.image_size}")
     return model

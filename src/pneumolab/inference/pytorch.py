@@ -18,7 +18,7 @@ import torch
 from pneumolab import CLASSES
 from pneumolab.config import load_config
 from pneumolab.data.preprocess import Preprocessing
-from pneumolab.errors import PneumolabError
+from pneumolab.errors import ArtefactError
 from pneumolab.gate import GateSet, tap_features
 from pneumolab.hardware import Precision, default_device, resolve_precision
 from pneumolab.inference.card import (
@@ -107,11 +107,11 @@ def _checkpoint_path(path: Path) -> Path:
     if path.is_dir():
         best = RunDir(path).best
         if not best.is_file():
-            raise PneumolabError(f"{path}: not a trained run (no checkpoints/best.pt)")
+            raise ArtefactError(f"{path}: not a trained run (no checkpoints/best.pt)")
         return best
     if path.is_file():
         return path
-    raise PneumolabError(f"{path}: no such run folder or model file")
+    raise ArtefactError(f"{path}: no such run folder or model file")
 
 
 def _load_artefact(folder: Path, device: torch.device | None) -> TrainedModel:
@@ -122,14 +122,14 @@ def _load_artefact(folder: Path, device: torch.device | None) -> TrainedModel:
     card_file, weights_file = folder / "card.json", folder / "model.safetensors"
     card = read_card(card_file)
     if not weights_file.is_file():
-        raise PneumolabError(f"{weights_file}: missing; the card {card_file} describes weights that are not there")
+        raise ArtefactError(f"{weights_file}: missing; the card {card_file} describes weights that are not there")
     check_against_card(weights_file, card.facts, "weights_sha256")
     model = create_model(card.architecture, weights="none", head=card.head, in_chans=card.in_chans)
     try:
         model.load_state_dict(load_file(str(weights_file)))
     except (RuntimeError, SafetensorError) as error:
         first = str(error).splitlines()[0]
-        raise PneumolabError(f"{weights_file}: weights do not fit the card's {card.architecture} ({first})") from None
+        raise ArtefactError(f"{weights_file}: weights do not fit the card's {card.architecture} ({first})") from None
     return TrainedModel(
         model=model,
         name=card.architecture,
@@ -159,13 +159,13 @@ def load_trained(path: str | os.PathLike[str] | None = None, *, device: torch.de
     checkpoint_file = _checkpoint_path(path)
     state = load_checkpoint(checkpoint_file)
     if "model_name" not in state:
-        raise PneumolabError(f"{checkpoint_file}: not a pneumolab model checkpoint (no model_name)")
+        raise ArtefactError(f"{checkpoint_file}: not a pneumolab model checkpoint (no model_name)")
     model = create_model(state["model_name"], weights="none", head=state.get("head", "linear"))
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as error:
         first = str(error).splitlines()[0]
-        raise PneumolabError(f"{checkpoint_file}: weights do not fit {state['model_name']} ({first})") from None
+        raise ArtefactError(f"{checkpoint_file}: weights do not fit {state['model_name']} ({first})") from None
     trained = TrainedModel(
         model=model,
         name=state["model_name"],

@@ -5,7 +5,7 @@ A trained run has ``config.yaml``, ``split.csv``, ``history.csv`` and ``env.json
 input gate and referral band, ``gate/scores.csv`` and ``metrics/selective.json`` (with ``gate`` and ``referral`` in
 the operating point). An ensemble folder has the predictions, metrics and an ``env.json`` with an ``ensemble`` entry,
 but no history and no gate. A missing file is ``None`` here; a file that exists but cannot be read raises
-`PneumolabError` naming the file and the reason.
+`ArtefactError` naming the file and the reason.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from pneumolab.errors import PneumolabError
+from pneumolab.errors import ArtefactError
 
 SPLITS = ("val", "test")
 SPLIT_NAMES = {"val": "validation", "test": "test"}
@@ -198,9 +198,9 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise PneumolabError(f"{path}: not readable JSON ({error})") from None
+        raise ArtefactError(f"{path}: not readable JSON ({error})") from None
     if not isinstance(value, dict):
-        raise PneumolabError(f"{path}: expected a JSON object, got {type(value).__name__}")
+        raise ArtefactError(f"{path}: expected a JSON object, got {type(value).__name__}")
     return value
 
 
@@ -210,9 +210,9 @@ def _read_yaml(path: Path) -> dict[str, Any] | None:
     try:
         value = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
-        raise PneumolabError(f"{path}: not readable YAML ({str(error).splitlines()[0]})") from None
+        raise ArtefactError(f"{path}: not readable YAML ({str(error).splitlines()[0]})") from None
     if not isinstance(value, dict):
-        raise PneumolabError(f"{path}: expected a mapping of settings")
+        raise ArtefactError(f"{path}: expected a mapping of settings")
     return value
 
 
@@ -222,7 +222,7 @@ def _read_csv(path: Path) -> pd.DataFrame | None:
     try:
         return pd.read_csv(path)
     except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as error:
-        raise PneumolabError(f"{path}: not a readable CSV table ({str(error).splitlines()[0]})") from None
+        raise ArtefactError(f"{path}: not a readable CSV table ({str(error).splitlines()[0]})") from None
 
 
 def _read_history(path: Path) -> pd.DataFrame | None:
@@ -230,7 +230,7 @@ def _read_history(path: Path) -> pd.DataFrame | None:
     if table is None or table.empty:
         return None
     if "epoch" not in table:
-        raise PneumolabError(f"{path}: no 'epoch' column")
+        raise ArtefactError(f"{path}: no 'epoch' column")
     for column in table.columns:
         table[column] = pd.to_numeric(table[column], errors="coerce")
     return table.dropna(subset=["epoch"]).sort_values("epoch").reset_index(drop=True)
@@ -239,7 +239,7 @@ def _read_history(path: Path) -> pd.DataFrame | None:
 def _require_columns(table: pd.DataFrame, columns, path: Path) -> None:
     missing = [c for c in columns if c not in table]
     if missing:
-        raise PneumolabError(f"{path}: missing column(s) {', '.join(missing)}")
+        raise ArtefactError(f"{path}: missing column(s) {', '.join(missing)}")
 
 
 def _read_predictions(path: Path) -> pd.DataFrame | None:
@@ -253,11 +253,11 @@ def _read_predictions(path: Path) -> pd.DataFrame | None:
     for column in ("label", "prediction"):
         values = pd.to_numeric(table[column], errors="coerce")
         if not values.isin((0, 1)).all():
-            raise PneumolabError(f"{path}: column {column!r} must hold 0 (NORMAL) or 1 (PNEUMONIA) only")
+            raise ArtefactError(f"{path}: column {column!r} must hold 0 (NORMAL) or 1 (PNEUMONIA) only")
         table[column] = values.astype(np.int64)
     probability = pd.to_numeric(table["probability"], errors="coerce")
     if not (probability.notna().all() and probability.between(0, 1).all()):
-        raise PneumolabError(f"{path}: column 'probability' must hold numbers within [0, 1]")
+        raise ArtefactError(f"{path}: column 'probability' must hold numbers within [0, 1]")
     table["probability"] = probability.astype(float)
     return table
 
@@ -272,7 +272,7 @@ def read_gate_scores(path: Path) -> pd.DataFrame | None:
     ``refused`` a bool.
 
     Raises:
-        PneumolabError: the file exists but is unreadable, lacks a column or holds a ``refused`` that is not a truth
+        ArtefactError: the file exists but is unreadable, lacks a column or holds a ``refused`` that is not a truth
             value.
     """
     table = _read_csv(path)
@@ -287,7 +287,7 @@ def read_gate_scores(path: Path) -> pd.DataFrame | None:
     if table["refused"].dtype != bool:
         refused = table["refused"].astype(str).str.strip().str.lower().map(_TRUTH)
         if refused.isna().any():
-            raise PneumolabError(f"{path}: column 'refused' must hold True or False only")
+            raise ArtefactError(f"{path}: column 'refused' must hold True or False only")
         table["refused"] = refused.astype(bool)
     return table
 
@@ -296,7 +296,7 @@ def read_split_table(path: Path) -> pd.DataFrame | None:
     """``split.csv`` (``path``, ``split``, ``patient_id``, ...) with text columns as text, or None when absent.
 
     Raises:
-        PneumolabError: the file exists but is unreadable or lacks one of those columns.
+        ArtefactError: the file exists but is unreadable or lacks one of those columns.
     """
     table = _read_csv(path)
     if table is None:
@@ -322,11 +322,11 @@ def read_run(run_dir: str | os.PathLike[str]) -> RunFiles:
         The files' contents; missing files are None (or absent from ``evaluations``).
 
     Raises:
-        PneumolabError: the folder does not exist, holds none of the run files, or a file is unreadable.
+        ArtefactError: the folder does not exist, holds none of the run files, or a file is unreadable.
     """
     path = Path(run_dir)
     if not path.is_dir():
-        raise PneumolabError(f"{path}: no such run folder")
+        raise ArtefactError(f"{path}: no such run folder")
     run = RunFiles(
         path=path,
         config=_read_yaml(path / "config.yaml"),
@@ -346,7 +346,7 @@ def read_run(run_dir: str | os.PathLike[str]) -> RunFiles:
                 run.evaluations[stem] = Evaluation(split, tta, metrics, predictions)
     known = (run.config, run.env, run.history, run.operating_point)
     if all(v is None for v in known) and not run.evaluations:
-        raise PneumolabError(
+        raise ArtefactError(
             f"{path}: not a run folder (none of config.yaml, env.json, history.csv, metrics/, predictions/)"
         )
     return run
