@@ -243,7 +243,7 @@ def test_reliability_curve_drops_empty_bins() -> None:
         ([0, 1], [0.1, 0.2], 0, "n_bins"),
         ([0, 1], [0.1, 1.2], 10, "within \\[0, 1\\]"),
         ([0, 2], [0.1, 0.2], 10, "0 \\(NORMAL\\) or 1"),
-        ([0, 1, 1], [0.1, 0.2], 10, "one length"),
+        ([0, 1, 1], [0.1, 0.2], 10, "differ in length"),
     ],
 )
 def test_calibration_bad_inputs(labels: list, probabilities: list, n_bins: int, message: str) -> None:

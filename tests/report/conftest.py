@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
+from scipy.special import logit
 from sklearn.metrics import (
     accuracy_score,
     average_precision_score,
@@ -31,6 +32,7 @@ from sklearn.metrics import (
 from pneumolab import CLASSES
 from pneumolab.config import TrainConfig, apply_overrides, dump_config
 from pneumolab.data.dataset import parse_name
+from pneumolab.evaluate.calibration import TemperatureScaler
 from pneumolab.evaluate.gating import selective_summary
 from pneumolab.referral import ReferralBand
 
@@ -288,6 +290,12 @@ def write_ensemble(root: Path, name: str, members: list[Path], *, seed: int = 7)
     run = root / name
     run.mkdir(parents=True)
     write_evaluation(run, seed=seed, tta=False, threshold=0.55, temperature=None)
+    # as ensemble_runs records it: the temperature fit on validation log-odds, not applied
+    val = pd.read_csv(run / "predictions" / "val.csv")
+    log_odds = logit(np.clip(val["probability"].to_numpy(), 1e-12, 1 - 1e-12))
+    point = json.loads((run / "operating_point.json").read_text())
+    point["temperature_if_scaled"] = float(TemperatureScaler().fit(log_odds, val["label"]).temperature_)
+    (run / "operating_point.json").write_text(json.dumps(point, indent=2))
     env = {
         "ensemble": {"method": "mean", "members": [str(m) for m in members], "weights": [0.5] * len(members)},
         "weights_source": "ensemble",

@@ -3,6 +3,7 @@ the images that overlap train/val (shared patient ids, byte-identical files)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -76,7 +77,7 @@ def test_calibration_before_and_after_equals_a_direct_computation(make_run, tmp_
     assert f"| after temperature scaling (T = 1.30, fitted on validation) | {after['ece']:.3f} |" in section
 
 
-def test_calibration_of_an_ensemble_fits_a_temperature_on_its_validation_predictions(make_run, tmp_path: Path) -> None:
+def test_calibration_of_an_ensemble_shows_the_temperature_its_evaluation_fit(make_run, tmp_path: Path) -> None:
     member = make_run("member", tta=False)
     ensemble = write_ensemble(tmp_path / "runs", "ensemble", [member])
     val, test = _predictions(ensemble, "val"), _predictions(ensemble, "test")
@@ -94,8 +95,9 @@ def test_calibration_of_an_ensemble_fits_a_temperature_on_its_validation_predict
     labels, saved = test["label"].to_numpy(), test["probability"].to_numpy()
     scaled = expit(log_odds(test) / expected_t)
 
-    found = calibration_before_after(used_test_evaluation(read_run(ensemble)), read_run(ensemble).evaluation("val"))
-    assert found["fitted_here"] and found["note"] is None
+    recorded = json.loads((ensemble / "operating_point.json").read_text())["temperature_if_scaled"]
+    found = calibration_before_after(used_test_evaluation(read_run(ensemble)), recorded)
+    assert found["fitted_apart"] and found["note"] is None and found["temperature"] == recorded
     assert found["temperature"] == pytest.approx(expected_t, rel=1e-3) and found["temperature"] != pytest.approx(1.0)
     assert found["before"]["ece"] == pytest.approx(expected_calibration_error(labels, saved), abs=1e-12)
     assert found["after"]["brier"] == pytest.approx(brier_score_loss(labels, scaled), abs=1e-6)
@@ -106,10 +108,12 @@ def test_calibration_of_an_ensemble_fits_a_temperature_on_its_validation_predict
     section = calibration_section(tmp_path / "report")
     t, after = found["temperature"], found["after"]
     assert f"| as saved (not temperature-scaled) | {expected_calibration_error(labels, saved):.3f} |" in section
-    assert f"(T = {t:.2f}, fitted here on validation; the model does not use it) | {after['ece']:.3f} |" in section
+    assert f"(T = {t:.2f}, fitted on validation; the model does not use it) | {after['ece']:.3f} |" in section
 
-    # without validation predictions, only the saved probabilities can be measured
-    (ensemble / "predictions" / "val.csv").unlink()
+    # an ensemble folder from before the temperature was recorded: nothing is fit here, the saved probabilities alone
+    point = json.loads((ensemble / "operating_point.json").read_text())
+    del point["temperature_if_scaled"]
+    (ensemble / "operating_point.json").write_text(json.dumps(point))
     section = calibration_section(tmp_path / "report2")
     assert f"| as saved | {expected_calibration_error(labels, saved):.3f} |" in section
     assert "Before temperature scaling: not shown (the predictions hold no logits)." in section

@@ -13,23 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pneumolab.config import TrainConfig, apply_overrides
 from pneumolab.runs import RunDir, load_checkpoint
 from pneumolab.train.api import train
-
-TINY = {
-    "model.name": "resnet18",
-    "model.weights": "none",
-    "image_size": 64,
-    "data.cache_size": 72,
-    "batch_size": 8,
-    "threads": 2,
-}
-
-
-def tiny_config(root: Path, cache: Path, **overrides) -> TrainConfig:
-    settings = {**TINY, "data.root": str(root), "data.cache_dir": str(cache), "data.val_fraction": 0.25}
-    return apply_overrides(TrainConfig(), {**settings, **overrides})
+from tests.train._tiny import tiny_config
 
 
 def cli(*args: str) -> list[str]:

@@ -2,7 +2,8 @@
 
 * `ThresholdSelector` picks the decision threshold (Youden / balanced accuracy, F1, a target sensitivity, or fixed).
 * `TemperatureScaler` rescales logits by one temperature so probabilities mean what they say.
-* `expected_calibration_error` and `reliability_curve` measure calibration on the PNEUMONIA probability.
+* `expected_calibration_error` and `reliability_curve` measure calibration on the PNEUMONIA probability, in the
+  equal-width bins of scikit-learn's ``calibration_curve`` (the report's reliability plot uses the same ones).
 
 Both estimators follow scikit-learn's conventions (``__init__`` stores settings, ``fit`` returns ``self``, learned
 state ends in ``_``), with one deliberate difference: settings are also checked in ``__init__``, so a bad setting
@@ -18,11 +19,12 @@ from numpy.typing import ArrayLike
 from scipy.optimize import minimize_scalar
 from scipy.special import expit
 from sklearn.base import BaseEstimator
+from sklearn.calibration import calibration_curve
 from sklearn.metrics import recall_score, roc_curve
 from sklearn.utils.validation import check_is_fitted
 
 from pneumolab.errors import SettingError, did_you_mean
-from pneumolab.evaluate.metrics import _check_inputs
+from pneumolab.evaluate.metrics import check_binary_inputs
 
 __all__ = [
     "THRESHOLD_METHODS",
@@ -95,7 +97,7 @@ class ThresholdSelector(BaseEstimator):
     def fit(self, labels: ArrayLike, probabilities: ArrayLike) -> ThresholdSelector:
         """Choose ``threshold_`` on validation labels (0/1) and PNEUMONIA probabilities; returns ``self``."""
         self._check_settings()
-        y, p = _check_inputs(labels, probabilities)
+        y, p = check_binary_inputs(labels, probabilities)
         if self.method == "fixed":
             self.threshold_ = 0.5 if self.fixed is None else float(self.fixed)
         else:
@@ -187,7 +189,7 @@ class TemperatureScaler(BaseEstimator):
         """Fit ``temperature_`` on validation logits (``N x 2`` or margins) and labels (0/1); returns ``self``."""
         self._check_settings()
         z = _margins(logits)
-        y, _ = _check_inputs(labels, np.zeros(z.size), what="logits")  # label checks; zeros stand in for p
+        y, _ = check_binary_inputs(labels, np.zeros(z.size), what="logits")  # label checks; zeros stand in for p
         result = minimize_scalar(
             lambda log_t: _nll(z, y, math.exp(log_t)),
             bounds=(math.log(self.bounds[0]), math.log(self.bounds[1])),
@@ -205,24 +207,20 @@ class TemperatureScaler(BaseEstimator):
         return expit(_margins(logits) / self.temperature_)
 
 
-def _bins(labels: ArrayLike, probabilities: ArrayLike, n_bins: int) -> tuple[np.ndarray, ...]:
-    """Per equal-width bin: count, sum of labels, sum of probabilities (scikit-learn's ``calibration_curve`` bins)."""
+def _reliability_inputs(labels: ArrayLike, probabilities: ArrayLike, n_bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and probabilities as 1-D arrays, checked with messages that name the setting."""
     if isinstance(n_bins, bool) or not isinstance(n_bins, int | np.integer) or n_bins < 1:
         raise SettingError(f"n_bins must be a positive integer, got {n_bins!r}")
-    y = np.asarray(labels)
-    p = np.asarray(probabilities, dtype=np.float64)
-    if y.ndim != 1 or y.shape != p.shape or y.size == 0:
-        raise SettingError(f"labels and probabilities must be 1-D of one length, got {y.shape} and {p.shape}")
-    if not np.isin(y, (0, 1)).all():
-        raise SettingError("labels must be 0 (NORMAL) or 1 (PNEUMONIA)")
-    if not np.isfinite(p).all() or p.min() < 0 or p.max() > 1:
-        raise SettingError("probabilities must be finite and within [0, 1]")
+    return check_binary_inputs(labels, probabilities, both_classes=False)  # calibration is defined for one class
+
+
+def _bin_counts(probabilities: np.ndarray, n_bins: int) -> np.ndarray:
+    """Images per equal-width bin, by ``calibration_curve``'s own rule (bins (e_i, e_i+1], 0 in the first).
+
+    ``calibration_curve`` returns the points of the non-empty bins but not their sizes, which the ECE weights by.
+    """
     edges = np.linspace(0.0, 1.0, n_bins + 1)
-    bin_ids = np.searchsorted(edges[1:-1], p)  # bins (e_i, e_i+1], 0 in the first
-    counts = np.bincount(bin_ids, minlength=n_bins)
-    positives = np.bincount(bin_ids, weights=y.astype(np.float64), minlength=n_bins)
-    confidence = np.bincount(bin_ids, weights=p, minlength=n_bins)
-    return edges, counts, positives, confidence
+    return np.bincount(np.searchsorted(edges[1:-1], probabilities), minlength=n_bins)
 
 
 def expected_calibration_error(labels: ArrayLike, probabilities: ArrayLike, n_bins: int = 15) -> float:
@@ -238,22 +236,27 @@ def expected_calibration_error(labels: ArrayLike, probabilities: ArrayLike, n_bi
         probabilities: PNEUMONIA probability per image.
         n_bins: number of equal-width bins.
     """
-    _, counts, positives, confidence = _bins(labels, probabilities, n_bins)
-    return float(np.abs(positives - confidence).sum() / counts.sum())
+    curve = reliability_curve(labels, probabilities, n_bins)
+    gaps = np.abs(np.asarray(curve["accuracy"]) - np.asarray(curve["confidence"]))
+    counts = np.asarray(curve["counts"], dtype=np.float64)
+    return float(gaps @ counts / counts.sum())
 
 
 def reliability_curve(labels: ArrayLike, probabilities: ArrayLike, n_bins: int = 10) -> dict[str, list[float]]:
-    """The reliability diagram's points, for non-empty equal-width bins only (as scikit-learn's ``calibration_curve``).
+    """The reliability diagram's points, for non-empty equal-width bins only (scikit-learn's ``calibration_curve``).
 
     Returns:
         Lists of one length, JSON-ready: ``bin_centers``, ``accuracy`` (observed PNEUMONIA rate in the bin),
         ``confidence`` (mean PNEUMONIA probability in the bin), ``counts`` (images in the bin).
     """
-    edges, counts, positives, confidence = _bins(labels, probabilities, n_bins)
+    y, p = _reliability_inputs(labels, probabilities, n_bins)
+    accuracy, confidence = calibration_curve(y, p, pos_label=1, n_bins=int(n_bins), strategy="uniform")
+    counts = _bin_counts(p, int(n_bins))
     kept = counts > 0
+    edges = np.linspace(0.0, 1.0, int(n_bins) + 1)
     return {
         "bin_centers": ((edges[:-1] + edges[1:]) / 2)[kept].tolist(),
-        "accuracy": (positives[kept] / counts[kept]).tolist(),
-        "confidence": (confidence[kept] / counts[kept]).tolist(),
+        "accuracy": accuracy.tolist(),
+        "confidence": confidence.tolist(),
         "counts": counts[kept].astype(int).tolist(),
     }

@@ -19,7 +19,7 @@ from sklearn.model_selection import GridSearchCV, StratifiedKFold
 from sklearn.utils.validation import check_is_fitted
 
 from pneumolab.errors import SettingError, did_you_mean
-from pneumolab.evaluate.metrics import _check_inputs
+from pneumolab.evaluate.metrics import check_binary_inputs
 
 __all__ = ["ENSEMBLE_METHODS", "EnsembleCombiner"]
 
@@ -103,7 +103,7 @@ class EnsembleCombiner(BaseEstimator):
             raise SettingError(
                 f"labels must have one entry per image: {members.shape[1]} images, shape {np.shape(labels)}"
             )
-        y, _ = _check_inputs(labels, members[0])
+        y, _ = check_binary_inputs(labels, members[0])
         self.n_members_ = members.shape[0]
         if self.method == "mean":
             self.weights_ = np.full(self.n_members_, 1.0 / self.n_members_)

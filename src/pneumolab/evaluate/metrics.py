@@ -29,7 +29,15 @@ from sklearn.metrics import (
 
 from pneumolab.errors import SettingError
 
-__all__ = ["CI_KEYS", "METRIC_KEYS", "binary_metrics", "bootstrap_ci", "bootstrap_distribution", "evaluate_predictions"]
+__all__ = [
+    "CI_KEYS",
+    "METRIC_KEYS",
+    "binary_metrics",
+    "bootstrap_ci",
+    "bootstrap_distribution",
+    "check_binary_inputs",
+    "evaluate_predictions",
+]
 
 METRIC_KEYS = (
     "accuracy",
@@ -48,10 +56,12 @@ CI_KEYS = (*METRIC_KEYS, "accuracy_at_0.5")
 _CHUNK_CELLS = 1 << 22
 
 
-def _check_inputs(
-    labels: ArrayLike, probabilities: ArrayLike, what: str = "probabilities"
+def check_binary_inputs(
+    labels: ArrayLike, probabilities: ArrayLike, what: str = "probabilities", *, both_classes: bool = True
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Validate and convert: labels 0/1 with both classes present, probabilities finite in [0, 1], same length.
+    """Validate and convert: labels 0/1 (both classes present unless `both_classes` is False), probabilities finite
+    in [0, 1], same length. The one check of (labels, probabilities) for metrics, calibration and ensembles; every
+    problem is a `SettingError`.
 
     `what` names the second array in the length message (callers that pass logits say so).
     """
@@ -72,7 +82,7 @@ def _check_inputs(
     if not np.isfinite(p).all() or p.min() < 0 or p.max() > 1:
         raise SettingError("probabilities must be finite and within [0, 1]")
     n_positive = int(y.sum())
-    if n_positive in (0, y.size):
+    if both_classes and n_positive in (0, y.size):
         only = "PNEUMONIA (1)" if n_positive else "NORMAL (0)"
         raise SettingError(f"need both classes in labels to evaluate, got only {only} in {y.size} images")
     return y, p
@@ -99,7 +109,7 @@ def binary_metrics(labels: ArrayLike, probabilities: ArrayLike, threshold: float
     Raises:
         SettingError: shapes differ, labels are not 0/1 or hold one class only, probabilities outside [0, 1].
     """
-    y, p = _check_inputs(labels, probabilities)
+    y, p = check_binary_inputs(labels, probabilities)
     predicted = (p >= _check_threshold(threshold)).astype(np.int64)
     return {
         "accuracy": float(accuracy_score(y, predicted)),
@@ -208,7 +218,7 @@ def bootstrap_distribution(
     Returns:
         ``{key: array of shape (n_resamples,)}`` for every key of `CI_KEYS`.
     """
-    y, p = _check_inputs(labels, probabilities)
+    y, p = check_binary_inputs(labels, probabilities)
     threshold = _check_threshold(threshold)
     if isinstance(n_resamples, bool) or not isinstance(n_resamples, int | np.integer) or n_resamples < 1:
         raise SettingError(f"n_resamples must be a positive integer, got {n_resamples!r}")
@@ -270,7 +280,7 @@ def evaluate_predictions(
         ``n_positive``, ``accuracy_at_0.5``, ``ci95`` (``{key: [low, high]}`` for `CI_KEYS`) and ``bootstrap``
         (how the intervals were made).
     """
-    y, p = _check_inputs(labels, probabilities)
+    y, p = check_binary_inputs(labels, probabilities)
     threshold = _check_threshold(threshold)
     result: dict[str, Any] = binary_metrics(y, p, threshold)
     result["threshold"] = threshold

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from scipy.special import logit
 
 from pneumolab.config import load_config
 from pneumolab.data.cache import prepare_cache
@@ -498,7 +499,17 @@ def ensemble_runs(
                 model=target.path.name,
             )
         band = fit_band(labels["val"], probabilities["val"], threshold)  # the ensemble's own, as a model's
-        point = {"threshold": threshold, "method": selector.describe(), "temperature": None, "tta": []}
+        # not applied (the combined probabilities are used as they are); recorded so the report can show what
+        # temperature scaling would change without fitting anything itself
+        log_odds = logit(np.clip(probabilities["val"], 1e-12, 1 - 1e-12))
+        temperature_if_scaled = float(TemperatureScaler().fit(log_odds, labels["val"]).temperature_)
+        point = {
+            "threshold": threshold,
+            "method": selector.describe(),
+            "temperature": None,
+            "tta": [],
+            "temperature_if_scaled": temperature_if_scaled,
+        }
         write_json_atomic(run.operating_point, {**point, "chosen_on": "validation", "referral": band.describe()})
         members_text = [str(m.path) for m in members]
         write_json_atomic(

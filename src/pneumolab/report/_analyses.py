@@ -2,7 +2,8 @@
 
 * `calibration_before_after`: ECE and Brier score of the test probabilities before temperature scaling (T = 1, the
   sigmoid of the saved logit margin) and after it (the saved, temperature-scaled probability). An ensemble saves no
-  logits and is not scaled: the report fits T on its validation log-odds to show what scaling would change.
+  logits and is not scaled: its evaluation records the T it would use (fit on validation, not applied), and the
+  report shows what scaling by it would change.
 * `overlap_removed`: the test metrics again, at the model's own threshold, without the test images whose patient id
   (parsed from the file name) also names a train/val image of the run's ``split.csv``, and without test images whose
   bytes equal a train/val image's (the SHA-256 that ``split.csv`` records; for a split file from before it recorded
@@ -30,7 +31,7 @@ from sklearn.metrics import brier_score_loss
 from pneumolab import CLASSES
 from pneumolab.data.dataset import find_dataset_root, parse_name
 from pneumolab.errors import PneumolabError
-from pneumolab.evaluate.calibration import TemperatureScaler, expected_calibration_error
+from pneumolab.evaluate.calibration import expected_calibration_error
 from pneumolab.evaluate.metrics import evaluate_predictions
 from pneumolab.fsutil import file_sha256
 from pneumolab.referral import ReferralBand
@@ -85,20 +86,21 @@ def _log_odds(probabilities: np.ndarray) -> np.ndarray:
     return logit(np.clip(probabilities, 1e-12, 1 - 1e-12))
 
 
-def calibration_before_after(evaluation: Evaluation, validation: Evaluation | None = None) -> dict[str, Any]:
+def calibration_before_after(evaluation: Evaluation, temperature_if_scaled: float | None = None) -> dict[str, Any]:
     """ECE (`expected_calibration_error`, its default bins) and Brier score before and after temperature scaling.
 
     Args:
         evaluation: an evaluated variant with predictions.
-        validation: the same variant on validation; used only when `evaluation` was not temperature-scaled.
+        temperature_if_scaled: for a variant that was not temperature-scaled (an ensemble), the temperature its
+            evaluation fit on validation without applying it (``operating_point.json``); nothing is fit here.
 
     Returns:
-        ``label`` (the variant), ``temperature`` (None when not fitted), ``before`` and ``after`` (``{"ece", "brier"}``
-        or None), ``fitted_here`` and ``note`` (why ``before`` is None, else None). ``before`` uses
-        ``sigmoid(logit)``, ``after`` the saved probability (``sigmoid(logit / T)``). Without logits or a
-        temperature (an ensemble), ``before`` is the saved probability and ``after`` rescales its log-odds by a T
-        fitted here on `validation`'s predictions (``fitted_here``: the model itself does not use it); without
-        validation predictions either, only the saved probability is measured, as ``after``.
+        ``label`` (the variant), ``temperature`` (None when none is recorded), ``before`` and ``after``
+        (``{"ece", "brier"}`` or None), ``fitted_apart`` and ``note`` (why ``before`` is None, else None).
+        ``before`` uses ``sigmoid(logit)``, ``after`` the saved probability (``sigmoid(logit / T)``). Without logits
+        or a temperature (an ensemble), ``before`` is the saved probability and ``after`` rescales its log-odds by
+        `temperature_if_scaled` (``fitted_apart``: the model itself does not use it); without that either, only
+        the saved probability is measured, as ``after``.
     """
     table = evaluation.predictions
     if table is None:
@@ -107,18 +109,16 @@ def calibration_before_after(evaluation: Evaluation, validation: Evaluation | No
     saved = table["probability"].to_numpy(dtype=np.float64)
     temperature = evaluation.metric("temperature")
     logits = evaluation.logits()
-    note, fitted_here = None, False
+    note, fitted_apart = None, False
     if logits is None:
         note = "the predictions hold no logits"
     elif temperature is None:
         note = "no temperature in the metrics file, so the saved probabilities are not temperature-scaled"
     if note is None:
         before, after = _calibration(labels, expit(logits)), _calibration(labels, saved)
-    elif validation is not None and validation.predictions is not None:
-        val = validation.predictions
-        scaler = TemperatureScaler().fit(_log_odds(val["probability"].to_numpy(dtype=np.float64)), val["label"])
-        temperature, note, fitted_here = scaler.temperature_, None, True
-        before, after = _calibration(labels, saved), _calibration(labels, scaler.transform(_log_odds(saved)))
+    elif finite(temperature_if_scaled) is not None and temperature_if_scaled > 0:
+        temperature, note, fitted_apart = float(temperature_if_scaled), None, True
+        before, after = _calibration(labels, saved), _calibration(labels, expit(_log_odds(saved) / temperature))
     else:
         before, after = None, _calibration(labels, saved)
     return {
@@ -126,7 +126,7 @@ def calibration_before_after(evaluation: Evaluation, validation: Evaluation | No
         "temperature": temperature,
         "before": before,
         "after": after,
-        "fitted_here": fitted_here,
+        "fitted_apart": fitted_apart,
         "note": note,
     }
 

@@ -556,7 +556,7 @@ def _file_name(kind: str, evaluation: Evaluation) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", f"{kind}_{evaluation.key}") + ".png"
 
 
-def _plot_run_files(
+def plot_run_files(
     run: RunFiles, out_dir: str | os.PathLike[str], *, splits: Iterable[str] = SPLITS, dpi: int = DPI
 ) -> dict[str, Path]:
     """Draw and save the plots of an already read run (see `plot_run`)."""
@@ -630,4 +630,4 @@ def plot_run(
         PneumolabError: the folder is not a run folder or one of its files is unreadable.
     """
     run = read_run(run_dir)
-    return _plot_run_files(run, run.path / "plots" if out_dir is None else out_dir, splits=splits, dpi=dpi)
+    return plot_run_files(run, run.path / "plots" if out_dir is None else out_dir, splits=splits, dpi=dpi)

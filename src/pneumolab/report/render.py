@@ -47,7 +47,7 @@ from pneumolab.report.cards import (
     weights_source_of,
 )
 from pneumolab.report.gating import gating_section
-from pneumolab.report.plots import _plot_run_files
+from pneumolab.report.plots import plot_run_files
 from pneumolab.report.sections import (
     calibration_block,
     comparison_rows,
@@ -64,7 +64,7 @@ def _run_section(run: RunFiles, slug: str, images: Path, hashes: FileHashes) -> 
     weights = describe_weights(weights_source_of(run), ensemble=run.ensemble)
     errors = [e for tta in (False, True) if (ev := run.evaluation("test", tta)) and (e := error_analysis(ev))]
     used = used_test_evaluation(run)
-    written = _plot_run_files(run, images / slug, splits=("test",))
+    written = plot_run_files(run, images / slug, splits=("test",))
     return {
         "name": run.name,
         "anchor": slug,
@@ -73,7 +73,9 @@ def _run_section(run: RunFiles, slug: str, images: Path, hashes: FileHashes) -> 
         "machine": machine_facts(run),
         "plots": plot_entries(run, slug, written),
         "errors": errors,
-        "calibration": calibration_block(used, run.evaluation("val", used.tta)) if used is not None else None,
+        "calibration": calibration_block(used, (run.operating_point or {}).get("temperature_if_scaled"))
+        if used is not None
+        else None,
         "overlap": overlap_block(run, used, hashes) if used is not None else None,
         "gating": gating_section(run, slug, written),
         "evaluated_test": run.evaluation("test") is not None or run.evaluation("test", True) is not None,

@@ -170,13 +170,13 @@ def error_analysis(evaluation: Evaluation, worst: int = 5) -> dict[str, Any] | N
     }
 
 
-def calibration_block(evaluation: Evaluation, validation: Evaluation | None) -> dict[str, Any]:
+def calibration_block(evaluation: Evaluation, temperature_if_scaled: float | None) -> dict[str, Any]:
     """ECE and Brier score of the used test variant before and after temperature scaling, formatted."""
-    found = calibration_before_after(evaluation, validation)
+    found = calibration_before_after(evaluation, temperature_if_scaled)
     rows = []
     if found["before"] is not None:
-        if found["fitted_here"]:
-            before, fitted = "as saved (not temperature-scaled)", "fitted here on validation; the model does not use it"
+        if found["fitted_apart"]:
+            before, fitted = "as saved (not temperature-scaled)", "fitted on validation; the model does not use it"
         else:
             before, fitted = "before temperature scaling (T = 1)", "fitted on validation"
         rows.append((before, found["before"]))

@@ -5,13 +5,17 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pneumolab.config import TrainConfig, load_config
 from pneumolab.errors import PneumolabError
 from pneumolab.fsutil import write_json_atomic
 from pneumolab.runs import RunDir
+
+if TYPE_CHECKING:
+    from pneumolab.train.callbacks import Callback
 
 __all__ = ["default_run_dir", "train"]
 
@@ -27,11 +31,13 @@ def train(
     *,
     resume: bool = False,
     progress: bool = True,
+    callbacks: Sequence[Callback] = (),
 ) -> dict[str, Any]:
     """Train into the run folder `out` and return a summary (best epoch, its metric, wall time).
 
     With `resume`, the run's own ``config.yaml`` is used and training continues after the last finished epoch.
-    Without it, a folder that already holds a run is refused rather than overwritten.
+    Without it, a folder that already holds a run is refused rather than overwritten. `callbacks` run beside the
+    default ones (history, checkpoints, printing, and early stopping and loggers as the config asks), by ``order``.
     """
     run = RunDir(out)
     if resume:
@@ -45,7 +51,7 @@ def train(
         from pneumolab.train.features import FeatureTrainer as trainer_class
     else:
         from pneumolab.train.loop import Trainer as trainer_class
-    trainer = trainer_class(config, run, resume=resume, progress=progress)
+    trainer = trainer_class(config, run, resume=resume, progress=progress, callbacks=callbacks)
     summary = trainer.fit()
     if trainer.is_main:
         env = json.loads(run.env.read_text()) if run.env.is_file() else {}

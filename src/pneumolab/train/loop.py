@@ -2,8 +2,9 @@
 
 Per epoch: sample this rank's rows (a function of seed and epoch), augment whole batches on the device, forward
 under autocast (bf16 on CPUs that have it, bf16 or fp16 + GradScaler on CUDA), clip gradients at 1.0, step the
-per-batch warm-up + cosine schedule, update the EMA; then validate on the patient-grouped validation split (never
-test), pick the best epoch by the validation metric, write history and checkpoints, stop early if asked.
+per-batch warm-up + cosine schedule (`pneumolab.train.schedule`), update the EMA; then validate on the
+patient-grouped validation split (never test), pick the best epoch by the validation metric, and run the callbacks
+(history, checkpoints, early stopping, loggers). `BaseTrainer.fit` is the epoch skeleton both strategies share.
 
 Resuming restarts the interrupted epoch from ``last.pt``. Every random draw of an epoch (order, augmentation,
 dropout) is seeded from (seed, epoch), so on CPU a resumed run ends with the same weights as an uninterrupted one.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -22,6 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+from timm.optim import param_groups_weight_decay
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -29,6 +32,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from pneumolab import CLASSES
 from pneumolab.config import TrainConfig, dump_config
 from pneumolab.data.augment import BatchAugment, eval_transform, get_preset
+from pneumolab.errors import ArtefactError
 from pneumolab.hardware import default_device, resolve_precision
 from pneumolab.models import apply_freeze, count_parameters, create_model, set_frozen_batchnorm_eval
 from pneumolab.progress import progress_bar
@@ -36,16 +40,22 @@ from pneumolab.runs import RunDir, load_checkpoint, write_environment
 from pneumolab.train.callbacks import (
     Callback,
     CheckpointCallback,
+    EarlyStoppingCallback,
     HistoryCallback,
     MLflowCallback,
     PrintCallback,
     TensorBoardCallback,
+    in_order,
     run_hook,
 )
 from pneumolab.train.data import RunData, batches, epoch_order, load_run_data
 from pneumolab.train.losses import class_weights, make_loss
+from pneumolab.train.schedule import warmup_cosine
 
-__all__ = ["BaseTrainer", "Trainer", "predict_logits", "validation_metrics"]
+__all__ = ["RESUME_FORMAT", "BaseTrainer", "Trainer", "predict_logits", "validation_metrics"]
+
+# last.pt's layout: 2 since the optimiser groups come from timm and the schedule is torch's SequentialLR
+RESUME_FORMAT = 2
 
 
 def _distributed() -> tuple[int, int, int]:
@@ -59,22 +69,6 @@ def _distributed() -> tuple[int, int, int]:
             torch.cuda.set_device(local_rank)
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return dist.get_rank(), dist.get_world_size(), local_rank
-
-
-def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on weights only: norms and biases are not decayed."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        (no_decay if param.ndim <= 1 or name.endswith(".bias") else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def _schedule(step: int, total: int, warmup: int, min_ratio: float) -> float:
-    """Linear warm-up to 1, then cosine annealing to `min_ratio` (a multiplier of the base lr)."""
-    if warmup and step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 @torch.no_grad()
@@ -114,7 +108,7 @@ class BaseTrainer:
         run: str | os.PathLike[str] | RunDir,
         *,
         progress: bool = True,
-        callbacks: list[Callback] | None = None,
+        callbacks: Sequence[Callback] = (),
     ) -> None:
         self.config = config
         self.run = run if isinstance(run, RunDir) else RunDir(run)
@@ -161,19 +155,29 @@ class BaseTrainer:
         self.best_value: float | None = None
         self.best_epoch: int | None = None
         self.epochs_since_best = 0
-        self.callbacks = callbacks if callbacks is not None else self._default_callbacks()
+        self.start_epoch = 1
+        self.should_stop = False  # set by a callback (early stopping) to end `fit` after this epoch
+        self.callbacks = in_order([*self._default_callbacks(), *callbacks])
 
     def _barrier(self) -> None:
         if self.world > 1:
             dist.barrier()
 
     def _default_callbacks(self) -> list[Callback]:
+        """History, checkpoints and printing always; early stopping and loggers as the config asks."""
         callbacks: list[Callback] = [HistoryCallback(), CheckpointCallback(), PrintCallback()]
+        if self.config.early_stopping:
+            callbacks.append(EarlyStoppingCallback(self.config.early_stopping))
         if self.config.tensorboard:
             callbacks.append(TensorBoardCallback())
         if self.config.mlflow:
             callbacks.append(MLflowCallback())
         return callbacks
+
+    @property
+    def max_epochs(self) -> int:
+        """The epoch `fit` trains up to unless stopped early."""
+        return self.config.epochs
 
     @property
     def eval_model(self) -> nn.Module:
@@ -233,6 +237,57 @@ class BaseTrainer:
         else:
             self.epochs_since_best += 1
 
+    # --- the epoch skeleton both strategies share -----------------------------------------------------------
+    def _prepare_fit(self) -> None:
+        """Work done once after ``on_fit_start`` and before the first epoch (none by default)."""
+
+    def _run_epoch(self, epoch: int) -> dict[str, Any]:
+        """Train and validate one epoch; the history row without its ``epoch``."""
+        raise NotImplementedError
+
+    def _stop_requested(self) -> bool:
+        """Whether a callback asked to stop; under DDP only rank 0 runs callbacks, so its answer goes to all."""
+        if self.world > 1:
+            flag = [self.should_stop]
+            dist.broadcast_object_list(flag, src=0)
+            self.should_stop = bool(flag[0])
+        return self.should_stop
+
+    def fit(self) -> dict[str, Any]:
+        """Train from `start_epoch` to `max_epochs` (or until a callback stops it) and return a summary."""
+        started = time.perf_counter()
+        if self.is_main:
+            self._write_start()
+            run_hook(self.callbacks, "on_fit_start", self)
+        self._prepare_fit()
+        for epoch in range(self.start_epoch, self.max_epochs + 1):
+            row = {"epoch": epoch, **self._run_epoch(epoch)}
+            self._update_best(row)
+            if self.is_main:
+                run_hook(self.callbacks, "on_epoch_end", self, row)
+            self._barrier()
+            if self._stop_requested():
+                break
+        summary = {
+            "run": str(self.run.path),
+            "best_epoch": self.best_epoch,
+            self.config.select_metric: self.best_value,
+            "epochs": len(self.history) if self.is_main else None,
+            "wall_seconds": round(time.perf_counter() - started, 1),
+        }
+        if self.world > 1:
+            summary["ranks_agree"] = self._ranks_agree()
+        if self.is_main:
+            run_hook(self.callbacks, "on_fit_end", self)
+        return summary
+
+    def _ranks_agree(self) -> bool:
+        """True when every rank holds the same weights (DDP keeps them in step; this checks it did)."""
+        checksum = torch.stack([p.detach().double().sum() for p in self.model.parameters()]).sum().reshape(1)
+        gathered = [torch.zeros_like(checksum) for _ in range(self.world)]
+        dist.all_gather(gathered, checksum)
+        return all(torch.equal(g, gathered[0]) for g in gathered)
+
 
 def validation_metrics(logits: torch.Tensor, labels: np.ndarray) -> dict[str, float]:
     """The per-epoch validation numbers (threshold 0.5; the operating point is chosen later)."""
@@ -256,7 +311,7 @@ class Trainer(BaseTrainer):
         *,
         resume: bool = False,
         progress: bool = True,
-        callbacks: list[Callback] | None = None,
+        callbacks: Sequence[Callback] = (),
     ) -> None:
         super().__init__(config, run, progress=progress, callbacks=callbacks)
         self.augment = BatchAugment(
@@ -264,10 +319,11 @@ class Trainer(BaseTrainer):
         )
         self.optimizer = self._make_optimizer()
         self.steps_per_epoch = self._steps_per_epoch()
-        total = config.epochs * self.steps_per_epoch
-        warmup = round(config.optim.warmup_epochs * self.steps_per_epoch)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: _schedule(step, total, warmup, config.optim.min_lr_ratio)
+        self.scheduler = warmup_cosine(
+            self.optimizer,
+            total_steps=config.epochs * self.steps_per_epoch,
+            warmup_steps=round(config.optim.warmup_epochs * self.steps_per_epoch),
+            min_lr_ratio=config.optim.min_lr_ratio,
         )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.needs_scaler)
         self.ema = (
@@ -275,7 +331,6 @@ class Trainer(BaseTrainer):
             if config.ema
             else None
         )
-        self.start_epoch = 1
         if resume and self.run.last.is_file():
             self._load_resume_state()
         self._trainable: tuple[str, ...] | None = None
@@ -284,7 +339,9 @@ class Trainer(BaseTrainer):
     # --- set-up helpers -------------------------------------------------------------------------------------
     def _make_optimizer(self) -> torch.optim.Optimizer:
         optim = self.config.optim
-        groups = _param_groups(self.model, optim.weight_decay)
+        # no decay on biases and norm parameters; built before any freezing, since timm leaves out parameters that
+        # do not require grad and the freezing policy may unfreeze more of them in later epochs
+        groups = param_groups_weight_decay(self.model, optim.weight_decay)
         if optim.optimizer == "sgd":
             return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum, nesterov=True)
         return torch.optim.AdamW(groups, lr=optim.lr)
@@ -296,6 +353,11 @@ class Trainer(BaseTrainer):
 
     def _load_resume_state(self) -> None:
         state = load_checkpoint(self.run.last, map_location=self.device)
+        if state.get("resume_format") != RESUME_FORMAT:  # the optimiser groups and schedule were laid out otherwise
+            raise ArtefactError(
+                f"{self.run.last}: written by an earlier pneumolab (resume format {state.get('resume_format', 1)}, "
+                f"this one resumes {RESUME_FORMAT}); train again into a new --out"
+            )
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -318,6 +380,7 @@ class Trainer(BaseTrainer):
     def resume_checkpoint(self) -> dict[str, Any]:
         return {
             **super().resume_checkpoint(),
+            "resume_format": RESUME_FORMAT,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -397,43 +460,11 @@ class Trainer(BaseTrainer):
         )
         return validation_metrics(logits, self.data.labels[self.data.val])
 
-    def fit(self) -> dict[str, Any]:
-        """Train from `start_epoch` to the configured number of epochs (or an early stop)."""
-        started = time.perf_counter()
-        if self.is_main:
-            self._write_start()
-            run_hook(self.callbacks, "on_fit_start", self)
-        for epoch in range(self.start_epoch, self.config.epochs + 1):
-            stats = self._train_epoch(epoch)
-            row = {
-                "epoch": epoch,
-                "lr": self.optimizer.param_groups[0]["lr"],
-                **stats,
-                **self._validate(),
-                "trainable_params": count_parameters(self.model)[1],
-            }
-            self._update_best(row)
-            if self.is_main:
-                run_hook(self.callbacks, "on_epoch_end", self, row)
-            self._barrier()
-            if self.config.early_stopping and self.epochs_since_best >= self.config.early_stopping:
-                break
-        summary = {
-            "run": str(self.run.path),
-            "best_epoch": self.best_epoch,
-            self.config.select_metric: self.best_value,
-            "epochs": len(self.history) if self.is_main else None,
-            "wall_seconds": round(time.perf_counter() - started, 1),
+    def _run_epoch(self, epoch: int) -> dict[str, Any]:
+        stats = self._train_epoch(epoch)
+        return {
+            "lr": self.optimizer.param_groups[0]["lr"],
+            **stats,
+            **self._validate(),
+            "trainable_params": count_parameters(self.model)[1],
         }
-        if self.world > 1:
-            summary["ranks_agree"] = self._ranks_agree()
-        if self.is_main:
-            run_hook(self.callbacks, "on_fit_end", self)
-        return summary
-
-    def _ranks_agree(self) -> bool:
-        """True when every rank holds the same weights (DDP keeps them in step; this checks it did)."""
-        checksum = torch.stack([p.detach().double().sum() for p in self.model.parameters()]).sum().reshape(1)
-        gathered = [torch.zeros_like(checksum) for _ in range(self.world)]
-        dist.all_gather(gathered, checksum)
-        return all(torch.equal(g, gathered[0]) for g in gathered)
