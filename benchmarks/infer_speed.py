@@ -1,8 +1,8 @@
 """Inference throughput: eager PyTorch fp32 vs bf16 autocast vs ONNX Runtime, side by side in one process.
 
-The same preprocessed batches (cache images -> eval_transform) go through each backend, interleaved batch by batch;
-the report gives medians of per-batch times and the ratio to eager fp32, plus the largest probability difference
-from fp32 (each backend must agree with the model it exports).
+The same preprocessed batches (cache images -> the model's Preprocessing) go through each backend, interleaved batch
+by batch; the report gives medians of per-batch times and the ratio to eager fp32, plus the largest probability
+difference from fp32 (each backend must agree with the model it exports).
 
     python benchmarks/infer_speed.py --model runs/default/lite0-plan --data ../shared/data/chest_xray --batches 10
 """
@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pneumolab.data.augment import eval_transform
 from pneumolab.inference.export import export_onnx
 from pneumolab.inference.files import collect_image_paths
 from pneumolab.inference.pytorch import load_trained
@@ -38,12 +37,7 @@ def main() -> None:
     files, _ = collect_image_paths([args.data])
     needed = args.batch_size * (args.batches + 1)
     images = trained.load_images(files[:: max(1, len(files) // needed)][:needed])
-    x_all = eval_transform(
-        torch.as_tensor(images).unsqueeze(1),
-        image_size=trained.image_size,
-        crop_fraction=trained.crop_fraction,
-        normalize=trained.normalize,
-    )
+    x_all = trained.preprocessing.transform(torch.as_tensor(images).unsqueeze(1))
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path = Path(tmp) / "model.onnx"
         export_onnx(args.model, onnx_path, check_images=images[:8])

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from pneumolab.config import TrainConfig
-from pneumolab.data.augment import BatchAugment, eval_transform
+from pneumolab.data.augment import BatchAugment
 from pneumolab.data.cache import default_cache_root
 from pneumolab.errors import SettingError
 from pneumolab.fsutil import atomic_path
@@ -85,15 +85,7 @@ class FeatureTrainer(BaseTrainer):
         out = []
         for chunk in batches(rows, self.config.batch_size * 2):
             images = self.data.images(chunk).to(self.device)
-            if augment is None:
-                x = eval_transform(
-                    images,
-                    image_size=self.config.image_size,
-                    crop_fraction=self.crop_fraction,
-                    normalize=self.normalize,
-                )
-            else:
-                x = augment(images)
+            x = self.preprocessing.transform(images) if augment is None else augment(images)
             if self.config.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with self.precision.autocast():
@@ -111,7 +103,7 @@ class FeatureTrainer(BaseTrainer):
         augment = BatchAugment(
             self.preset,
             image_size=self.config.image_size,
-            normalize=self.normalize,
+            normalize=self.preprocessing.normalize,
             seed=self.config.seed,
         )
         with progress_bar(total, "features", enabled=self.progress) as advance:

@@ -31,7 +31,8 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from pneumolab import CLASSES
 from pneumolab.config import TrainConfig, dump_config
-from pneumolab.data.augment import BatchAugment, eval_transform, get_preset
+from pneumolab.data.augment import BatchAugment, get_preset
+from pneumolab.data.preprocess import Preprocessing
 from pneumolab.errors import ArtefactError
 from pneumolab.hardware import default_device, resolve_precision
 from pneumolab.models import apply_freeze, count_parameters, create_model, set_frozen_batchnorm_eval
@@ -77,9 +78,7 @@ def predict_logits(
     data: RunData,
     rows: np.ndarray,
     *,
-    image_size: int,
-    crop_fraction: float,
-    normalize: tuple[float, float],
+    preprocessing: Preprocessing,
     precision,
     device: torch.device,
     batch_size: int = 64,
@@ -89,9 +88,7 @@ def predict_logits(
     model.eval()
     outputs = []
     for chunk in batches(rows, batch_size):
-        x = eval_transform(
-            data.images(chunk).to(device), image_size=image_size, crop_fraction=crop_fraction, normalize=normalize
-        )
+        x = preprocessing.transform(data.images(chunk).to(device))
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with precision.autocast():
@@ -142,9 +139,14 @@ class BaseTrainer:
         if config.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         spec = self.model.spec
-        self.normalize = (spec.gray_mean, spec.gray_std)
         self.preset = get_preset(config.augment.preset)
-        self.crop_fraction = self.preset.crop_fraction
+        # how validation (and, from the checkpoint, every later use of the model) sees a film
+        self.preprocessing = Preprocessing(
+            image_size=config.image_size,
+            crop_fraction=self.preset.crop_fraction,
+            normalize=(spec.gray_mean, spec.gray_std),
+            cache_size=config.data.cache_size,
+        )
         labels = self.data.labels[self.data.train]
         weights = class_weights(
             labels, config.loss.class_weights, num_classes=len(CLASSES), custom=config.loss.custom_weights
@@ -190,10 +192,7 @@ class BaseTrainer:
             "model": self.eval_model.state_dict(),
             "model_name": self.config.model.name,
             "head": self.config.model.head,
-            "image_size": self.config.image_size,
-            "cache_size": self.config.data.cache_size,
-            "crop_fraction": self.crop_fraction,
-            "normalize": list(self.normalize),
+            **self.preprocessing.describe(),
             "classes": list(CLASSES),
             "weights_source": self.model.weights_source,
             "epoch": int(row["epoch"]),
@@ -315,7 +314,7 @@ class Trainer(BaseTrainer):
     ) -> None:
         super().__init__(config, run, progress=progress, callbacks=callbacks)
         self.augment = BatchAugment(
-            self.preset, image_size=config.image_size, normalize=self.normalize, seed=config.seed
+            self.preset, image_size=config.image_size, normalize=self.preprocessing.normalize, seed=config.seed
         )
         self.optimizer = self._make_optimizer()
         self.steps_per_epoch = self._steps_per_epoch()
@@ -450,9 +449,7 @@ class Trainer(BaseTrainer):
             self.eval_model,
             self.data,
             self.data.val,
-            image_size=self.config.image_size,
-            crop_fraction=self.crop_fraction,
-            normalize=self.normalize,
+            preprocessing=self.preprocessing,
             precision=self.precision,
             device=self.device,
             batch_size=self.config.batch_size * 2,
