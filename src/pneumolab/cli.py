@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pneumolab import __version__
-from pneumolab.errors import PneumolabError
+from pneumolab.errors import PneumolabError, SettingError
 
 __all__ = ["app", "main"]
 
@@ -209,7 +209,7 @@ def data_download(
         folder = dl.download_medmnist(to, size=size, progress=not quiet)
     elif source == "url":
         if not url:
-            raise PneumolabError("--source url needs --url URL")
+            raise SettingError("--source url needs --url URL")
         folder = dl.download_url(url, to, sha256=sha256, progress=not quiet)
     else:
         raise did_you_mean("source", source, ["kaggle", "medmnist", "url"])
@@ -302,7 +302,7 @@ def train_command(
         },
     )
     if resume and out is None:
-        raise PneumolabError("--resume needs --out RUN (the run folder to continue)")
+        raise SettingError("--resume needs --out RUN (the run folder to continue)")
     summary = train(settings, out or default_run_dir(settings), resume=resume, progress=not quiet and not json_out)
     if summary.get("epochs") is None:  # a non-zero torchrun rank: rank 0 reports
         return
@@ -347,11 +347,11 @@ def evaluate_command(
     from pneumolab.inference.card import DEFAULT_MODEL
 
     if split not in ("val", "test"):
-        raise PneumolabError(f"--split must be val or test, not {split!r}")
+        raise SettingError(f"--split must be val or test, not {split!r}")
     bundled = str(model) == DEFAULT_MODEL and not model.exists()
     if bundled or (model / "card.json").is_file():
         if data is None:
-            raise PneumolabError(f"{model}: an exported model names no dataset; pass --data DIR")
+            raise SettingError(f"{model}: an exported model names no dataset; pass --data DIR")
         progress = not quiet and not json_out
         metrics = evaluate_artefact(
             model, data=data, split=split, n_resamples=resamples, gate=not no_gate, progress=progress
@@ -560,7 +560,7 @@ def export_command(
     target = out or Path("artefacts") / model.resolve().name
     if model.is_dir() and is_ensemble(model):
         if target.suffix.lower() == ".onnx":
-            raise PneumolabError(f"{model}: an ensemble exports as an artefact folder; run it with --backend onnx")
+            raise SettingError(f"{model}: an ensemble exports as an artefact folder; run it with --backend onnx")
         from pneumolab.inference.loader import load_backend
 
         ensemble = load_backend(model)
@@ -633,7 +633,7 @@ def explain_command(
     from pneumolab.inference.pytorch import load_trained
 
     if model is not None and model.is_dir() and is_ensemble(model):
-        raise PneumolabError(f"{model}: Grad-CAM explains one network; explain an ensemble per member (--model MEMBER)")
+        raise SettingError(f"{model}: Grad-CAM explains one network; explain an ensemble per member (--model MEMBER)")
     trained = load_trained(model)
     trained.gate_enabled = not no_gate
     explanation = explain_image(trained, image)

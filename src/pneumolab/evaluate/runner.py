@@ -32,7 +32,7 @@ from pneumolab.config import load_config
 from pneumolab.data.cache import prepare_cache
 from pneumolab.data.splits import carve_validation, read_split
 from pneumolab.data.tta import resolve_views
-from pneumolab.errors import PneumolabError
+from pneumolab.errors import ArtefactError, DatasetLayoutError, SettingError
 from pneumolab.evaluate.calibration import TemperatureScaler, ThresholdSelector, expected_calibration_error
 from pneumolab.evaluate.gating import (
     DEFAULT_ALPHA,
@@ -123,7 +123,7 @@ def _rows(run: RunDir, manifest: pd.DataFrame) -> dict[str, np.ndarray]:
     assigned = manifest["path"].map(by_path).to_numpy()
     rows = {name: np.flatnonzero(assigned == name) for name in ("train", *SPLITS)}
     if not len(rows["val"]):
-        raise PneumolabError(f"{run.split}: no validation images of this dataset; is --data the run's dataset?")
+        raise DatasetLayoutError(f"{run.split}: no validation images of this dataset; is --data the run's dataset?")
     return rows
 
 
@@ -191,7 +191,7 @@ def evaluate_run(
     config = load_config(run.config)
     root = data or config.data.root
     if root is None:
-        raise PneumolabError(f"{run.path}: the run names no dataset; pass --data DIR")
+        raise SettingError(f"{run.path}: the run names no dataset; pass --data DIR")
     wanted = [run.path / "metrics" / f"{s}{v}.json" for v in variants for s in SPLITS]
     wanted.append(run.path / "metrics" / SELECTIVE)
     key = None
@@ -329,16 +329,16 @@ def evaluate_artefact(
     split settings, which the patient-grouped carve reproduces on any machine.
     """
     if split not in SPLITS:
-        raise PneumolabError(f"--split must be val or test, not {split!r}")
+        raise SettingError(f"--split must be val or test, not {split!r}")
     trained = load_trained(model)
     trained.gate_enabled = gate
     if split == "val" and trained.validation_split is None:
-        raise PneumolabError(f"{trained.source}: the card records no validation split; only --split test works")
+        raise ArtefactError(f"{trained.source}: the card records no validation split; only --split test works")
     cache, assigned = _artefact_splits(trained, data, progress)
     manifest = cache.manifest
     rows = np.flatnonzero(assigned == split)
     if not len(rows):
-        raise PneumolabError(f"{data}: no {split} images in this dataset")
+        raise DatasetLayoutError(f"{data}: no {split} images in this dataset")
     views = trained.tta or ("identity",)
     images = np.asarray(cache.images[rows])
     logits, seconds = _timed_logits(trained, images, views, progress, split)
@@ -401,14 +401,14 @@ def gate_artefact(
     trained = load_trained(model)
     source = Path(trained.source)
     if not (source / "card.json").is_file():
-        raise PneumolabError(f"{source}: not an exported artefact; evaluate a run folder to fit its gate")
+        raise ArtefactError(f"{source}: not an exported artefact; evaluate a run folder to fit its gate")
     if trained.validation_split is None:
-        raise PneumolabError(f"{source}: the card records no validation split, so its gate cannot be fit")
+        raise ArtefactError(f"{source}: the card records no validation split, so its gate cannot be fit")
     cache, assigned = _artefact_splits(trained, data, progress)
     labels = cache.manifest["label"].to_numpy()
     rows = {name: np.flatnonzero(assigned == name) for name in ("train", "val")}
     if not len(rows["val"]) or not len(rows["train"]):
-        raise PneumolabError(f"{data}: no training or validation films for this card's split")
+        raise DatasetLayoutError(f"{data}: no training or validation films for this card's split")
     val_images = np.asarray(cache.images[rows["val"]])
     logits, _ = _timed_logits(trained, val_images, trained.tta or ("identity",), progress, "val")
     trained.band = fit_band(labels[rows["val"]], trained.probabilities(logits), trained.threshold, alpha=alpha)
@@ -434,7 +434,7 @@ def _member_predictions(run: RunDir, split: str) -> pd.DataFrame:
     """A member's predictions for `split`, in the variant its operating point chose (plain or TTA)."""
     point_file = run.operating_point
     if not point_file.is_file():
-        raise PneumolabError(f"{run.path}: not evaluated yet (no operating_point.json); run pneumolab evaluate first")
+        raise ArtefactError(f"{run.path}: not evaluated yet (no operating_point.json); run pneumolab evaluate first")
     suffix = "_tta" if json.loads(point_file.read_text()).get("tta") else ""
     return pd.read_csv(run.path / "predictions" / f"{split}{suffix}.csv")
 
@@ -457,20 +457,18 @@ def ensemble_runs(
     from pneumolab.evaluate.ensemble import EnsembleCombiner
 
     if len(runs) < 2:
-        raise PneumolabError("an ensemble needs at least two runs")
+        raise SettingError("an ensemble needs at least two runs")
     members = [RunDir(r) for r in runs]
     target = RunDir(out)
     # `out` is replaced whole: never a member's folder, nor any trained run
     if target.path.resolve() in {m.path.resolve() for m in members} or target.config.is_file():
-        raise PneumolabError(f"{target.path}: a trained run folder; write the ensemble to a new folder (--out)")
+        raise SettingError(f"{target.path}: a trained run folder; write the ensemble to a new folder (--out)")
     tables = {s: [_member_predictions(m, s) for m in members] for s in SPLITS}
     for split, frames in tables.items():
         reference = frames[0]["path"].tolist()
         for member, frame in zip(members[1:], frames[1:], strict=True):
             if frame["path"].tolist() != reference:
-                raise PneumolabError(
-                    f"{member.path}: its {split} images differ from {members[0].path}'s (other split?)"
-                )
+                raise ArtefactError(f"{member.path}: its {split} images differ from {members[0].path}'s (other split?)")
     labels = {s: tables[s][0]["label"].to_numpy() for s in SPLITS}
     stacked = {s: np.stack([f["probability"].to_numpy() for f in tables[s]]) for s in SPLITS}
     combiner = EnsembleCombiner(method).fit(stacked["val"], labels["val"])
