@@ -18,7 +18,7 @@ from pydantic import Field, field_validator, model_validator
 
 from pneumolab.config import DataConfig, StrictModel, TrainConfig, check_setting, load_yaml_model
 from pneumolab.data.tta import resolve_views
-from pneumolab.errors import PneumolabError, SettingError
+from pneumolab.errors import DatasetLayoutError, SettingError
 from pneumolab.evaluate.calibration import ThresholdSelector
 from pneumolab.evaluate.ensemble import EnsembleCombiner
 from pneumolab.fsutil import write_json_atomic
@@ -138,7 +138,7 @@ def run_pipeline(
         raise SettingError(f"--only: {unknown} are not models of this config ({', '.join(names)})")
     root = Path(data) if data else (config.data.root or DEFAULT_DATA)
     if not root.exists():
-        raise PneumolabError(
+        raise DatasetLayoutError(
             f"{root}: no dataset here; get it with `pneumolab data download --to {root.parent}` "
             "or pass --data DIR (or make run DATA=DIR)"
         )

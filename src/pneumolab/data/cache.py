@@ -24,7 +24,7 @@ import platformdirs
 
 from pneumolab.data.dataset import build_manifest, find_dataset_root
 from pneumolab.data.io import load_xray
-from pneumolab.errors import ImageReadError, PneumolabError, SettingError
+from pneumolab.errors import ArtefactError, ImageReadError, SettingError
 from pneumolab.fsutil import atomic_dir
 from pneumolab.progress import progress_bar
 
@@ -66,7 +66,7 @@ class DatasetCache:
         images = np.load(path / "images.npy", mmap_mode="r")
         manifest = pd.read_csv(path / "manifest.csv", dtype={"path": str, "patient_id": str, "sha256": str})
         if images.shape != (len(manifest), meta["size"], meta["size"]):
-            raise PneumolabError(f"{path}: cache is inconsistent (images {images.shape}, {len(manifest)} rows)")
+            raise ArtefactError(f"{path}: cache is inconsistent (images {images.shape}, {len(manifest)} rows)")
         return cls(path, Path(meta["root"]), int(meta["size"]), images, manifest)
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from pneumolab.errors import PneumolabError, SettingError
+from pneumolab.errors import ArtefactError, DatasetLayoutError, SettingError
 from pneumolab.fsutil import atomic_path
 
 __all__ = ["SPLIT_COLUMNS", "SPLIT_EXTRA_COLUMNS", "carve_validation", "read_split", "write_split"]
@@ -43,7 +43,7 @@ def carve_validation(manifest: pd.DataFrame, *, fraction: float = 0.1, seed: int
     assigned = manifest["split"].where(manifest["split"] == "test", "train")
     pool = manifest[assigned == "train"]
     if pool.empty:
-        raise PneumolabError("no training images to carve a validation split from")
+        raise DatasetLayoutError("no training images to carve a validation split from")
     # A patient's label is its most frequent one (Kermany patients have a single label within train).
     patient_label = pool.groupby("patient_id")["label"].agg(lambda s: s.value_counts().idxmax())
     patient_size = pool.groupby("patient_id").size()
@@ -84,5 +84,5 @@ def read_split(path: str | os.PathLike[str]) -> pd.DataFrame:
     )
     missing = set(SPLIT_COLUMNS) - set(table.columns)
     if missing:
-        raise PneumolabError(f"{path}: not a split file, missing columns {sorted(missing)}")
+        raise ArtefactError(f"{path}: not a split file, missing columns {sorted(missing)}")
     return table

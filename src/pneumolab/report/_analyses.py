@@ -30,7 +30,7 @@ from sklearn.metrics import brier_score_loss
 
 from pneumolab import CLASSES
 from pneumolab.data.dataset import find_dataset_root, parse_name
-from pneumolab.errors import PneumolabError
+from pneumolab.errors import ArtefactError, PneumolabError
 from pneumolab.evaluate.calibration import expected_calibration_error
 from pneumolab.evaluate.metrics import evaluate_predictions
 from pneumolab.fsutil import file_sha256
@@ -104,7 +104,7 @@ def calibration_before_after(evaluation: Evaluation, temperature_if_scaled: floa
     """
     table = evaluation.predictions
     if table is None:
-        raise PneumolabError(f"{evaluation.key}: no predictions to measure calibration on")
+        raise ArtefactError(f"{evaluation.key}: no predictions to measure calibration on")
     labels = table["label"].to_numpy()
     saved = table["probability"].to_numpy(dtype=np.float64)
     temperature = evaluation.metric("temperature")
@@ -250,7 +250,7 @@ def overlap_removed(run: RunFiles, evaluation: Evaluation, hashes: FileHashes | 
     """
     table = evaluation.predictions
     if table is None:
-        raise PneumolabError(f"{evaluation.key}: no predictions to recompute metrics from")
+        raise ArtefactError(f"{evaluation.key}: no predictions to recompute metrics from")
     result: dict[str, Any] = {"label": evaluation.label, "n": len(table), "note": None, "rows": []}
     threshold = run.threshold(evaluation.split, evaluation.tta)
     result["threshold"] = threshold

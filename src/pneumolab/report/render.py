@@ -26,7 +26,7 @@ from typing import Any
 import jinja2
 
 from pneumolab import __version__
-from pneumolab.errors import PneumolabError
+from pneumolab.errors import SettingError
 from pneumolab.fsutil import atomic_dir, write_text_atomic
 from pneumolab.report._analyses import (
     FileHashes,
@@ -136,7 +136,7 @@ def build_report(
         PneumolabError: no runs, a folder that is not a run folder, or an unreadable run file.
     """
     if not runs:
-        raise PneumolabError("no run folders to report on")
+        raise SettingError("no run folders to report on")
     out = Path(out)
     taken: set[str] = set()
     loaded = [(run, unique_slug(run.name, taken)) for run in (read_run(path) for path in runs)]

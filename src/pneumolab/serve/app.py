@@ -37,7 +37,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from pneumolab.data.io import XrayMeta, load_xray_with_meta
-from pneumolab.errors import ImageReadError, InputRefusedError, PneumolabError
+from pneumolab.errors import ImageReadError, InputRefusedError, SettingError
 from pneumolab.inference.loader import load_backend
 from pneumolab.inference.steps import Decision, InferenceModel
 from pneumolab.serve.batching import MicroBatcher
@@ -134,7 +134,7 @@ def check_exposure(host: str, api_key: str | None, *, allow_unauthenticated_remo
     except ValueError:  # a host name: only localhost is known to stay on this machine
         loopback = bare in {"localhost", "localhost."}
     if not loopback:
-        raise PneumolabError(
+        raise SettingError(
             f"--host {host}: listens beyond this machine with no API key, so anyone who can reach it may use the "
             "model; set --api-key (or PNEUMOLAB_API_KEY), or pass --allow-unauthenticated-remote to accept the risk"
         )
@@ -210,7 +210,7 @@ def create_app(
             for research only: every readable file gets a label, and every response's ``gate`` says the gate is off.
     """
     if workers < 1:
-        raise PneumolabError(f"workers: must be at least 1, got {workers}")
+        raise SettingError(f"workers: must be at least 1, got {workers}")
     trained = _with_gate(trained, gate)
     # Grad-CAM needs the PyTorch graph; the ONNX backend has it when it was loaded from PyTorch weights
     gradcam_model = trained if trained.explainer is trained else _with_gate(trained.explainer, gate)

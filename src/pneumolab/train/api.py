@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pneumolab.config import TrainConfig, load_config
-from pneumolab.errors import PneumolabError
+from pneumolab.errors import ArtefactError, SettingError
 from pneumolab.fsutil import write_json_atomic
 from pneumolab.runs import RunDir
 
@@ -42,10 +42,10 @@ def train(
     run = RunDir(out)
     if resume:
         if not run.config.is_file():
-            raise PneumolabError(f"{run.path}: nothing to resume (no config.yaml)")
+            raise ArtefactError(f"{run.path}: nothing to resume (no config.yaml)")
         config = load_config(run.config)
     elif run.config.is_file() or run.last.is_file():
-        raise PneumolabError(f"{run.path}: already holds a run; pass --resume to continue it or choose another --out")
+        raise SettingError(f"{run.path}: already holds a run; pass --resume to continue it or choose another --out")
 
     if config.strategy == "features":
         from pneumolab.train.features import FeatureTrainer as trainer_class

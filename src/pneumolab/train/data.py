@@ -16,7 +16,7 @@ from torch.utils.data import DistributedSampler, WeightedRandomSampler
 from pneumolab.config import TrainConfig
 from pneumolab.data.cache import DatasetCache, prepare_cache
 from pneumolab.data.splits import carve_validation, read_split, write_split
-from pneumolab.errors import PneumolabError, SettingError
+from pneumolab.errors import DatasetLayoutError, SettingError
 from pneumolab.runs import RunDir
 from pneumolab.train.losses import weighted_sampler_weights
 
@@ -58,7 +58,9 @@ def load_run_data(config: TrainConfig, run: RunDir, *, write: bool = True, progr
         by_path = dict(zip(table["path"], table["split"], strict=True))
         missing = [p for p in manifest["path"] if p not in by_path]
         if missing:
-            raise PneumolabError(f"{run.split}: the dataset has images the run's split does not know ({missing[0]})")
+            raise DatasetLayoutError(
+                f"{run.split}: the dataset has images the run's split does not know ({missing[0]})"
+            )
         splits = manifest["path"].map(by_path)
     else:
         splits = carve_validation(manifest, fraction=config.data.val_fraction, seed=config.data.split_seed)
@@ -67,7 +69,7 @@ def load_run_data(config: TrainConfig, run: RunDir, *, write: bool = True, progr
     split_array = splits.to_numpy()
     parts = {name: np.flatnonzero(split_array == name) for name in ("train", "val", "test")}
     if not len(parts["train"]) or not len(parts["val"]):
-        raise PneumolabError(f"{config.data.root}: the split has no training or no validation images")
+        raise DatasetLayoutError(f"{config.data.root}: the split has no training or no validation images")
     return RunData(cache, parts["train"], parts["val"], parts["test"])
 
 
