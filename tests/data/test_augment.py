@@ -13,7 +13,8 @@ import torchvision.transforms.v2.functional as TF
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pneumolab.data.augment import PRESETS, AugmentConfig, BatchAugment, eval_transform, get_preset
+from pneumolab.data.augment import PRESETS, AugmentConfig, BatchAugment, get_preset
+from pneumolab.data.preprocess import eval_transform
 from pneumolab.errors import SettingError, UnknownNameError
 from tests.conftest import synthetic_xray
 

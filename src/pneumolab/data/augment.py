@@ -50,12 +50,20 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from pneumolab.data.geometry import (
+    affine_grid,
+    check_output_settings,
+    normalise,
+    pixel_centres,
+    presize,
+    resample,
+    to_float,
+)
 from pneumolab.errors import SettingError, did_you_mean
 
-__all__ = ["PRESETS", "AugmentConfig", "BatchAugment", "eval_transform", "get_preset"]
+__all__ = ["PRESETS", "AugmentConfig", "BatchAugment", "get_preset"]
 
 _TRIES = 10  # RandomResizedCrop's attempts before its central fallback, as in torchvision
 
@@ -179,67 +187,6 @@ def get_preset(name: str) -> AugmentConfig:
 # ---------------------------------------------------------------------------------------------------- internals
 
 
-def _check_settings(image_size: int, normalize: tuple[float, float]) -> None:
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
-        raise SettingError(f"image_size must be a positive integer, got {image_size!r}")
-    if len(normalize) != 2 or not normalize[1] > 0:
-        raise SettingError(f"normalize must be (mean, std) with std > 0, got {normalize!r}")
-
-
-def _to_float(images_u8: Tensor) -> Tensor:
-    """Check a uint8 ``N x 1 x S x S`` (or ``N x S x S``) batch; return it as float32 in [0, 255]."""
-    if not isinstance(images_u8, Tensor) or images_u8.dtype != torch.uint8:
-        raise TypeError(f"expected a torch.uint8 tensor, got {getattr(images_u8, 'dtype', type(images_u8))}")
-    if images_u8.ndim == 3:
-        images_u8 = images_u8.unsqueeze(1)
-    if images_u8.ndim != 4 or images_u8.shape[1] != 1 or images_u8.shape[2] != images_u8.shape[3]:
-        raise ValueError(f"expected a batch of square grayscale images N x 1 x S x S, got {tuple(images_u8.shape)}")
-    # Scaled to [0, 1] only after resampling, on the (usually smaller) output: one pass less over S x S.
-    return images_u8.to(torch.float32)
-
-
-def _presize(x: Tensor, image_size: int, crop_fraction: float) -> Tensor:
-    """Shrink the whole batch with antialiasing when the crop is larger than the output, so resampling is ~1:1.
-
-    A resize of the whole image leaves normalised coordinates unchanged, so the affine matrices still apply.
-    """
-    side = round(image_size / crop_fraction)
-    if side >= x.shape[-1]:
-        return x
-    return F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False, antialias=True)
-
-
-def _pixel_centres(size: int, device: torch.device) -> Tensor:
-    """The output pixel centres in normalised coordinates (``align_corners=False``): ``(2k + 1) / size - 1``."""
-    return (torch.arange(size, device=device, dtype=torch.float32) * 2 + 1) / size - 1
-
-
-def _affine_grid(theta: Tensor, size: int) -> Tensor:
-    """``F.affine_grid(theta, [N, 1, size, size], align_corners=False)``, as two broadcast sums (~8x faster on CPU).
-
-    A 2-D affine map of a pixel grid is separable: ``x_in = (a00 x) + (a01 y + b0)``; no ``N x HW x 3`` matmul.
-    """
-    centres = _pixel_centres(size, theta.device)
-    grid = torch.empty(theta.shape[0], size, size, 2, device=theta.device, dtype=theta.dtype)
-    for axis in (0, 1):
-        row = theta[:, axis]
-        along_x = row[:, 0, None, None] * centres  # N x 1 x W
-        along_y = (row[:, 1, None] * centres + row[:, 2, None]).unsqueeze(2)  # N x H x 1
-        torch.add(along_x, along_y, out=grid[..., axis])
-    return grid
-
-
-def _resample(x: Tensor, grid: Tensor) -> Tensor:
-    """One bilinear resampling of ``x`` (N x 1 x S x S, in [0, 255]) at ``grid``; returns [0, 1] intensities."""
-    y = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    return y.mul_(1.0 / 255.0)
-
-
-def _normalise(x: Tensor, normalize: tuple[float, float]) -> Tensor:
-    mean, std = normalize
-    return x.sub_(mean).div_(std)
-
-
 def _uniform(u: Tensor, low: float, high: float) -> Tensor:
     return low + (high - low) * u
 
@@ -344,31 +291,6 @@ def _brightness_contrast(
 # ---------------------------------------------------------------------------------------------------- public API
 
 
-def eval_transform(
-    images_u8: Tensor, *, image_size: int, crop_fraction: float, normalize: tuple[float, float]
-) -> Tensor:
-    """The deterministic evaluation preprocessing: center crop, resize, normalise.
-
-    The one preprocessing that evaluate, predict and serve use. It is `BatchAugment`'s path with every random op
-    off, so training and evaluation see the same geometry and intensities.
-
-    Args:
-        images_u8: uint8 ``N x 1 x S x S`` (or ``N x S x S``) on any device.
-        image_size: output side ``H``.
-        crop_fraction: share of the side kept around the centre (1 = the whole image; the plan uses 224/256).
-        normalize: the model's single-channel ``(mean, std)`` for [0, 1] intensities.
-
-    Returns:
-        float32 ``N x 1 x H x H`` on the images' device.
-    """
-    _check_settings(image_size, normalize)
-    if not 0.0 < crop_fraction <= 1.0:
-        raise SettingError(f"crop_fraction must be in (0, 1], got {crop_fraction!r}")
-    x = _presize(_to_float(images_u8), image_size, crop_fraction)
-    theta = torch.tensor([[crop_fraction, 0.0, 0.0], [0.0, crop_fraction, 0.0]], device=x.device)
-    return _normalise(_resample(x, _affine_grid(theta.expand(x.shape[0], 2, 3), image_size)), normalize)
-
-
 class BatchAugment:
     """Random per-image augmentation of a uint8 batch, with its own seeded generator.
 
@@ -395,7 +317,7 @@ class BatchAugment:
         seed: int = 0,
         device: torch.device | str | None = None,
     ) -> None:
-        _check_settings(image_size, normalize)
+        check_output_settings(image_size, normalize)
         self.config = config
         self.image_size = image_size
         self.normalize = (float(normalize[0]), float(normalize[1]))
@@ -445,7 +367,7 @@ class BatchAugment:
             float32 ``N x 1 x H x H`` on the images' device, normalised.
         """
         c = self.config
-        x = _presize(_to_float(images_u8), self.image_size, c.crop_fraction)
+        x = presize(to_float(images_u8), self.image_size, c.crop_fraction)
         n, device, size = x.shape[0], x.device, self.image_size
         theta, box = _matrices(params, c.crop_fraction)
         # One host-to-device copy for everything the batch needs.
@@ -461,8 +383,8 @@ class BatchAugment:
         ).to(device=device, dtype=torch.float32)
         theta, box, shift = packed[:, :6].view(n, 2, 3), packed[:, 6:10], packed[:, 10:12]
         brightness, contrast, gamma, contrast_first = packed[:, 12], packed[:, 13], packed[:, 14], packed[:, 15] > 0.5
-        grid = _affine_grid(theta, size)
-        x = _resample(x, grid)
+        grid = affine_grid(theta, size)
+        x = resample(x, grid)
 
         if c.rotation > 0:  # rotation fill: black before the photometric ops, as in torchvision
             outside = (grid[..., 0] - box[:, 0, None, None]).abs_() > box[:, 2, None, None]
@@ -470,7 +392,7 @@ class BatchAugment:
             x.masked_fill_(outside.unsqueeze(1), 0.0)
         in_x = in_y = None
         if c.translate > 0:  # translation fill, separable: is the pixel centre minus the shift still in frame?
-            centres = _pixel_centres(size, device)
+            centres = pixel_centres(size, device)
             in_x = ((centres - 2 * shift[:, :1]).abs() <= 1.0).to(x.dtype)  # N x W
             in_y = ((centres - 2 * shift[:, 1:]).abs() <= 1.0).to(x.dtype)  # N x H
         if c.brightness > 0 or c.contrast > 0:
@@ -479,7 +401,7 @@ class BatchAugment:
             x = x.clamp_min_(0.0).pow_(gamma.view(n, 1, 1, 1))
         if in_x is not None and in_y is not None:
             x = x.mul_(in_x.view(n, 1, 1, size)).mul_(in_y.view(n, 1, size, 1))
-        return _normalise(x, self.normalize)
+        return normalise(x, self.normalize)
 
     def __call__(self, images_u8: Tensor) -> Tensor:
         """Augment a batch with fresh random parameters per image (see `apply`)."""
