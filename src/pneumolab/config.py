@@ -16,10 +16,10 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from pneumolab.data.augment import PRESETS
-from pneumolab.errors import PneumolabError, SettingError, did_you_mean
+from pneumolab.data.augment import get_preset
+from pneumolab.errors import PneumolabError, SettingError
 from pneumolab.fsutil import write_text_atomic
-from pneumolab.models import list_models
+from pneumolab.models import model_spec
 
 __all__ = [
     "AugmentSettings",
@@ -55,12 +55,6 @@ def check_setting(check: Any, *args: Any, **kwargs: Any) -> None:
         raise ValueError(str(error)) from None
 
 
-def _known(kind: str, value: str, known: Any) -> str:
-    if value not in known:
-        raise ValueError(str(did_you_mean(kind, value, known)))
-    return value
-
-
 class DataConfig(StrictModel):
     """Where the images come from and how validation is carved."""
 
@@ -82,7 +76,8 @@ class ModelConfig(StrictModel):
     @field_validator("name")
     @classmethod
     def _registered(cls, name: str) -> str:
-        return _known("model", name, list_models())
+        check_setting(model_spec, name)
+        return name
 
 
 class AugmentSettings(StrictModel):
@@ -93,7 +88,8 @@ class AugmentSettings(StrictModel):
     @field_validator("preset")
     @classmethod
     def _known_preset(cls, preset: str) -> str:
-        return _known("augmentation preset", preset, PRESETS)
+        check_setting(get_preset, preset)
+        return preset
 
 
 class OptimConfig(StrictModel):

@@ -17,7 +17,7 @@ import math
 import numpy as np
 from numpy.typing import ArrayLike
 from scipy.optimize import minimize_scalar
-from scipy.special import expit
+from scipy.special import expit, logit
 from sklearn.base import BaseEstimator
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import recall_score, roc_curve
@@ -31,6 +31,7 @@ __all__ = [
     "TemperatureScaler",
     "ThresholdSelector",
     "expected_calibration_error",
+    "log_odds",
     "reliability_curve",
 ]
 
@@ -141,6 +142,14 @@ class ThresholdSelector(BaseEstimator):
         if self.method == "target_sensitivity":
             return f"sensitivity >= {float(self.target_sensitivity):g} on validation"
         return f"fixed at {0.5 if self.fixed is None else float(self.fixed):g}"
+
+
+def log_odds(probabilities: ArrayLike) -> np.ndarray:
+    """The logit of PNEUMONIA probabilities, the margins a temperature scales when no logits were saved.
+
+    float32 softmax outputs can be exactly 0 or 1; 1e-12 is far finer than their spacing, so no new ties.
+    """
+    return logit(np.clip(np.asarray(probabilities, dtype=np.float64), 1e-12, 1 - 1e-12))
 
 
 def _margins(logits: ArrayLike) -> np.ndarray:

@@ -26,14 +26,18 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from scipy.special import logit
 
 from pneumolab.config import load_config
 from pneumolab.data.cache import prepare_cache
 from pneumolab.data.splits import carve_validation, read_split
 from pneumolab.data.tta import resolve_views
 from pneumolab.errors import ArtefactError, DatasetLayoutError, SettingError
-from pneumolab.evaluate.calibration import TemperatureScaler, ThresholdSelector, expected_calibration_error
+from pneumolab.evaluate.calibration import (
+    TemperatureScaler,
+    ThresholdSelector,
+    expected_calibration_error,
+    log_odds,
+)
 from pneumolab.evaluate.gating import (
     DEFAULT_ALPHA,
     DEFAULT_KEEP,
@@ -499,8 +503,8 @@ def ensemble_runs(
         band = fit_band(labels["val"], probabilities["val"], threshold)  # the ensemble's own, as a model's
         # not applied (the combined probabilities are used as they are); recorded so the report can show what
         # temperature scaling would change without fitting anything itself
-        log_odds = logit(np.clip(probabilities["val"], 1e-12, 1 - 1e-12))
-        temperature_if_scaled = float(TemperatureScaler().fit(log_odds, labels["val"]).temperature_)
+        scaler = TemperatureScaler().fit(log_odds(probabilities["val"]), labels["val"])
+        temperature_if_scaled = float(scaler.temperature_)
         point = {
             "threshold": threshold,
             "method": selector.describe(),

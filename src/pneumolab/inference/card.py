@@ -56,6 +56,16 @@ class ModelCard:
     validation_split: dict[str, Any] | None
     facts: dict[str, Any]
 
+    def operating_settings(self) -> dict[str, Any]:
+        """What every backend takes from the card: the network's name, its preprocessing and operating point."""
+        return {
+            "name": self.architecture,
+            "preprocessing": self.preprocessing,
+            "threshold": self.threshold,
+            "temperature": self.temperature,
+            "tta": self.tta,
+        }
+
     @classmethod
     def from_dict(cls, facts: dict[str, Any], where: str) -> ModelCard:
         """Check the format and the fields; `where` names the file in the one-line error."""

@@ -82,13 +82,15 @@ class EnsembleModel(InferenceModel):
         named = "; ".join(f"{n}: {m.gate_status}" for n, m in zip(self.member_names, self.members, strict=True))
         return f"partly on: {named}"
 
-    def score(self, images_u8: np.ndarray, *, batch_size: int = 64) -> tuple[np.ndarray, list[float | None]]:
+    def score(
+        self, images_u8: np.ndarray, *, batch_size: int = 64, gated: bool | None = None
+    ) -> tuple[np.ndarray, list[float | None]]:
         """The combined probability, and as gate score the largest margin of a member's score over its limit
         (> 0: that member refuses; None when no member has a gate or the gate is off)."""
+        gated = self.gate_enabled if gated is None else gated
         member_probabilities, margins = [], []
         for member in self.members:
-            member.gate_enabled = self.gate_enabled
-            probabilities, scores = member.score(images_u8, batch_size=batch_size)
+            probabilities, scores = member.score(images_u8, batch_size=batch_size, gated=gated)
             member_probabilities.append(probabilities)
             gate = member.gate
             if gate is not None:

@@ -116,12 +116,8 @@ def load_onnx(path: str | os.PathLike[str], *, pytorch: TrainedModel | None = No
     session = _session(path)
     model = OnnxModel(
         session=session,
-        name=card.architecture,
+        **card.operating_settings(),
         source=path,
-        preprocessing=card.preprocessing,
-        threshold=card.threshold,
-        temperature=card.temperature,
-        tta=card.tta,
         info=card.facts,
         pytorch=pytorch,
         **load_gate(card.facts, path.with_suffix(".gate.safetensors"), "gate_sha256"),

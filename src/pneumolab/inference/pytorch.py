@@ -132,11 +132,7 @@ def _load_artefact(folder: Path, device: torch.device | None) -> TrainedModel:
         raise ArtefactError(f"{weights_file}: weights do not fit the card's {card.architecture} ({first})") from None
     return TrainedModel(
         model=model,
-        name=card.architecture,
-        preprocessing=card.preprocessing,
-        threshold=card.threshold,
-        temperature=card.temperature,
-        tta=card.tta,
+        **card.operating_settings(),
         **load_gate(card.facts, folder / GATE_FILE, "gate_sha256"),
         weights_source=card.weights_source,
         source=folder,

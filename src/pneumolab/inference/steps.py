@@ -156,16 +156,18 @@ class InferenceModel:
         return "on"
 
     @torch.no_grad()
-    def score(self, images_u8: np.ndarray, *, batch_size: int = 64) -> tuple[np.ndarray, list[float | None]]:
+    def score(
+        self, images_u8: np.ndarray, *, batch_size: int = 64, gated: bool | None = None
+    ) -> tuple[np.ndarray, list[float | None]]:
         """Calibrated P(PNEUMONIA) over the model's TTA views and the content gate's score (None: no gate, or off)
-        of uint8 images.
+        of uint8 images; `gated` overrides the model's own `gate_enabled` (an ensemble passes its setting on).
 
         The gate's features come from the plain view's forward pass, and every view starts from the one
         preprocessed batch, so the gate costs no extra pass.
         """
         images = as_batch(images_u8)
         views = self.tta or ("identity",)
-        gate = self.gate if self.gate_enabled else None
+        gate = self.gate if (self.gate_enabled if gated is None else gated) else None
         logits, scores = [], []
         for start in range(0, len(images), batch_size):
             x = self._preprocess(images[start : start + batch_size])

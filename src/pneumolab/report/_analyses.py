@@ -25,13 +25,13 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from scipy.special import expit, logit
+from scipy.special import expit
 from sklearn.metrics import brier_score_loss
 
 from pneumolab import CLASSES
 from pneumolab.data.dataset import find_dataset_root, parse_name
 from pneumolab.errors import ArtefactError, PneumolabError
-from pneumolab.evaluate.calibration import expected_calibration_error
+from pneumolab.evaluate.calibration import expected_calibration_error, log_odds
 from pneumolab.evaluate.metrics import evaluate_predictions
 from pneumolab.fsutil import file_sha256
 from pneumolab.referral import ReferralBand
@@ -81,11 +81,6 @@ def _calibration(labels: np.ndarray, probabilities: np.ndarray) -> dict[str, flo
     }
 
 
-def _log_odds(probabilities: np.ndarray) -> np.ndarray:
-    # float32 softmax outputs can be exactly 0 or 1; 1e-12 is far finer than their spacing, so no new ties
-    return logit(np.clip(probabilities, 1e-12, 1 - 1e-12))
-
-
 def calibration_before_after(evaluation: Evaluation, temperature_if_scaled: float | None = None) -> dict[str, Any]:
     """ECE (`expected_calibration_error`, its default bins) and Brier score before and after temperature scaling.
 
@@ -118,7 +113,7 @@ def calibration_before_after(evaluation: Evaluation, temperature_if_scaled: floa
         before, after = _calibration(labels, expit(logits)), _calibration(labels, saved)
     elif finite(temperature_if_scaled) is not None and temperature_if_scaled > 0:
         temperature, note, fitted_apart = float(temperature_if_scaled), None, True
-        before, after = _calibration(labels, saved), _calibration(labels, expit(_log_odds(saved) / temperature))
+        before, after = _calibration(labels, saved), _calibration(labels, expit(log_odds(saved) / temperature))
     else:
         before, after = None, _calibration(labels, saved)
     return {
