@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import re
@@ -46,6 +47,7 @@ class ServerState:
     files: dict[str, bytes] = field(default_factory=dict)
     requests: list[tuple[str, str | None]] = field(default_factory=list)  # (path, Range header)
     cut_after: int | None = None  # send the full Content-Length, then only this many bytes
+    redirects: dict[str, str] = field(default_factory=dict)  # path -> Location of a 302
     honor_ranges: bool = True
 
     def add(self, name: str, body: bytes, query: str = "") -> str:
@@ -54,12 +56,18 @@ class ServerState:
 
 
 class RangeHandler(BaseHTTPRequestHandler):
-    """GET with `Range: bytes=N-` support (206 / 416) and an optional early cut-off."""
+    """GET with `Range: bytes=N-` support (206 / 416), redirects and an optional early cut-off.
+
+    Also answers as a forward proxy: the absolute URL a proxy is sent is served by its path.
+    """
 
     def do_GET(self) -> None:
         state: ServerState = self.server.state  # type: ignore[attr-defined]
         path, range_header = urlsplit(self.path).path, self.headers.get("Range")
         state.requests.append((path, range_header))
+        if path in state.redirects:
+            self._send_head(302, 0, {"Location": state.redirects[path]})
+            return
         body = state.files.get(path)
         if body is None:
             self.send_error(404)
@@ -100,16 +108,26 @@ def no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("NO_PROXY", "*")
 
 
-@pytest.fixture
-def server() -> Iterator[ServerState]:
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), RangeHandler)
-    httpd.state = ServerState(base_url=f"http://127.0.0.1:{httpd.server_address[1]}")  # type: ignore[attr-defined]
+@contextlib.contextmanager
+def serving(port: int = 0, files: dict[str, bytes] | None = None) -> Iterator[ServerState]:
+    """Run the test server on 127.0.0.1 (``port`` 0: any free one), serving ``files`` from the start."""
+    httpd = ThreadingHTTPServer(("127.0.0.1", port), RangeHandler)
+    state = ServerState(base_url=f"http://127.0.0.1:{httpd.server_address[1]}", files=dict(files or {}))
+    httpd.state = state  # type: ignore[attr-defined]
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
     thread.start()
-    yield httpd.state  # type: ignore[attr-defined]
-    httpd.shutdown()
-    httpd.server_close()
-    thread.join()
+    try:
+        yield state
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join()
+
+
+@pytest.fixture
+def server() -> Iterator[ServerState]:
+    with serving() as state:
+        yield state
 
 
 def dead_port() -> int:
@@ -291,6 +309,54 @@ def test_fetch_redownloads_a_dest_with_the_wrong_checksum(server: ServerState, t
     assert dest.read_bytes() == body
     fetch(url, dest, sha256=sha256_of(body), progress=False)
     assert len(server.requests) == 1
+
+
+def test_fetch_follows_a_redirect_and_resumes_through_it(server: ServerState, tmp_path: Path) -> None:
+    body = bytes(range(256)) * 40
+    server.add("files/blob.bin", body)
+    server.redirects["/records/1/blob.bin"] = f"{server.base_url}/files/blob.bin"
+    dest = tmp_path / "blob.bin"
+    dest.with_name("blob.bin.part").write_bytes(body[:1000])
+
+    fetch(f"{server.base_url}/records/1/blob.bin?download=1", dest, sha256=sha256_of(body), progress=False)
+
+    assert dest.read_bytes() == body
+    assert server.requests == [("/records/1/blob.bin", "bytes=1000-"), ("/files/blob.bin", "bytes=1000-")]
+
+
+def test_fetch_retries_a_refused_connect(tmp_path: Path) -> None:
+    body = b"late" * 1000
+    port = dead_port()
+    stop = threading.Event()
+
+    def start_late() -> None:  # the first connect is refused; a retry (0 s, then 0.5 s later) gets through
+        time.sleep(0.1)
+        with serving(port, files={"/blob.bin": body}):
+            stop.wait(10)
+
+    thread = threading.Thread(target=start_late, daemon=True)
+    thread.start()
+    try:
+        fetch(f"http://127.0.0.1:{port}/blob.bin", tmp_path / "blob.bin", progress=False)
+    finally:
+        stop.set()
+        thread.join()
+    assert (tmp_path / "blob.bin").read_bytes() == body
+
+
+def test_fetch_uses_the_proxy_from_the_environment(
+    server: ServerState, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server.add("blob.bin", b"via proxy")
+    monkeypatch.setenv("http_proxy", server.base_url)
+    monkeypatch.delenv("no_proxy")
+    monkeypatch.delenv("NO_PROXY")
+
+    # The name does not resolve: only the proxy can answer.
+    fetch("http://pneumolab.invalid/blob.bin", tmp_path / "blob.bin", progress=False)
+
+    assert (tmp_path / "blob.bin").read_bytes() == b"via proxy"
+    assert server.requests == [("/blob.bin", None)]
 
 
 def test_fetch_http_error(server: ServerState, tmp_path: Path) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import ast
 import contextlib
 import hashlib
-import http.client
 import importlib.util
 import io
 import os
@@ -22,7 +21,6 @@ import re
 import shutil
 import socket
 import stat
-import urllib.error
 import urllib.request
 import uuid
 import zipfile
@@ -32,9 +30,9 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+import httpx
 import numpy as np
 from PIL import Image
-from rich.console import Console
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -46,6 +44,7 @@ from rich.progress import (
 
 from pneumolab import CLASSES, __version__
 from pneumolab.errors import DownloadError, UnknownNameError
+from pneumolab.progress import stderr_console
 
 __all__ = [
     "KAGGLE_HANDLE",
@@ -71,6 +70,8 @@ MANUAL_HINT = (
 
 TIMEOUT_S = 30.0
 """Seconds any single network operation (connect, one read) may block before the download counts as failed."""
+
+_CONNECT_RETRIES = 2  # a refused or failed connect is tried again after 0 s and 0.5 s (httpcore's backoff)
 
 _CHUNK = 1 << 20
 _USER_AGENT = f"pneumolab/{__version__}"
@@ -218,20 +219,43 @@ def fetch(url: str, dest: Path, *, sha256: str | None = None, md5: str | None = 
             resume), or checksum mismatch (the ``.part`` is deleted).
     """
     dest = Path(dest)
-    if urlsplit(url).scheme not in ("http", "https"):
+    if urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).hostname:
         raise DownloadError(f"{url}: only http and https URLs can be downloaded")
     if dest.is_file() and _digests_match(dest, sha256=sha256, md5=md5):
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_suffix(dest.suffix + ".part")
-    while not _transfer(url, part, progress=progress):
-        part.unlink()  # the server cannot continue this .part: start again from zero
+    with _client(url) as client:
+        while not _transfer(client, url, part, progress=progress):
+            part.unlink()  # the server cannot continue this .part: start again from zero
     _verify(part, dest, sha256=sha256, md5=md5)
     os.replace(part, dest)
     return dest
 
 
-def _transfer(url: str, part: Path, *, progress: bool) -> bool:
+def _client(url: str) -> httpx.Client:
+    """An httpx client that retries failed connects, follows redirects and uses the proxy from the environment.
+
+    httpx reads proxy variables only when it builds the transport itself, so the proxy for ``url`` is looked up
+    here (``http_proxy`` / ``https_proxy`` / ``all_proxy``, honouring ``no_proxy``) as urllib would.
+    """
+    parts = urlsplit(url)
+    proxies = urllib.request.getproxies()
+    proxy = proxies.get(parts.scheme) or proxies.get("all")
+    if not proxy or urllib.request.proxy_bypass(parts.hostname or ""):
+        proxy = None
+    elif "://" not in proxy:
+        proxy = f"http://{proxy}"
+    return httpx.Client(
+        transport=httpx.HTTPTransport(retries=_CONNECT_RETRIES, proxy=proxy),
+        timeout=TIMEOUT_S,
+        follow_redirects=True,  # Zenodo answers file URLs with a redirect
+        # identity: the bytes on disk, their length and Range offsets are the file's, never a decoded body's
+        headers={"User-Agent": _USER_AGENT, "Accept-Encoding": "identity"},
+    )
+
+
+def _transfer(client: httpx.Client, url: str, part: Path, *, progress: bool) -> bool:
     """Bring ``part`` to the full length of the file at ``url``.
 
     Returns:
@@ -239,20 +263,19 @@ def _transfer(url: str, part: Path, *, progress: bool) -> bool:
         must be discarded (only ever when ``part`` was not empty, so a retry from zero cannot return False).
     """
     offset = part.stat().st_size if part.exists() else 0
-    headers = {"User-Agent": _USER_AGENT}
-    if offset:
-        headers["Range"] = f"bytes={offset}-"
+    headers = {"Range": f"bytes={offset}-"} if offset else {}
     try:
-        response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=TIMEOUT_S)
-    except urllib.error.HTTPError as err:
-        with err:
-            if err.code == 416 and offset:  # nothing left past offset: complete, or longer than the file
-                return _content_range(err.headers.get("Content-Range"))[1] in (None, offset)
-            raise DownloadError(f"{url}: HTTP {err.code} {err.reason}") from None
-    except (OSError, http.client.HTTPException) as err:  # URLError, refused, timeout, reset, bad status line
+        response = client.send(client.build_request("GET", url, headers=headers), stream=True)
+    except httpx.TransportError as err:  # refused, unresolvable, timed out, reset, bad status line
         raise _unreachable(urlsplit(url).hostname or url, err) from None
-    with response:
-        if response.status == 206:
+    except httpx.HTTPError as err:  # too many redirects
+        raise DownloadError(f"{url}: {_reason(err)}") from None
+    with contextlib.closing(response):
+        if response.status_code == 416 and offset:  # nothing left past offset: complete, or longer than the file
+            return _content_range(response.headers.get("Content-Range"))[1] in (None, offset)
+        if not response.is_success:
+            raise DownloadError(f"{url}: HTTP {response.status_code} {response.reason_phrase}")
+        if response.status_code == 206:
             start, total = _content_range(response.headers.get("Content-Range"))
             if start != offset:
                 return False
@@ -273,33 +296,35 @@ def _transfer(url: str, part: Path, *, progress: bool) -> bool:
 
 
 def _stream(
-    response: http.client.HTTPResponse, part: Path, *, mode: str, done: int, total: int | None, progress: bool
+    response: httpx.Response, part: Path, *, mode: str, done: int, total: int | None, progress: bool
 ) -> tuple[int, str | None]:
     """Copy the response body into ``part``; return bytes received and why reading broke off, if it did."""
     received = 0
     bar = _progress_bar(part.name.removesuffix(".part"), done, total, progress)
     with open(part, mode) as out, bar as advance:
-        while True:
-            try:
-                chunk = response.read(_CHUNK)
-            except (OSError, http.client.HTTPException) as err:  # a broken connection, not a disk error
-                return received, _reason(err)
-            if not chunk:
-                return received, None
-            out.write(chunk)
-            received += len(chunk)
-            advance(len(chunk))
+        try:
+            for chunk in response.iter_raw():  # as received: a re-chunking buffer would lose its bytes on a cut
+                out.write(chunk)
+                received += len(chunk)
+                advance(len(chunk))
+        except httpx.TransportError as err:  # a broken connection or a read timeout, not a disk error
+            return received, _reason(err)
+    return received, None
 
 
 @contextlib.contextmanager
 def _progress_bar(label: str, done: int, total: int | None, enabled: bool) -> Iterator[Callable[[int], None]]:
-    """Yield a function that advances a transient rich progress bar on stderr (a no-op when disabled)."""
+    """Yield a function that advances a transient byte progress bar on stderr (a no-op when disabled).
+
+    `pneumolab.progress.progress_bar` counts items and needs a known total; a download counts bytes (shown as
+    MB, with speed) and may not know its length, so it gets these columns on the same stderr console.
+    """
     if not enabled:
         yield lambda n: None
         return
     columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn())
     columns += (TransferSpeedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+    with Progress(*columns, console=stderr_console, transient=True) as bar:
         task = bar.add_task(label, total=total, completed=done)
         yield lambda n: bar.advance(task, n)
 
