@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 CONFIG ?= configs/default.yaml
-OUT    ?= runs/default
+OUT    ?= runs/$(basename $(notdir $(CONFIG)))
 
 # prepare -> train -> evaluate (with and without TTA) -> ensemble -> report; prints where the report is
 run: $(STAMP)

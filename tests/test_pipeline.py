@@ -168,7 +168,7 @@ def _check_ensemble_is_servable(ensemble: Path, root: Path, tmp_path: Path) -> N
     assert (artefact / "ensemble.json").is_file() and len(list((artefact / "members").iterdir())) == 2
     again = load_backend(artefact)
     again.gate_enabled = False
-    np.testing.assert_allclose(again.score(loaded.load_images(saved["path"][:6]))[0], saved["probability"][:6],
+    np.testing.assert_allclose(again.score(loaded.load_images(saved["path"][:6]))[0][:, 1], saved["probability"][:6],
                                atol=2e-4)  # fmt: skip
 
     with socket.socket() as probe:  # a free port for the service

@@ -92,30 +92,30 @@ def data_check(
     ] = 12,
     workers: Annotated[int | None, typer.Option(help="Decoding processes (default: all cores).")] = None,
     quiet: QuietFlag = False,
+    task: Annotated[
+        str, typer.Option(help="binary (NORMAL / PNEUMONIA), kind (NORMAL / BACTERIAL / VIRAL) or folders.")
+    ] = "binary",
 ) -> None:
-    """Counts per split and class, patients, unreadable files, duplicates and leakage across splits."""
+    """Counts per split and class of a task, patients, unreadable or unlabelled files, duplicates and leakage."""
     from pneumolab.data.check import check_dataset
 
-    report = check_dataset(data, workers=workers, near_bits=near_bits, progress=not quiet and not json_out)
+    report = check_dataset(data, workers=workers, near_bits=near_bits, progress=not quiet and not json_out, task=task)
     if json_out:
         _print_json(report)
     else:
         _print_check(report)
-    if report["unreadable"]:
+    for entry in report["unlabelled"]:
+        _error_line(f"{entry['path']}: {entry['reason']}")
+    if report["unreadable"] or report["unlabelled"]:
         raise typer.Exit(2)
 
 
 def _print_check(report: dict[str, Any]) -> None:
     stdout.print(f"[bold]{report['root']}[/bold]: {report['n_images']:,} readable images")
-    table = Table("split", "NORMAL", "PNEUMONIA", "total", "patients")
+    table = Table("split", *report["classes"], "total", "patients")
     for split, counts in report["counts"].items():
-        table.add_row(
-            split,
-            f"{counts['NORMAL']:,}",
-            f"{counts['PNEUMONIA']:,}",
-            f"{counts['total']:,}",
-            f"{report['patients'][split]:,}",
-        )
+        per_class = [f"{counts[name]:,}" for name in report["classes"]]
+        table.add_row(split, *per_class, f"{counts['total']:,}", f"{report['patients'][split]:,}")
     stdout.print(table)
     if report["patient_ids_one_per_file"]:
         stdout.print(f"{report['patient_ids_one_per_file']:,} file names match no known pattern: one patient per file.")
@@ -518,18 +518,29 @@ def predict_command(
             }
         )
     elif csv_out:
-        fields = ["file", "status", "label", "probability", "threshold", "reason", "gate_score", "notes", "gate"]
-        writer = csv.DictWriter(sys.stdout, fieldnames=fields, lineterminator="\n")
+        # one column per class (p_NORMAL, p_PNEUMONIA, ...) beside probability, P(not the first class)
+        per_class = [f"p_{name}" for name in trained.classes]
+        fields = ["file", "status", "label", "probability", *per_class, "threshold", "reason", "gate_score", "notes"]
+        writer = csv.DictWriter(sys.stdout, fieldnames=[*fields, "gate"], lineterminator="\n")
         writer.writeheader()
-        writer.writerows({**row, "gate": gate} for row in rows)
+        for row in rows:
+            every = row["probabilities"] or {}
+            writer.writerow({**{k: row[k] for k in fields if k in row}, **{f"p_{c}": every.get(c) for c in every},
+                             "gate": gate})  # fmt: skip
     else:
         if gate != "on":
             _error_line(f"input gate: {gate}")
-        table = Table("file", "status", "label", "probability", "threshold", "reason")
+        many = len(trained.classes) > 2
+        table = Table("file", "status", "label", "probability" if not many else "class probabilities", "reason")
         for row in rows:
-            probability = "" if row["probability"] is None else f"{row['probability']:.4f}"
-            table.add_row(row["file"], row["status"], row["label"], probability, f"{row['threshold']:.4f}",
-                          row["reason"], end_section=False)  # fmt: skip
+            every = row["probabilities"]
+            if row["probability"] is None:
+                shown = ""
+            elif many:
+                shown = "  ".join(f"{c} {p:.3f}" for c, p in every.items())
+            else:
+                shown = f"{row['probability']:.4f} (threshold {row['threshold']:.4f})"
+            table.add_row(row["file"], row["status"], row["label"], shown, row["reason"], end_section=False)
         stdout.print(table)
     for row in rows:
         if row["notes"]:
@@ -622,8 +633,15 @@ def explain_command(
     out: Annotated[Path | None, typer.Option(help="PNG to write (default: <image name>.gradcam.png).")] = None,
     json_out: JsonFlag = False,
     no_gate: NoGateFlag = False,
+    target_class: Annotated[
+        str | None,
+        typer.Option(
+            "--target",
+            help="Class whose score is explained (default: the predicted class; a binary model: PNEUMONIA).",
+        ),
+    ] = None,
 ) -> None:
-    """Classify one X-ray and draw its Grad-CAM heatmap for PNEUMONIA beside the film.
+    """Classify one X-ray and draw its Grad-CAM heatmap for one class beside the film.
 
     A file the input gate refuses (not a frontal chest X-ray) gets no heatmap: one line on stderr, exit status 2.
     """
@@ -636,13 +654,13 @@ def explain_command(
         raise SettingError(f"{model}: Grad-CAM explains one network; explain an ensemble per member (--model MEMBER)")
     trained = load_trained(model)
     trained.gate_enabled = not no_gate
-    explanation = explain_image(trained, image)
+    explanation = explain_image(trained, image, target=target_class)
     target = out or Path(f"{image.stem}.gradcam.png")
     with atomic_path(target) as tmp:
         tmp.write_bytes(explanation.png)
     decision = explanation.decision
     summary = {"file": str(image), **decision.fields(), "threshold": trained.threshold, "heatmap": str(target),
-               "gate": trained.gate_status}  # fmt: skip
+               "target": explanation.target, "gate": trained.gate_status}  # fmt: skip
     if json_out:
         _print_json(summary)
         return

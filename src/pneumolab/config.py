@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from pneumolab.data.augment import get_preset
+from pneumolab.data.tasks import get_task
 from pneumolab.errors import PneumolabError, SettingError
 from pneumolab.fsutil import write_text_atomic
 from pneumolab.models import model_spec
@@ -59,10 +60,17 @@ class DataConfig(StrictModel):
     """Where the images come from and how validation is carved."""
 
     root: Path | None = None
+    task: str = Field("binary", description="binary (NORMAL / PNEUMONIA), kind (NORMAL / BACTERIAL / VIRAL), folders")
     cache_size: int = Field(256, ge=32, description="side of the cached square images")
     cache_dir: Path | None = None
     val_fraction: float = Field(0.1, gt=0, lt=1)
     split_seed: int = 0
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, task: str) -> str:
+        check_setting(get_task, task)
+        return task
 
 
 class ModelConfig(StrictModel):

@@ -17,6 +17,7 @@ from typing import Any
 from pydantic import Field, field_validator, model_validator
 
 from pneumolab.config import DataConfig, StrictModel, TrainConfig, check_setting, load_yaml_model
+from pneumolab.data.tasks import get_task
 from pneumolab.data.tta import resolve_views
 from pneumolab.errors import DatasetLayoutError, SettingError
 from pneumolab.evaluate.calibration import ThresholdSelector
@@ -144,7 +145,14 @@ def run_pipeline(
         )
     data_config = config.data.model_copy(update={"root": root})
     _log(f"preparing the cache of {root}")
-    prepare_cache(root, size=data_config.cache_size, cache_root=data_config.cache_dir, progress=progress)
+    task = get_task(data_config.task)
+    prepare_cache(
+        root,
+        size=data_config.cache_size,
+        cache_root=data_config.cache_dir,
+        progress=progress,
+        classes=task.folder_classes,
+    )
 
     timings: dict[str, float] = {}
     run_dirs = []

@@ -26,10 +26,10 @@ from pneumolab.errors import SettingError
 from pneumolab.evaluate import CI_KEYS, METRIC_KEYS, binary_metrics, bootstrap_ci, evaluate_predictions
 from pneumolab.evaluate import metrics as metrics_module
 from pneumolab.evaluate.metrics import (
-    _multiplicities,
     _resampled_metrics,
-    _stratified_indices,
     bootstrap_distribution,
+    multiplicities,
+    stratified_indices,
 )
 
 
@@ -82,8 +82,8 @@ def test_point_estimates_equal_sklearn(kind: str, threshold: float) -> None:
 @pytest.mark.parametrize("threshold", [0.5, 0.41])
 def test_resampled_values_equal_sklearn_on_explicit_resamples(kind: str, threshold: float) -> None:
     y, p = make_data(kind, n=300)
-    indices = _stratified_indices(y, 6, np.random.default_rng(3))
-    values = _resampled_metrics(y, p, threshold, _multiplicities(indices, y.size))
+    indices = stratified_indices(y, 6, np.random.default_rng(3))
+    values = _resampled_metrics(y, p, threshold, multiplicities(indices, y.size))
     for b, rows in enumerate(indices):
         want = sklearn_metrics(y[rows], p[rows], threshold)
         for key in CI_KEYS:
@@ -93,7 +93,7 @@ def test_resampled_values_equal_sklearn_on_explicit_resamples(kind: str, thresho
 def test_public_distribution_uses_the_checked_resamples() -> None:
     y, p = make_data("ties", n=200)
     samples = bootstrap_distribution(y, p, 0.5, n_resamples=50, seed=7)
-    indices = _stratified_indices(y, 50, np.random.default_rng(7))
+    indices = stratified_indices(y, 50, np.random.default_rng(7))
     for b in (0, 17, 49):
         want = sklearn_metrics(y[indices[b]], p[indices[b]], 0.5)
         for key in CI_KEYS:
@@ -105,7 +105,7 @@ def test_chunked_resamples_equal_sklearn(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setattr(metrics_module, "_CHUNK_CELLS", 100 * 4)  # 4 resamples per chunk: 3 chunks for 10
     samples = bootstrap_distribution(y, p, 0.5, n_resamples=10, seed=2)
     rng = np.random.default_rng(2)
-    indices = np.concatenate([_stratified_indices(y, size, rng) for size in (4, 4, 2)])
+    indices = np.concatenate([stratified_indices(y, size, rng) for size in (4, 4, 2)])
     for b in range(10):
         want = sklearn_metrics(y[indices[b]], p[indices[b]], 0.5)
         for key in CI_KEYS:
@@ -137,7 +137,7 @@ def test_weighted_metrics_equal_sklearn_on_repeated_data(data: list[tuple[int, f
 
 def test_stratified_resamples_keep_class_counts() -> None:
     y, _ = make_data("continuous", n=120)
-    indices = _stratified_indices(y, 30, np.random.default_rng(0))
+    indices = stratified_indices(y, 30, np.random.default_rng(0))
     assert indices.shape == (30, 120)
     assert (y[indices].sum(axis=1) == y.sum()).all()
 

@@ -373,8 +373,7 @@ def write_gating(run: Path, *, alpha: float = GATE_ALPHA, seed: int = 0) -> dict
         probabilities = frame["probability"].to_numpy()
         summary[split] = selective_summary(
             frame["label"].to_numpy(),
-            probabilities,
-            point["threshold"],
+            (probabilities >= point["threshold"]).astype(int),
             refused=table.loc[table["group"] == split, "refused"].to_numpy(),
             referred=band.refers(probabilities),
         )

@@ -26,6 +26,7 @@ PREDICTION_KEYS = {
     "status",
     "label",
     "probability",
+    "probabilities",
     "threshold",
     "reason",
     "gate_score",
@@ -94,6 +95,9 @@ def test_a_real_film_is_answered_as_predict_answers_it(gated, bundled, film):
     for key in ("status", "label", "reason", "notes"):
         assert body[key] == row[key], key
     assert body["probability"] == pytest.approx(row["probability"], abs=1e-4)
+    assert list(body["probabilities"]) == list(CLASSES)  # every class, in the model's order
+    assert body["probabilities"]["PNEUMONIA"] == pytest.approx(body["probability"], abs=1e-6)
+    assert sum(body["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
     assert body["gate_score"] == pytest.approx(row["gate_score"], abs=1e-3)
 
 

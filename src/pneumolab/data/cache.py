@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, replace
 from multiprocessing import get_context
@@ -22,6 +23,7 @@ import numpy as np
 import pandas as pd
 import platformdirs
 
+from pneumolab import CLASSES
 from pneumolab.data.dataset import build_manifest, find_dataset_root
 from pneumolab.data.io import load_xray
 from pneumolab.errors import ArtefactError, ImageReadError, SettingError
@@ -112,6 +114,7 @@ def prepare_cache(
     workers: int | None = None,
     skip_unreadable: bool = False,
     progress: bool = True,
+    classes: Sequence[str] | None = CLASSES,
 ) -> tuple[DatasetCache, bool]:
     """Build (or find) the decode-once cache of a dataset.
 
@@ -122,6 +125,7 @@ def prepare_cache(
         workers: decoding processes; default the number of cores.
         skip_unreadable: drop unreadable files (listed in ``meta.json``) instead of failing.
         progress: show a progress bar on stderr.
+        classes: the class folders the dataset must have; None reads them from its folders (`build_manifest`).
 
     Returns:
         ``(cache, built)``: the opened cache and whether it was built now (False: it already existed).
@@ -132,7 +136,7 @@ def prepare_cache(
     if size < 8:
         raise SettingError(f"cache size must be at least 8 pixels, got {size}")
     root = find_dataset_root(data).resolve()
-    manifest = build_manifest(root)
+    manifest = build_manifest(root, classes)
     key = cache_key(manifest, size)
     dest = Path(cache_root or default_cache_root()) / key
     if (dest / "meta.json").is_file():

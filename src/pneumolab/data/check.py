@@ -18,9 +18,9 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from pneumolab import CLASSES
-from pneumolab.data.dataset import SPLITS, build_manifest, find_dataset_root, scan_dataset
+from pneumolab.data.dataset import SPLITS, build_manifest, find_dataset_root, folder_classes, scan_dataset
 from pneumolab.data.io import load_xray
+from pneumolab.data.tasks import get_task
 from pneumolab.errors import ImageReadError
 from pneumolab.progress import progress_bar
 
@@ -134,18 +134,27 @@ def check_dataset(
     workers: int | None = None,
     near_bits: int = NEAR_DUPLICATE_BITS,
     progress: bool = True,
+    task: str = "binary",
 ) -> dict[str, Any]:
-    """Check a dataset folder and return the report (a JSON-ready dict).
+    """Check a dataset folder for a task (`pneumolab.data.tasks`) and return the report (a JSON-ready dict).
 
-    Keys: ``root``; ``counts`` (split -> class -> readable images, with ``total``); ``patients`` (split -> count);
+    Keys: ``root``; ``task`` and its ``classes``; ``counts`` (split -> class -> readable images, with ``total``);
+    ``unlabelled`` (path, reason: files the task cannot label, which training refuses); ``patients`` (split -> count);
     ``patient_ids_from_file_name`` / ``patient_ids_one_per_file`` (names matching no known pattern);
     ``unreadable`` (path, reason); ``skipped`` (files that are not images); ``exact_duplicates`` and
     ``near_duplicates`` (groups with their splits, labels and patients, and summary counts); and
     ``patients_across_splits``. Counts cover readable images only.
     """
+    chosen = get_task(task)
     root = find_dataset_root(data).resolve()
-    manifest = build_manifest(root)
-    _, skipped = scan_dataset(root)
+    manifest = build_manifest(root, chosen.folder_classes)
+    _, skipped = scan_dataset(root, chosen.folder_classes)
+    folders = chosen.folder_classes or folder_classes(manifest)
+    bad = chosen.unlabelled(manifest)
+    unlabelled = [{"path": path, "reason": f"task {task!r}: the name says neither bacteria nor virus"}
+                  for path in bad["path"]]  # fmt: skip
+    labelled, classes = chosen.relabel(manifest.drop(bad.index), folders)
+    task_label = dict(zip(labelled["path"], labelled["label_name"], strict=True))
     results = _hash_all([str(root / p) for p in manifest["path"]], workers or os.cpu_count() or 1, progress)
     manifest["phash"] = [h for h, _ in results]
     unreadable = [
@@ -159,7 +168,8 @@ def check_dataset(
     for split in SPLITS:
         rows = readable[readable["split"] == split]
         if len(rows):
-            per_class = {name: int((rows["label_name"] == name).sum()) for name in CLASSES}
+            names = rows["path"].map(task_label)
+            per_class = {name: int((names == name).sum()) for name in classes}
             counts[split] = {**per_class, "total": len(rows)}
     patients = {split: int(readable.loc[readable["split"] == split, "patient_id"].nunique()) for split in counts}
 
@@ -175,8 +185,11 @@ def check_dataset(
 
     return {
         "root": str(root),
+        "task": task,
+        "classes": list(classes),
         "n_images": len(readable),
         "counts": counts,
+        "unlabelled": unlabelled,
         "patients": patients,
         "patient_ids_from_file_name": int(readable["patient_from_name"].sum()),
         "patient_ids_one_per_file": int((~readable["patient_from_name"]).sum()),

@@ -1,6 +1,7 @@
 """Dataset discovery and the manifest: one row per image with its split, label, patient and byte hash.
 
-The accepted layout is the Kaggle one, ``ROOT/{train,val,test}/{NORMAL,PNEUMONIA}/*.{jpeg,jpg,png,dcm}``: ``val/`` is
+The accepted layout is the Kaggle one, ``ROOT/{train,val,test}/{NORMAL,PNEUMONIA}/*.{jpeg,jpg,png,dcm}``, or any
+set of class folders when the caller asks for them to be read (``classes=None``; the ``folders`` task): ``val/`` is
 optional, folder names are matched case-insensitively, the nested ``chest_xray/chest_xray/`` of the Kaggle zip is
 found, and ``__MACOSX`` and dot-files are ignored. Patient ids come from the file names (see `parse_name`).
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,17 +23,20 @@ from pneumolab.fsutil import file_sha256
 
 __all__ = [
     "EXPECTED_LAYOUT",
+    "FOLDERS_LAYOUT",
     "MANIFEST_COLUMNS",
     "SPLITS",
     "NameInfo",
     "build_manifest",
     "find_dataset_root",
+    "folder_classes",
     "parse_name",
     "scan_dataset",
 ]
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 EXPECTED_LAYOUT = "expected ROOT/{train,test}/{NORMAL,PNEUMONIA}/*.{jpeg,jpg,png,dcm} (val/ optional)"
+FOLDERS_LAYOUT = "expected ROOT/{train,test}/<CLASS>/*.{jpeg,jpg,png,dcm}, the same class folders in every split"
 MANIFEST_COLUMNS = [
     "path",
     "split",
@@ -112,40 +117,57 @@ def find_dataset_root(path: str | os.PathLike[str], max_depth: int = 3) -> Path:
     raise DatasetLayoutError(f"{path}: no train/, val/ or test/ folder found; {EXPECTED_LAYOUT}")
 
 
-def scan_dataset(root: str | os.PathLike[str]) -> tuple[list[tuple[str, str, str]], list[str]]:
+def scan_dataset(
+    root: str | os.PathLike[str], classes: Sequence[str] | None = CLASSES
+) -> tuple[list[tuple[str, str, str]], list[str]]:
     """List the images of a dataset root.
 
+    Args:
+        classes: the class folder names the layout must use (matched case-insensitively); None reads them from
+            the folders, which must then be the same in every split.
+
     Returns:
-        ``(images, skipped)``: images as ``(relative path, split, label name)`` sorted by path, and the relative
+        ``(images, skipped)``: images as ``(relative path, split, class name)`` sorted by path, and the relative
         paths of files that were not images (unknown suffix), which a data check reports.
 
     Raises:
-        DatasetLayoutError: a split without class folders, an unknown class folder, files outside class folders,
-            or a split with no images.
+        DatasetLayoutError: a split without class folders, an unknown class folder (or, reading them, splits with
+            different ones), files outside class folders, or a split with no images.
     """
     root = Path(root)
     splits = _subdirs(root)
-    class_names = {name.lower(): name for name in CLASSES}
+    expected = {name.lower(): name for name in classes} if classes is not None else None
+    layout = EXPECTED_LAYOUT if classes is not None else FOLDERS_LAYOUT
     images: list[tuple[str, str, str]] = []
     skipped: list[str] = []
+    seen: tuple[str, Path] | None = None  # the first split's class folders, which the others must match
     for split in SPLITS:
         if split not in splits:
             continue
         split_dir = splits[split]
         stray = [p.name for p in split_dir.iterdir() if p.is_file() and not _is_hidden(p.name)]
-        classes = _subdirs(split_dir)
-        unknown = sorted(set(classes) - set(class_names))
-        if unknown:
-            raise DatasetLayoutError(
-                f"{split_dir}: unknown class folder {classes[unknown[0]].name!r}; {EXPECTED_LAYOUT}"
-            )
-        if not classes:
+        folders = _subdirs(split_dir)
+        if not folders:
             what = f"files ({stray[0]}, ...) but " if stray else ""
-            raise DatasetLayoutError(f"{split_dir}: {what}no class folder; {EXPECTED_LAYOUT}")
+            raise DatasetLayoutError(f"{split_dir}: {what}no class folder; {layout}")
+        if expected is not None:
+            unknown = sorted(set(folders) - set(expected))
+            if unknown:
+                raise DatasetLayoutError(f"{split_dir}: unknown class folder {folders[unknown[0]].name!r}; {layout}")
+            names = expected
+        else:
+            names = {key: folder.name for key, folder in folders.items()}
+            listing = ", ".join(sorted(names.values()))
+            if seen is None:
+                seen = (listing, split_dir)
+            elif listing != seen[0]:
+                raise DatasetLayoutError(
+                    f"{split_dir}: class folders {listing} differ from {seen[1]}'s ({seen[0]}); {layout}"
+                )
         if stray:
-            raise DatasetLayoutError(f"{split_dir / stray[0]}: file outside a class folder; {EXPECTED_LAYOUT}")
+            raise DatasetLayoutError(f"{split_dir / stray[0]}: file outside a class folder; {layout}")
         found = 0
-        for key, class_dir in classes.items():
+        for key, class_dir in folders.items():
             for dirpath, dirnames, filenames in os.walk(class_dir):
                 dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
                 for filename in sorted(filenames):
@@ -153,26 +175,34 @@ def scan_dataset(root: str | os.PathLike[str]) -> tuple[list[tuple[str, str, str
                         continue
                     rel = (Path(dirpath) / filename).relative_to(root).as_posix()
                     if Path(filename).suffix.lower() in IMAGE_SUFFIXES:
-                        images.append((rel, split, class_names[key]))
+                        images.append((rel, split, names[key]))
                         found += 1
                     else:
                         skipped.append(rel)
         if not found:
-            raise DatasetLayoutError(f"{split_dir}: split has no images; {EXPECTED_LAYOUT}")
+            raise DatasetLayoutError(f"{split_dir}: split has no images; {layout}")
     if not images:
-        raise DatasetLayoutError(f"{root}: no split folder with images; {EXPECTED_LAYOUT}")
+        raise DatasetLayoutError(f"{root}: no split folder with images; {layout}")
     images.sort()
     return images, skipped
 
 
-def build_manifest(root: str | os.PathLike[str]) -> pd.DataFrame:
+def folder_classes(manifest: pd.DataFrame) -> tuple[str, ...]:
+    """The class names of a manifest in label order (its ``label`` / ``label_name`` pairs)."""
+    pairs = manifest[["label", "label_name"]].drop_duplicates().sort_values("label")
+    return tuple(pairs["label_name"])
+
+
+def build_manifest(root: str | os.PathLike[str], classes: Sequence[str] | None = CLASSES) -> pd.DataFrame:
     """Scan `root` (a dataset root, see `find_dataset_root`) into the manifest.
 
     Columns: ``path`` (relative to root, POSIX), ``split`` (the folder it came from), ``label`` (index into
-    `pneumolab.CLASSES`), ``label_name``, ``patient_id``, ``patient_from_name``, ``kind`` and ``sha256``.
+    `classes`, or into the sorted folder names when `classes` is None), ``label_name``, ``patient_id``,
+    ``patient_from_name``, ``kind`` and ``sha256``.
     """
     root = Path(root)
-    images, _ = scan_dataset(root)
+    images, _ = scan_dataset(root, classes)
+    order = tuple(classes) if classes is not None else tuple(sorted({name for _, _, name in images}, key=str.lower))
     rows = []
     for rel, split, label_name in images:
         info = parse_name(Path(rel).name, label_name)
@@ -180,7 +210,7 @@ def build_manifest(root: str | os.PathLike[str]) -> pd.DataFrame:
             (
                 rel,
                 split,
-                CLASSES.index(label_name),
+                order.index(label_name),
                 label_name,
                 info.patient_id,
                 info.from_name,

@@ -10,12 +10,14 @@ Files a run gets (`write_gate_scores`): ``gate/scores.csv`` with one row per sco
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import pandas as pd
 from PIL import Image
 
+from pneumolab import CLASSES
 from pneumolab.data.io import load_xray_with_meta
 from pneumolab.data.ood import NEAR_KINDS, dicom_test_files, far_ood_pictures, near_ood
 from pneumolab.errors import ImageReadError
@@ -149,25 +151,26 @@ def write_gate_scores(dest, table: pd.DataFrame) -> None:
 
 def selective_summary(
     labels: np.ndarray,
-    probabilities: np.ndarray,
-    threshold: float,
+    predictions: np.ndarray,
     *,
+    classes: Sequence[str] = CLASSES,
     refused: np.ndarray | None = None,
     referred: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """What the gate and band did to a labelled split: counts, accuracy of the answered films, per-class shares.
 
-    Per class (NORMAL, PNEUMONIA): ``answered`` share and ``wrong_answered`` share (films of that class answered
-    with the other label, over all films of the class), which the band's nominal level bounds on validation.
+    `predictions` are the model's labels (binary: ``probability >= threshold``; K classes: the argmax). Per class:
+    ``answered`` share and ``wrong_answered`` share (films of that class answered with another label, over all
+    films of the class), which the band's nominal level bounds on validation.
     """
     labels = np.asarray(labels).astype(int)
     n = len(labels)
     refused = np.zeros(n, bool) if refused is None else np.asarray(refused, bool)
     referred = (np.zeros(n, bool) if referred is None else np.asarray(referred, bool)) & ~refused
     answered = ~refused & ~referred
-    correct = (np.asarray(probabilities) >= threshold).astype(int) == labels
+    correct = np.asarray(predictions).astype(int) == labels
     per_class = {}
-    for c, name in enumerate(("NORMAL", "PNEUMONIA")):
+    for c, name in enumerate(classes):
         of_class = labels == c
         total = int(of_class.sum())
         per_class[name] = {

@@ -12,6 +12,7 @@ threshold; precision with no positive call is 0 (scikit-learn's ``zero_division=
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -123,20 +124,24 @@ def binary_metrics(labels: ArrayLike, probabilities: ArrayLike, threshold: float
     }
 
 
-def _stratified_indices(labels: np.ndarray, n_resamples: int, rng: np.random.Generator) -> np.ndarray:
+def stratified_indices(
+    labels: np.ndarray, n_resamples: int, rng: np.random.Generator, order: Sequence[int] = (1, 0)
+) -> np.ndarray:
     """Indices of ``n_resamples`` stratified bootstrap resamples, shape ``(n_resamples, n)``.
 
-    Positives and negatives are drawn separately with replacement (positives first, then negatives, from `rng`),
-    so every resample keeps the class counts of the data and AUC is always defined.
+    The images of each class are drawn with replacement among themselves, class by class in `order` (binary:
+    positives first, then negatives, from `rng`), so every resample keeps the class counts of the data and AUC is
+    always defined. A class in `order` without images is skipped.
     """
-    positives = np.flatnonzero(labels == 1)
-    negatives = np.flatnonzero(labels == 0)
-    drawn_pos = positives[rng.integers(0, positives.size, size=(n_resamples, positives.size))]
-    drawn_neg = negatives[rng.integers(0, negatives.size, size=(n_resamples, negatives.size))]
-    return np.concatenate([drawn_pos, drawn_neg], axis=1)
+    parts = []
+    for label in order:
+        members = np.flatnonzero(labels == label)
+        if members.size:
+            parts.append(members[rng.integers(0, members.size, size=(n_resamples, members.size))])
+    return np.concatenate(parts, axis=1)
 
 
-def _multiplicities(indices: np.ndarray, n: int) -> np.ndarray:
+def multiplicities(indices: np.ndarray, n: int) -> np.ndarray:
     """How often each of the ``n`` images appears in each resample: ``(n_resamples, n)`` float counts."""
     n_resamples = indices.shape[0]
     flat = (indices + (np.arange(n_resamples) * n)[:, None]).ravel()
@@ -226,8 +231,8 @@ def bootstrap_distribution(
     chunk = max(1, _CHUNK_CELLS // y.size)
     parts: list[dict[str, np.ndarray]] = []
     for start in range(0, n_resamples, chunk):
-        indices = _stratified_indices(y, min(chunk, n_resamples - start), rng)
-        parts.append(_resampled_metrics(y, p, threshold, _multiplicities(indices, y.size)))
+        indices = stratified_indices(y, min(chunk, n_resamples - start), rng)
+        parts.append(_resampled_metrics(y, p, threshold, multiplicities(indices, y.size)))
     return {key: np.concatenate([part[key] for part in parts]) for key in CI_KEYS}
 
 

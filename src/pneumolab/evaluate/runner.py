@@ -26,10 +26,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from scipy.special import softmax
 
 from pneumolab.config import load_config
 from pneumolab.data.cache import prepare_cache
 from pneumolab.data.splits import carve_validation, read_split
+from pneumolab.data.tasks import task_for_classes, task_labels
 from pneumolab.data.tta import resolve_views
 from pneumolab.errors import ArtefactError, DatasetLayoutError, SettingError
 from pneumolab.evaluate.calibration import (
@@ -50,6 +52,16 @@ from pneumolab.evaluate.gating import (
     write_gate_scores,
 )
 from pneumolab.evaluate.metrics import evaluate_predictions
+from pneumolab.evaluate.multiclass import (
+    MulticlassTemperature,
+    class_bias_check,
+    confusion,
+    fit_class_bias,
+    multiclass_bootstrap_ci,
+    multiclass_metrics,
+    top_label_reliability,
+)
+from pneumolab.evaluate.views import derived_thresholds, view_metrics
 from pneumolab.fsutil import atomic_dir, atomic_path, file_sha256, write_json_atomic
 from pneumolab.inference.card import GATE_FILE, read_card
 from pneumolab.inference.export import write_gate_arrays
@@ -95,6 +107,58 @@ def metrics_for(
         threshold_method=threshold_method,
         temperature=temperature,
         ece=expected_calibration_error(labels, probabilities),
+        **extra,
+    )
+    return metrics
+
+
+def write_class_predictions(dest: Path, paths, labels, probabilities, classes, logits) -> Path:
+    """K classes: ``path,label,prediction,probability,p_<CLASS>...,logit_<CLASS>...`` CSV, written atomically.
+
+    ``prediction`` is the argmax; ``probability`` is P(not the first class), P(PNEUMONIA) for NORMAL-first tasks.
+    """
+    probabilities = np.asarray(probabilities, dtype=float)
+    table = pd.DataFrame(
+        {
+            "path": list(paths),
+            "label": np.asarray(labels, dtype=int),
+            "prediction": probabilities.argmax(1),
+            "probability": 1.0 - probabilities[:, 0],
+            **{f"p_{c}": probabilities[:, k] for k, c in enumerate(classes)},
+            **{f"logit_{c}": np.asarray(logits)[:, k] for k, c in enumerate(classes)},
+        }
+    )
+    with atomic_path(dest) as tmp:
+        table.to_csv(tmp, index=False, float_format="%.7g")
+    return dest
+
+
+def multiclass_metrics_for(
+    labels: np.ndarray,
+    probabilities: np.ndarray,
+    classes,
+    *,
+    thresholds: dict[str, float],
+    threshold_method: str,
+    temperature: float | None,
+    n_resamples: int,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The K-class metric object: point estimates, 95 % intervals, confusion matrix, top-label reliability, and the
+    binary views (`pneumolab.evaluate.views`) with their own intervals."""
+    metrics: dict[str, Any] = multiclass_metrics(labels, probabilities, classes)
+    intervals = multiclass_bootstrap_ci(labels, probabilities, classes, n_resamples=n_resamples)
+    metrics.update(
+        classes=list(classes),
+        n=len(labels),
+        n_per_class={c: int((np.asarray(labels) == k).sum()) for k, c in enumerate(classes)},
+        ci95={key: list(bounds) for key, bounds in intervals.items()},
+        bootstrap={"resamples": n_resamples, "stratified": "by true class", "seed": 0},
+        confusion=confusion(labels, probabilities, classes),
+        reliability=top_label_reliability(labels, probabilities),
+        threshold_method=threshold_method,
+        temperature=temperature,
+        views=view_metrics(labels, probabilities, classes, thresholds, n_resamples=n_resamples),
         **extra,
     )
     return metrics
@@ -214,10 +278,14 @@ def evaluate_run(
             return saved
 
     trained = load_trained(run.path)
-    cache, _ = prepare_cache(root, size=trained.cache_size, cache_root=config.data.cache_dir, progress=progress)
+    cache, all_labels = _task_cache(
+        root, trained.classes, size=trained.cache_size, cache_root=config.data.cache_dir, progress=progress
+    )
     rows = _rows(run, cache.manifest)
-    labels = {s: cache.manifest["label"].to_numpy()[rows[s]] for s in SPLITS}
+    labels = {s: all_labels[rows[s]] for s in SPLITS}
     paths = {s: cache.manifest["path"].to_numpy()[rows[s]] for s in SPLITS}
+    patients = cache.manifest["patient_id"].to_numpy()[rows["val"]]
+    variant = _multiclass_variant if len(trained.classes) > 2 else _binary_variant
 
     results: dict[str, dict[str, Any]] = {}
     points: dict[str, dict[str, Any]] = {}
@@ -227,46 +295,113 @@ def evaluate_run(
         for split in SPLITS:
             images = np.asarray(cache.images[rows[split]])
             logits[split], seconds[split] = _timed_logits(trained, images, views, progress, f"{split}{suffix}")
-        scaler = TemperatureScaler().fit(logits["val"].numpy(), labels["val"])
-        temperature = float(scaler.temperature_)
-        probabilities = {s: torch.softmax(logits[s] / temperature, 1)[:, 1].numpy() for s in SPLITS}
-        calibrated["tta" if suffix else "plain"] = probabilities
-        selector = ThresholdSelector(threshold_method, target_sensitivity=target_sensitivity)
-        selector.fit(labels["val"], probabilities["val"])
-        threshold = float(selector.threshold_)
-        for split in SPLITS:
-            results[f"{split}{suffix}"] = _write_split(
-                run,
-                f"{split}{suffix}",
-                paths[split],
-                labels[split],
-                probabilities[split],
-                threshold,
-                margins=(logits[split][:, 1] - logits[split][:, 0]).numpy(),
-                threshold_method=selector.describe(),
-                temperature=temperature,
-                n_resamples=n_resamples,
-                split=split,
-                tta=list(views) if suffix else [],
-                weights_source=trained.weights_source,
-                inference_images_per_s=len(rows[split]) * len(views) / seconds[split],
-                eval_seconds=seconds[split],
-            )
-        points["tta" if suffix else "plain"] = {
-            "threshold": threshold,
-            "method": selector.describe(),
-            "temperature": temperature,
+        facts = {
+            "n_resamples": n_resamples,
             "tta": list(views) if suffix else [],
-            "val_roc_auc": results[f"val{suffix}"]["roc_auc"],
+            "weights_source": trained.weights_source,
         }
+        selector = ThresholdSelector(threshold_method, target_sensitivity=target_sensitivity)
+        name = "tta" if suffix else "plain"
+        points[name], calibrated[name], per_split = variant(
+            run, trained, logits, labels, paths, selector, facts, suffix=suffix, val_patients=patients
+        )
+        for split in SPLITS:
+            per_split[split].update(
+                inference_images_per_s=len(rows[split]) * len(views) / seconds[split], eval_seconds=seconds[split]
+            )
+            write_json_atomic(run.path / "metrics" / f"{split}{suffix}.json", per_split[split])
+            results[f"{split}{suffix}"] = per_split[split]
+        points[name]["val_roc_auc"] = per_split["val"]["roc_auc" if variant is _binary_variant else "macro_roc_auc"]
     # which variant the model uses from now on: chosen on validation (a tie keeps the cheaper plain one)
     chosen = max(points, key=lambda k: (points[k]["val_roc_auc"], k == "plain"))
     gating = _fit_gating(
-        run, trained, cache, rows, labels, calibrated[chosen], points[chosen]["threshold"], progress=progress
+        run,
+        trained,
+        cache,
+        rows,
+        labels,
+        calibrated[chosen],
+        points[chosen]["threshold"],
+        train_labels=all_labels[rows["train"]],
+        progress=progress,
     )
     point = {**points[chosen], "chosen_on": "validation", "variants": points, **gating, "evaluated_with": key}
     write_json_atomic(run.operating_point, point)
     return results
+
+
+def _task_cache(root, classes, *, size: int, cache_root=None, progress: bool = True):
+    """The dataset's cache at the model's size and every cached film's label as the model numbers its classes."""
+    task = task_for_classes(classes)
+    cache, _ = prepare_cache(root, size=size, cache_root=cache_root, progress=progress, classes=task.folder_classes)
+    return cache, task_labels(cache.manifest, classes)
+
+
+def _binary_variant(run, trained, logits, labels, paths, selector, facts, *, suffix, val_patients):
+    """Temperature and threshold fit on validation, applied to test; predictions written. Returns the variant's
+    operating point, its calibrated P(PNEUMONIA) per split and its metric objects (not yet written)."""
+    scaler = TemperatureScaler().fit(logits["val"].numpy(), labels["val"])
+    temperature = float(scaler.temperature_)
+    probabilities = {s: torch.softmax(logits[s] / temperature, 1)[:, 1].numpy() for s in SPLITS}
+    selector.fit(labels["val"], probabilities["val"])
+    threshold = float(selector.threshold_)
+    metrics = {}
+    for split in SPLITS:
+        margins = (logits[split][:, 1] - logits[split][:, 0]).numpy()
+        dest = run.path / "predictions" / f"{split}{suffix}.csv"
+        write_predictions(dest, paths[split], labels[split], probabilities[split], threshold, margins)
+        metrics[split] = metrics_for(
+            labels[split],
+            probabilities[split],
+            threshold=threshold,
+            threshold_method=selector.describe(),
+            temperature=temperature,
+            model=run.path.name,
+            split=split,
+            **facts,
+        )
+    point = {"threshold": threshold, "method": selector.describe(), "temperature": temperature, "tta": facts["tta"]}
+    return point, probabilities, metrics
+
+
+def _multiclass_variant(run, trained, logits, labels, paths, selector, facts, *, suffix, val_patients):
+    """K classes: temperature (and, when cross-fitting on validation shows it helps, per-class bias) fit on
+    validation, the decision the argmax; the derived binary views' thresholds fit on validation by the run's rule.
+    Returns what `_binary_variant` does, with class probabilities (N x K) per split."""
+    classes = trained.classes
+    z = {s: logits[s].numpy().astype(np.float64) for s in SPLITS}
+    temperature = float(MulticlassTemperature().fit(z["val"], labels["val"]).temperature_)
+    bias_check = class_bias_check(z["val"], labels["val"], temperature, groups=val_patients)
+    bias = fit_class_bias(z["val"], labels["val"], temperature) if bias_check["helps"] else np.zeros(len(classes))
+    probabilities = {s: softmax(z[s] / temperature + bias, axis=1) for s in SPLITS}
+    method = "argmax after temperature scaling" + (" and class bias" if bias_check["helps"] else "")
+    thresholds = derived_thresholds(labels["val"], probabilities["val"], classes, selector)
+    metrics = {}
+    for split in SPLITS:
+        dest = run.path / "predictions" / f"{split}{suffix}.csv"
+        write_class_predictions(dest, paths[split], labels[split], probabilities[split], classes, z[split])
+        metrics[split] = multiclass_metrics_for(
+            labels[split],
+            probabilities[split],
+            classes,
+            thresholds=thresholds,
+            threshold_method=method,
+            temperature=temperature,
+            model=run.path.name,
+            split=split,
+            **facts,
+        )
+    point = {
+        # the derived P(pneumonia) view's threshold (a K-class model decides by argmax; the card needs a number)
+        "threshold": thresholds.get("pneumonia_vs_normal", 0.5),
+        "method": method,
+        "temperature": temperature,
+        "class_bias": bias.tolist() if bias_check["helps"] else None,
+        "class_bias_check": bias_check,
+        "derived_thresholds": thresholds,
+        "tta": facts["tta"],
+    }
+    return point, probabilities, metrics
 
 
 def _fit_gating(
@@ -278,17 +413,20 @@ def _fit_gating(
     probabilities: dict[str, np.ndarray],
     threshold: float,
     *,
+    train_labels: np.ndarray,
     progress: bool,
 ) -> dict[str, Any]:
-    """Fit the gate (train split) and band (validation) of the used variant; measure both on val, test and the
-    out-of-distribution corpus; write ``gate.safetensors``, ``gate/scores.csv`` and ``metrics/selective.json``.
-    Returns the facts for the operating point."""
-    manifest_labels = cache.manifest["label"].to_numpy()
-    trained.band = fit_band(labels["val"], probabilities["val"], threshold)
+    """Fit the gate (train split, one class statistic per class) and, for a binary model, the referral band
+    (validation) of the used variant; measure both on val, test and the out-of-distribution corpus; write
+    ``gate.safetensors``, ``gate/scores.csv`` and ``metrics/selective.json``. Returns the facts for the operating
+    point. `probabilities` are P(PNEUMONIA) per split (binary) or N x K class probabilities (decided by argmax;
+    no band: the band's guarantee is written for one threshold on one probability)."""
+    binary = np.ndim(probabilities["val"]) == 1
+    trained.band = fit_band(labels["val"], probabilities["val"], threshold) if binary else None
     trained.gates = fit_gate(
         trained,
         np.asarray(cache.images[rows["train"]]),
-        manifest_labels[rows["train"]],
+        train_labels,
         np.asarray(cache.images[rows["val"]]),
         progress=progress,
     )
@@ -299,22 +437,24 @@ def _fit_gating(
     with atomic_path(run.gate) as tmp:
         write_gate_arrays(trained, tmp)
     write_gate_scores(run.path / "gate" / "scores.csv", table)
+    band = trained.band.describe() if trained.band is not None else None
     summary: dict[str, Any] = {
         "gate": trained.gates.describe(),
-        "referral": trained.band.describe(),
+        "referral": band,
         "refused_share": table.groupby("group", sort=False)["refused"].mean().to_dict(),
     }
     for split in SPLITS:
         refused = table.loc[table["group"] == split, "refused"].to_numpy()
+        p = probabilities[split]
         summary[split] = selective_summary(
             labels[split],
-            probabilities[split],
-            threshold,
+            (p >= threshold).astype(int) if binary else p.argmax(1),
+            classes=trained.classes,
             refused=refused,
-            referred=trained.band.refers(probabilities[split]),
+            referred=trained.band.refers(p) if binary else None,
         )
     write_json_atomic(run.path / "metrics" / SELECTIVE, summary)
-    return {"gate": trained.gates.describe(), "referral": trained.band.describe()}
+    return {"gate": trained.gates.describe(), "referral": band}
 
 
 def evaluate_artefact(
@@ -338,15 +478,26 @@ def evaluate_artefact(
     trained.gate_enabled = gate
     if split == "val" and trained.validation_split is None:
         raise ArtefactError(f"{trained.source}: the card records no validation split; only --split test works")
-    cache, assigned = _artefact_splits(trained, data, progress)
-    manifest = cache.manifest
+    cache, assigned, all_labels = _artefact_splits(trained, data, progress)
     rows = np.flatnonzero(assigned == split)
     if not len(rows):
         raise DatasetLayoutError(f"{data}: no {split} images in this dataset")
     views = trained.tta or ("identity",)
     images = np.asarray(cache.images[rows])
     logits, seconds = _timed_logits(trained, images, views, progress, split)
-    labels, probabilities = manifest["label"].to_numpy()[rows], trained.probabilities(logits)
+    labels = all_labels[rows]
+    facts = {
+        "n_resamples": n_resamples,
+        "model": str(trained.source),
+        "split": split,
+        "tta": list(trained.tta),
+        "weights_source": trained.weights_source,
+        "inference_images_per_s": len(rows) * len(views) / seconds,
+        "eval_seconds": seconds,
+    }
+    if len(trained.classes) > 2:
+        return _artefact_multiclass(trained, images, labels, logits, gate=gate, progress=progress, **facts)
+    probabilities = trained.probabilities(logits)
     selective: dict[str, Any] = {"gate": trained.gate_status}
     if gate:  # what the card's gate and band do to this split, beside the metrics of all its films
         refused = None
@@ -355,7 +506,9 @@ def evaluate_artefact(
             refused = trained.gate.refuses(trained.gate.score(features))
         referred = trained.band.refers(probabilities) if trained.band is not None else None
         selective.update(
-            selective_summary(labels, probabilities, trained.threshold, refused=refused, referred=referred)
+            selective_summary(
+                labels, (probabilities >= trained.threshold).astype(int), refused=refused, referred=referred
+            )
         )
     return metrics_for(
         labels,
@@ -364,27 +517,44 @@ def evaluate_artefact(
         threshold=trained.threshold,
         threshold_method=trained.threshold_method,
         temperature=trained.temperature,
-        n_resamples=n_resamples,
-        model=str(trained.source),
-        split=split,
-        tta=list(trained.tta),
-        weights_source=trained.weights_source,
-        inference_images_per_s=len(rows) * len(views) / seconds,
-        eval_seconds=seconds,
+        **facts,
+    )
+
+
+def _artefact_multiclass(trained, images, labels, logits, *, gate: bool, progress: bool, **facts) -> dict[str, Any]:
+    """`evaluate_artefact` for a K-class model: its card's temperature, bias and view thresholds, nothing fit."""
+    probabilities = trained.class_probabilities(logits)
+    selective: dict[str, Any] = {"gate": trained.gate_status}
+    if gate:
+        refused = None
+        if trained.gate is not None:
+            features = collect_gate_features(trained, images, trained.gate.layers, progress=progress)
+            refused = trained.gate.refuses(trained.gate.score(features))
+        selective.update(selective_summary(labels, probabilities.argmax(1), classes=trained.classes, refused=refused))
+    return multiclass_metrics_for(
+        labels,
+        probabilities,
+        trained.classes,
+        thresholds=trained.view_thresholds or {},
+        threshold_method=trained.threshold_method,
+        temperature=trained.temperature,
+        selective=selective,
+        **facts,
     )
 
 
 def _artefact_splits(trained: TrainedModel, data, progress: bool):
-    """The dataset's cache at the model's size and each image's split: train / val carved again from the card's
-    split settings (the patient-grouped carve reproduces on any machine), test from the official folder."""
-    cache, _ = prepare_cache(data, size=trained.cache_size, progress=progress)
-    manifest = cache.manifest
+    """The dataset's cache at the model's size, each image's split (train / val carved again from the card's
+    split settings: the patient-grouped carve reproduces on any machine; test from the official folder) and each
+    image's label in the model's classes."""
+    cache, labels = _task_cache(data, trained.classes, size=trained.cache_size, progress=progress)
+    manifest = cache.manifest.assign(label=labels)  # the carve is stratified by the task's labels
     settings = trained.validation_split
     assigned = manifest["split"].to_numpy().astype(object)
     if settings is not None:
         carved = carve_validation(manifest, fraction=settings["fraction"], seed=settings["seed"]).to_numpy()
         assigned = np.where(assigned == "test", "test", carved)
-    return cache, assigned
+    return cache, assigned, labels
 
 
 def gate_artefact(
@@ -408,14 +578,14 @@ def gate_artefact(
         raise ArtefactError(f"{source}: not an exported artefact; evaluate a run folder to fit its gate")
     if trained.validation_split is None:
         raise ArtefactError(f"{source}: the card records no validation split, so its gate cannot be fit")
-    cache, assigned = _artefact_splits(trained, data, progress)
-    labels = cache.manifest["label"].to_numpy()
+    cache, assigned, labels = _artefact_splits(trained, data, progress)
     rows = {name: np.flatnonzero(assigned == name) for name in ("train", "val")}
     if not len(rows["val"]) or not len(rows["train"]):
         raise DatasetLayoutError(f"{data}: no training or validation films for this card's split")
     val_images = np.asarray(cache.images[rows["val"]])
     logits, _ = _timed_logits(trained, val_images, trained.tta or ("identity",), progress, "val")
-    trained.band = fit_band(labels[rows["val"]], trained.probabilities(logits), trained.threshold, alpha=alpha)
+    if len(trained.classes) == 2:  # the band is written for one threshold on one probability
+        trained.band = fit_band(labels[rows["val"]], trained.probabilities(logits), trained.threshold, alpha=alpha)
     trained.gates = fit_gate(
         trained,
         np.asarray(cache.images[rows["train"]]),
@@ -425,7 +595,7 @@ def gate_artefact(
         progress=progress,
     )
     card = dict(read_card(source / "card.json").facts)
-    card.update(gate=trained.gates.describe(), referral=trained.band.describe())
+    card.update(gate=trained.gates.describe(), referral=trained.band.describe() if trained.band else None)
     out = Path(out)
     with atomic_dir(out) as tmp:
         (tmp / "model.safetensors").write_bytes((source / "model.safetensors").read_bytes())
@@ -468,6 +638,9 @@ def ensemble_runs(
     if target.path.resolve() in {m.path.resolve() for m in members} or target.config.is_file():
         raise SettingError(f"{target.path}: a trained run folder; write the ensemble to a new folder (--out)")
     tables = {s: [_member_predictions(m, s) for m in members] for s in SPLITS}
+    many = [m.path.name for m, f in zip(members, tables["val"], strict=True) if any(c.startswith("p_") for c in f)]
+    if many:  # the combiners pool one probability per film; K classes would need a K-class combiner
+        raise SettingError(f"{many[0]}: a K-class run; ensembles combine binary (NORMAL / PNEUMONIA) runs only")
     for split, frames in tables.items():
         reference = frames[0]["path"].tolist()
         for member, frame in zip(members[1:], frames[1:], strict=True):

@@ -55,14 +55,17 @@ class ModelCard:
     weights_source: str
     validation_split: dict[str, Any] | None
     facts: dict[str, Any]
+    class_bias: tuple[float, ...] | None = None  # K-class models: log-prior offsets fit on validation, or none
 
     def operating_settings(self) -> dict[str, Any]:
         """What every backend takes from the card: the network's name, its preprocessing and operating point."""
         return {
             "name": self.architecture,
+            "classes": self.classes,
             "preprocessing": self.preprocessing,
             "threshold": self.threshold,
             "temperature": self.temperature,
+            "class_bias": self.class_bias,
             "tta": self.tta,
         }
 
@@ -90,11 +93,14 @@ class ModelCard:
                 weights_source=str(facts.get("weights_source", "unknown")),
                 validation_split=facts.get("validation_split"),
                 facts=facts,
+                class_bias=tuple(float(b) for b in facts["class_bias"]) if facts.get("class_bias") else None,
             )
         except (KeyError, TypeError, ValueError) as error:
             raise ArtefactError(f"{where}: not a model card ({type(error).__name__}: {error})") from None
-        if card.classes != CLASSES:
-            raise ArtefactError(f"{where}: classes {list(card.classes)}; this pneumolab reads {list(CLASSES)}")
+        if len(card.classes) < 2 or len(set(card.classes)) != len(card.classes):
+            raise ArtefactError(f"{where}: classes {list(card.classes)}; a model needs two or more distinct classes")
+        if card.class_bias is not None and len(card.class_bias) != len(card.classes):
+            raise ArtefactError(f"{where}: {len(card.class_bias)} class_bias values for {len(card.classes)} classes")
         return card
 
 

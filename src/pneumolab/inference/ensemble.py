@@ -29,7 +29,7 @@ from pneumolab.evaluate.ensemble import EnsembleCombiner
 from pneumolab.fsutil import atomic_dir
 from pneumolab.gate import GateSet
 from pneumolab.inference.card import CARD_FORMAT
-from pneumolab.inference.steps import GATE_OFF, InferenceModel
+from pneumolab.inference.steps import GATE_OFF, InferenceModel, positive_probability
 from pneumolab.referral import ReferralBand
 
 __all__ = ["ENSEMBLE_CARD", "EnsembleModel", "export_ensemble", "is_ensemble", "load_ensemble"]
@@ -55,12 +55,18 @@ class EnsembleModel(InferenceModel):
     temperature: float = field(default=1.0, init=False)  # the members are calibrated; the combiner is not rescaled
     tta: tuple[str, ...] = field(default=(), init=False)  # each member applies its own views
     gates: GateSet | None = field(default=None, init=False)  # each member has its own
+    classes: tuple[str, ...] = field(default=CLASSES, init=False)  # the combiner is binary (P(PNEUMONIA))
+    class_bias: None = field(default=None, init=False)
     backend: ClassVar[str] = "ensemble"
 
     def __post_init__(self) -> None:
         sizes = sorted({m.cache_size for m in self.members})
         if len(sizes) > 1:  # a file is read once, at one side, for all members
             raise ArtefactError(f"{self.source}: the members read films at different cache sizes {sizes}")
+        other = [n for n, m in zip(self.member_names, self.members, strict=True) if tuple(m.classes) != CLASSES]
+        if other:  # the combiners pool P(PNEUMONIA); K-class members would need a K-class combiner
+            raise ArtefactError(f"{self.source}: member {other[0]} is not a {'/'.join(CLASSES)} model; "
+                                "ensembles combine binary models only")  # fmt: skip
         self.name = f"ensemble ({self.combiner.method}) of {', '.join(self.member_names)}"
         self.preprocessing = self.members[0].preprocessing
 
@@ -85,22 +91,22 @@ class EnsembleModel(InferenceModel):
     def score(
         self, images_u8: np.ndarray, *, batch_size: int = 64, gated: bool | None = None
     ) -> tuple[np.ndarray, list[float | None]]:
-        """The combined probability, and as gate score the largest margin of a member's score over its limit
-        (> 0: that member refuses; None when no member has a gate or the gate is off)."""
+        """The combined class probabilities (N x 2), and as gate score the largest margin of a member's score over
+        its limit (> 0: that member refuses; None when no member has a gate or the gate is off)."""
         gated = self.gate_enabled if gated is None else gated
         member_probabilities, margins = [], []
         for member in self.members:
             probabilities, scores = member.score(images_u8, batch_size=batch_size, gated=gated)
-            member_probabilities.append(probabilities)
+            member_probabilities.append(positive_probability(probabilities))
             gate = member.gate
             if gate is not None:
                 margins.append([None if s is None else s - gate.limit_ for s in scores])
-        probabilities = self.combiner.predict_proba(np.stack(member_probabilities))
+        positive = self.combiner.predict_proba(np.stack(member_probabilities))
         scores: list[float | None] = []
-        for i in range(len(probabilities)):
+        for i in range(len(positive)):
             known = [m[i] for m in margins if m[i] is not None]
             scores.append(max(known) if known else None)
-        return probabilities, scores
+        return np.column_stack([1.0 - positive, positive]), scores
 
     def _content_refusal(self, gate_score: float | None) -> str | None:
         if gate_score is None or gate_score <= 0:

@@ -19,7 +19,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from pneumolab.data.io import load_xray_with_meta
-from pneumolab.errors import InputRefusedError, MissingExtraError, SettingError
+from pneumolab.errors import InputRefusedError, MissingExtraError, SettingError, did_you_mean
 from pneumolab.inference.pytorch import TrainedModel
 from pneumolab.inference.steps import Decision
 
@@ -32,11 +32,13 @@ _OVERLAY_SIDE = 512  # the overlay panel is enlarged by a whole factor towards t
 
 @dataclass(frozen=True)
 class Explanation:
-    """A heatmap (H x W in [0, 1]) for one image, its decision (answered or refer), and the rendered PNG."""
+    """A heatmap (H x W in [0, 1]) for one image and the class it explains, its decision (answered or refer), and
+    the rendered PNG."""
 
     heatmap: np.ndarray
     decision: Decision
     png: bytes
+    target: str = "PNEUMONIA"
 
     @property
     def probability(self) -> float:
@@ -52,7 +54,7 @@ def _module(model: torch.nn.Module, dotted: str) -> torch.nn.Module:
 
 
 def grad_cam(trained: TrainedModel, image_u8: np.ndarray, target_class: int = 1) -> np.ndarray:
-    """Grad-CAM map (image_size x image_size, [0, 1]) of a uint8 S x S image for `target_class` (PNEUMONIA)."""
+    """Grad-CAM map (image_size x image_size, [0, 1]) of a uint8 S x S image for the output `target_class`."""
     try:
         from pytorch_grad_cam import GradCAM
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
@@ -120,9 +122,14 @@ def _render_overlay(gray: np.ndarray, heatmap: np.ndarray, caption: str) -> byte
 
 
 def explain_image(
-    trained: TrainedModel, source: str | os.PathLike[str] | bytes, *, name: str | None = None, panel: str = "both"
+    trained: TrainedModel,
+    source: str | os.PathLike[str] | bytes,
+    *,
+    name: str | None = None,
+    panel: str = "both",
+    target: str | None = None,
 ) -> Explanation:
-    """Read an X-ray file (or uploaded bytes), gate and classify it, and explain the PNEUMONIA score with Grad-CAM.
+    """Read an X-ray file (or uploaded bytes), gate and classify it, and explain one class's score with Grad-CAM.
 
     Args:
         trained: The PyTorch model (Grad-CAM needs its graph).
@@ -130,27 +137,35 @@ def explain_image(
         name: The name used in messages (default: the path, or ``"<upload>"`` for bytes).
         panel: ``"both"``: the film and the overlay side by side; ``"overlay"``: the overlay alone, enlarged to about
             512 px wide, for a page that shows the film already.
+        target: The class whose score is explained. Default: the predicted class of a K-class model, and for a
+            binary model its second class (PNEUMONIA), whatever the prediction, as it always was.
 
     Raises:
         InputRefusedError: the input gate refused the file (no heatmap is drawn for what is not a chest X-ray).
         SettingError: `panel` is not one of `PANELS`.
+        UnknownNameError: `target` is not one of the model's classes.
     """
     if panel not in PANELS:
         raise SettingError(f"panel: must be one of {', '.join(PANELS)}, got {panel!r}")
+    if target is not None and target not in trained.classes:
+        raise did_you_mean("class", target, trained.classes)
     image, meta = load_xray_with_meta(source, size=trained.cache_size, name=name)
     decision = trained.assess(image[None], [meta])[0]
     if decision.status == "refused":
         label = name or (str(source) if not isinstance(source, bytes) else "<upload>")
         raise InputRefusedError(label, decision.reason, decision.gate_score)
-    heatmap = grad_cam(trained, image)
+    if target is None:
+        target = trained.classes[1] if len(trained.classes) == 2 else decision.label
+    heatmap = grad_cam(trained, image, trained.classes.index(target))
     # the same crop and resize, normalised to nothing: the displayed film, in 0-255
     as_shown = dataclasses.replace(trained.preprocessing, normalize=(0.0, 1.0 / 255.0))
     shown = as_shown.transform(torch.as_tensor(image)[None, None])[0, 0]
     gray = shown.clamp(0, 255).round().to(torch.uint8).cpu().numpy()
     verdict = decision.label if decision.status == "answered" else f"REFER ({decision.label}?)"
-    caption = (
-        f"{verdict}  P(pneumonia) = {decision.probability:.3f}  threshold {trained.threshold:.3f}  "
-        f"Grad-CAM: {trained.name}"
-    )
+    if len(trained.classes) == 2:
+        scores = f"P(pneumonia) = {decision.probability:.3f}  threshold {trained.threshold:.3f}"
+    else:
+        scores = "  ".join(f"P({c.lower()}) = {p:.3f}" for c, p in (decision.probabilities or {}).items())
+    caption = f"{verdict}  {scores}  Grad-CAM of {target}: {trained.name}"
     render = _render_overlay if panel == "overlay" else _render
-    return Explanation(heatmap, decision, render(gray, heatmap, caption))
+    return Explanation(heatmap, decision, render(gray, heatmap, caption), target)

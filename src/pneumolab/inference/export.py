@@ -152,11 +152,10 @@ def export_onnx(
             )
         x = trained.preprocessing.transform(torch.as_tensor(check_images).unsqueeze(1))
         with torch.no_grad():
-            reference = torch.softmax(network(x) / trained.temperature, 1)[:, 1].numpy()
+            reference = trained.class_probabilities(network(x))
         session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
         logits = session.run(["logits"], {"image": x.numpy()})[0]
-        onnx_probability = torch.softmax(torch.from_numpy(logits) / trained.temperature, 1)[:, 1].numpy()
-        difference = float(np.abs(reference - onnx_probability).max())
+        difference = float(np.abs(reference - trained.class_probabilities(torch.from_numpy(logits))).max())
         if difference > 1e-4:
             raise ArtefactError(f"{out}: ONNX output differs from PyTorch by {difference:.2e} (limit 1e-4)")
         if gated:  # the gate must refuse the same films on both backends

@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from pneumolab import CLASSES
 from pneumolab.data.preprocess import Preprocessing
 from pneumolab.errors import ArtefactError, MissingExtraError
 from pneumolab.gate import GateSet
@@ -41,6 +42,8 @@ class OnnxModel(InferenceModel):
     temperature: float
     tta: tuple[str, ...]
     info: dict[str, Any]  # the card as written beside the .onnx file
+    classes: tuple[str, ...] = CLASSES  # in output order
+    class_bias: tuple[float, ...] | None = None
     pytorch: TrainedModel | None = None  # the same weights in PyTorch (fp32), when at hand: for Grad-CAM
     gates: GateSet | None = None
     band: ReferralBand | None = None

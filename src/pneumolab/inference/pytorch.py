@@ -46,6 +46,9 @@ class TrainedModel(InferenceModel):
     preprocessing: Preprocessing
     weights_source: str
     source: Path
+    classes: tuple[str, ...] = CLASSES  # in output order
+    class_bias: tuple[float, ...] | None = None  # K-class models: offsets fit on validation (None: argmax)
+    view_thresholds: dict[str, float] | None = None  # K-class models: the binary views' validation thresholds
     threshold: float = 0.5
     temperature: float = 1.0
     threshold_method: str = "fixed 0.5"
@@ -91,10 +94,12 @@ class TrainedModel(InferenceModel):
         return {
             "architecture": self.name,
             **self.preprocessing.describe(),
-            "classes": list(CLASSES),
+            "classes": list(self.classes),
             "threshold": self.threshold,
             "threshold_method": self.threshold_method,
             "temperature": self.temperature,
+            "class_bias": list(self.class_bias) if self.class_bias is not None else None,
+            "view_thresholds": self.view_thresholds,
             "tta": list(self.tta),
             "validation_split": self.validation_split,
             "weights_source": self.weights_source,
@@ -124,7 +129,9 @@ def _load_artefact(folder: Path, device: torch.device | None) -> TrainedModel:
     if not weights_file.is_file():
         raise ArtefactError(f"{weights_file}: missing; the card {card_file} describes weights that are not there")
     check_against_card(weights_file, card.facts, "weights_sha256")
-    model = create_model(card.architecture, weights="none", head=card.head, in_chans=card.in_chans)
+    model = create_model(
+        card.architecture, weights="none", head=card.head, in_chans=card.in_chans, num_classes=len(card.classes)
+    )
     try:
         model.load_state_dict(load_file(str(weights_file)))
     except (RuntimeError, SafetensorError) as error:
@@ -138,6 +145,7 @@ def _load_artefact(folder: Path, device: torch.device | None) -> TrainedModel:
         source=folder,
         threshold_method=card.threshold_method,
         validation_split=card.validation_split,
+        view_thresholds=card.facts.get("view_thresholds"),
         device=device or default_device(),
     )
 
@@ -156,7 +164,10 @@ def load_trained(path: str | os.PathLike[str] | None = None, *, device: torch.de
     state = load_checkpoint(checkpoint_file)
     if "model_name" not in state:
         raise ArtefactError(f"{checkpoint_file}: not a pneumolab model checkpoint (no model_name)")
-    model = create_model(state["model_name"], weights="none", head=state.get("head", "linear"))
+    classes = tuple(state.get("classes", CLASSES))
+    model = create_model(
+        state["model_name"], weights="none", head=state.get("head", "linear"), num_classes=len(classes)
+    )
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as error:
@@ -165,6 +176,7 @@ def load_trained(path: str | os.PathLike[str] | None = None, *, device: torch.de
     trained = TrainedModel(
         model=model,
         name=state["model_name"],
+        classes=classes,
         preprocessing=Preprocessing.from_facts(state),
         weights_source=state.get("weights_source", "unknown"),
         source=path,
@@ -177,6 +189,8 @@ def load_trained(path: str | os.PathLike[str] | None = None, *, device: torch.de
         trained.temperature = float(point["temperature"])
         trained.threshold_method = point["method"]
         trained.tta = tuple(point.get("tta", ()))
+        trained.class_bias = tuple(point["class_bias"]) if point.get("class_bias") else None
+        trained.view_thresholds = point.get("derived_thresholds")
         gate = load_gate(point, RunDir(path).gate)
         trained.gates, trained.band = gate["gates"], gate["band"]
     config = path / "config.yaml" if path.is_dir() else None

@@ -5,6 +5,10 @@
 it holds. A backend supplies the network (`_network`, `_network_and_features`), where its inputs live and the
 precision it computes in; the steps are the same code for both: uint8 film -> `Preprocessing.transform` -> network
 (-> TTA views) -> mean logits -> softmax(logits / temperature) -> `decide` (gate, referral band, threshold).
+
+A model has K >= 2 classes (its card's). Binary models decide by a threshold on P(classes[1]); K-class models by
+argmax. Either way ``probability`` is P(not classes[0]): P(PNEUMONIA) for the binary task, P(BACTERIAL) + P(VIRAL)
+for the three-class one, so the two can be compared on one scale.
 """
 
 from __future__ import annotations
@@ -25,14 +29,27 @@ from pneumolab.data.tta import apply_view
 from pneumolab.gate import FeatureGate, GateSet, check_metadata
 from pneumolab.referral import ReferralBand
 
-__all__ = ["GATE_OFF", "Decision", "InferenceModel", "as_batch", "label_for"]
+__all__ = ["GATE_OFF", "Decision", "InferenceModel", "as_batch", "label_for", "positive_probability"]
 
 GATE_OFF = "off (--no-gate): inputs are not checked; every file gets a label"
 
 
-def label_for(probability: float, threshold: float) -> str:
-    """The class a calibrated P(PNEUMONIA) names at `threshold` (the one place this rule is written)."""
-    return CLASSES[int(probability >= threshold)]
+def label_for(probabilities: Sequence[float] | np.ndarray, threshold: float, classes: Sequence[str] = CLASSES) -> str:
+    """The class one film's calibrated class probabilities name (the one place this rule is written): binary,
+    ``classes[1]`` when its probability reaches `threshold`; K classes, the most probable."""
+    row = np.asarray(probabilities, dtype=float)
+    if len(row) != len(classes):
+        raise ValueError(f"{len(row)} probabilities for {len(classes)} classes")
+    if len(classes) == 2:
+        return classes[int(row[1] >= threshold)]
+    return classes[int(np.argmax(row))]
+
+
+def positive_probability(probabilities: np.ndarray) -> np.ndarray:
+    """P(not the first class) of each row of N x K class probabilities: P(PNEUMONIA) for the binary and the
+    three-class task alike."""
+    probabilities = np.asarray(probabilities, dtype=float)
+    return probabilities[:, 1] if probabilities.shape[1] == 2 else 1.0 - probabilities[:, 0]
 
 
 @dataclass(frozen=True)
@@ -40,14 +57,15 @@ class Decision:
     """What the model says about one film: answered, referred to a radiologist, or refused as not a chest X-ray.
 
     A refused film has no label and no probability (nothing that looks like a diagnosis); a referred one keeps the
-    model's label and probability.
+    model's label and probabilities.
     """
 
     status: str  # "answered", "refer" or "refused"
     label: str
-    probability: float | None
+    probability: float | None  # P(not the first class): P(PNEUMONIA)
     reason: str = ""
     gate_score: float | None = None
+    probabilities: dict[str, float] | None = None  # every class's calibrated probability (None when refused)
 
     def fields(self) -> dict[str, Any]:
         """The decision as the row fields `predict` and the service print."""
@@ -55,6 +73,7 @@ class Decision:
             "status": self.status,
             "label": self.label,
             "probability": self.probability,
+            "probabilities": self.probabilities,
             "reason": self.reason,
             "gate_score": self.gate_score,
         }
@@ -64,10 +83,12 @@ class InferenceModel:
     """The inference interface and steps both backends share (module doc).
 
     A backend is a dataclass with these fields and supplies `_network` (a normalised float N x 1 x H x W batch on
-    `_input_device` -> N x 2 logits), `_network_and_features` and `compute_precision`.
+    `_input_device` -> N x K logits), `_network_and_features` and `compute_precision`.
     """
 
     name: str  # the architecture
+    classes: tuple[str, ...]  # in output order
+    class_bias: tuple[float, ...] | None  # K-class models: log-prior offsets added after temperature scaling
     source: Path  # where the model was loaded from
     preprocessing: Preprocessing
     temperature: float
@@ -140,7 +161,7 @@ class InferenceModel:
             logits.append(out.float().cpu())
             features.append(taken)
         if not features:
-            return torch.empty(0, len(CLASSES)), []
+            return torch.empty(0, len(self.classes)), []
         return torch.cat(logits), [np.concatenate(parts) for parts in zip(*features, strict=True)]
 
     @property
@@ -159,8 +180,9 @@ class InferenceModel:
     def score(
         self, images_u8: np.ndarray, *, batch_size: int = 64, gated: bool | None = None
     ) -> tuple[np.ndarray, list[float | None]]:
-        """Calibrated P(PNEUMONIA) over the model's TTA views and the content gate's score (None: no gate, or off)
-        of uint8 images; `gated` overrides the model's own `gate_enabled` (an ensemble passes its setting on).
+        """Calibrated class probabilities (N x K) over the model's TTA views and the content gate's score (None: no
+        gate, or off) of uint8 images; `gated` overrides the model's own `gate_enabled` (an ensemble passes its
+        setting on).
 
         The gate's features come from the plain view's forward pass, and every view starts from the one
         preprocessed batch, so the gate costs no extra pass.
@@ -182,13 +204,15 @@ class InferenceModel:
             if rest:
                 total = total + self._views_logits(x, rest) * len(rest)
             logits.append(total / len(views))
-        return (self.probabilities(torch.cat(logits)) if logits else np.empty(0)), scores
+        if not logits:
+            return np.empty((0, len(self.classes))), scores
+        return self.class_probabilities(torch.cat(logits)), scores
 
     def assess(self, images_u8: np.ndarray, metas: Sequence[XrayMeta | None] | None = None) -> list[Decision]:
         """Gate, classify and decide a batch of uint8 images, with their files' metadata (`score`, then `decide`)."""
         probabilities, scores = self.score(images_u8)
         metas = list(metas) if metas is not None else [None] * len(probabilities)
-        return [self.decide(float(p), s, meta) for p, s, meta in zip(probabilities, scores, metas, strict=True)]
+        return [self.decide(row, s, meta) for row, s, meta in zip(probabilities, scores, metas, strict=True)]
 
     def _content_refusal(self, gate_score: float | None) -> str | None:
         """Why the content gate refuses a film with this score, or None."""
@@ -200,11 +224,17 @@ class InferenceModel:
             f"(gate score {gate_score:.2f} over the limit {gate.limit_:.2f})"
         )
 
-    def decide(self, probability: float, gate_score: float | None = None, meta: XrayMeta | None = None) -> Decision:
-        """The one place a probability becomes a decision: gate (metadata, then content), referral band, label."""
-        label = label_for(probability, self.threshold)
+    def decide(
+        self, probabilities: Sequence[float] | np.ndarray, gate_score: float | None = None, meta: XrayMeta | None = None
+    ) -> Decision:
+        """The one place a film's class probabilities become a decision: gate (metadata, then content), referral
+        band, label."""
+        row = np.asarray(probabilities, dtype=float)
+        label = label_for(row, self.threshold, self.classes)
+        probability = float(positive_probability(row[None])[0])
+        every = {name: float(p) for name, p in zip(self.classes, row, strict=True)}
         if not self.gate_enabled:
-            return Decision("answered", label, probability, "", gate_score)
+            return Decision("answered", label, probability, "", gate_score, every)
         refusal = check_metadata(meta) if meta is not None else None
         refusal = refusal or self._content_refusal(gate_score)
         if refusal is not None:
@@ -215,14 +245,14 @@ class InferenceModel:
                 f"uncertain: P(pneumonia) {probability:.3f} is in the referral band {low:.3f}-{high:.3f}; "
                 "refer to a radiologist"
             )
-            return Decision("refer", label, probability, reason, gate_score)
-        return Decision("answered", label, probability, "", gate_score)
+            return Decision("refer", label, probability, reason, gate_score, every)
+        return Decision("answered", label, probability, "", gate_score, every)
 
     @torch.no_grad()
     def logits(
         self, images_u8: torch.Tensor | np.ndarray, *, views: Sequence[str] = ("identity",), batch_size: int = 64
     ) -> torch.Tensor:
-        """Mean logits (N x 2, float32, CPU) of uint8 N x S x S (or N x 1 x S x S) images over the TTA `views`.
+        """Mean logits (N x K, float32, CPU) of uint8 N x S x S (or N x 1 x S x S) images over the TTA `views`.
 
         Each view costs one forward pass per batch, never one per image.
         """
@@ -231,7 +261,7 @@ class InferenceModel:
             self._views_logits(self._preprocess(images[start : start + batch_size]), views)
             for start in range(0, len(images), batch_size)
         ]
-        return torch.cat(outputs) if outputs else torch.empty(0, len(CLASSES))
+        return torch.cat(outputs) if outputs else torch.empty(0, len(self.classes))
 
     def _views_logits(self, x: torch.Tensor, views: Sequence[str]) -> torch.Tensor:
         """Mean logits (float32, CPU) of one preprocessed batch over `views`."""
@@ -241,9 +271,17 @@ class InferenceModel:
             total = out if total is None else total + out
         return (total / len(views)).cpu()
 
+    def class_probabilities(self, logits: torch.Tensor) -> np.ndarray:
+        """Calibrated class probabilities (N x K): softmax of the temperature-scaled logits, plus the class bias
+        when validation chose one (a prior shift, so its argmax is the biased decision)."""
+        scaled = logits.float() / self.temperature
+        if self.class_bias is not None:
+            scaled = scaled + torch.tensor(self.class_bias, dtype=torch.float32)
+        return torch.softmax(scaled, dim=1).numpy()
+
     def probabilities(self, logits: torch.Tensor) -> np.ndarray:
-        """Calibrated P(PNEUMONIA): softmax of the temperature-scaled logits."""
-        return torch.softmax(logits.float() / self.temperature, dim=1)[:, 1].numpy()
+        """Calibrated P(not the first class), P(PNEUMONIA), of each film (`positive_probability`)."""
+        return positive_probability(self.class_probabilities(logits))
 
     def load_images(self, paths: Sequence[str | os.PathLike[str]]) -> np.ndarray:
         """Read files with the training preprocessing (squash to the cache size, uint8)."""

@@ -19,6 +19,7 @@ import asyncio
 import copy
 import hmac
 import ipaddress
+import json
 import os
 import threading
 from collections.abc import Awaitable
@@ -60,8 +61,9 @@ class Prediction(BaseModel):
     file: str
     status: Literal["answered", "refer"]
     label: str
-    probability: float
-    threshold: float
+    probability: float  # P(not the first class): P(PNEUMONIA), for a three-class model P(BACTERIAL) + P(VIRAL)
+    probabilities: dict[str, float]  # every class's calibrated probability, in the model's class order
+    threshold: float  # a binary model's threshold on probability (a K-class model decides by the largest class)
     reason: str
     gate_score: float | None
     notes: str  # odd but readable things about the file ("; "-separated, "" when none)
@@ -293,13 +295,13 @@ def create_app(
         image, meta = await _in_pool(_decode, name, data)
         return await batcher.submit((image, meta)), meta
 
-    def _explain(name: str, data: bytes, panel: str):
+    def _explain(name: str, data: bytes, panel: str, target: str | None):
         from pneumolab.inference.explain import explain_image
 
         _, meta = _decode(name, data)  # the upload limits (max_pixels) before explain_image decodes it again
         with model_lock:
             try:
-                return explain_image(gradcam_model, data, name=name, panel=panel), meta
+                return explain_image(gradcam_model, data, name=name, panel=panel, target=target), meta
             except InputRefusedError as refused:
                 raise _refusal(name, refused.reason, refused.gate_score, meta, gate_status) from None
 
@@ -346,8 +348,11 @@ def create_app(
         panel: Literal["both", "overlay"] = Query(
             "both", description="both: the film and the overlay side by side; overlay: the overlay alone, enlarged"
         ),
+        target: str | None = Query(
+            None, description="class whose score is explained (default: the predicted class; binary: PNEUMONIA)"
+        ),
     ) -> Response:
-        """Grad-CAM for PNEUMONIA over the film, as a PNG; the decision is in ``X-*`` headers.
+        """Grad-CAM for one class over the film, as a PNG; the decision is in ``X-*`` headers.
 
         A file that is not a frontal chest X-ray gets the 422 of /v1/predict and no heatmap.
         """
@@ -355,12 +360,16 @@ def create_app(
         if gradcam_model is None:
             detail = f"{name}: Grad-CAM needs one PyTorch network; this service runs an ONNX file alone or an ensemble"
             raise HTTPException(501, detail + " (serve a run folder or artefact to explain; an ensemble, per member)")
-        explanation, meta = await _limited(name, _in_pool(_explain, name, data, panel))
+        if target is not None and target not in trained.classes:
+            raise HTTPException(422, f"target: {target!r} is not one of the model's classes {list(trained.classes)}")
+        explanation, meta = await _limited(name, _in_pool(_explain, name, data, panel, target))
         decision = explanation.decision
         headers = {
             "X-Status": decision.status,
             "X-Label": decision.label,
             "X-Probability": f"{decision.probability:.6f}",
+            "X-Probabilities": json.dumps({c: round(p, 6) for c, p in (decision.probabilities or {}).items()}),
+            "X-Target": explanation.target,
             "X-Threshold": f"{trained.threshold:.6f}",
             "X-Reason": _header(decision.reason),
             "X-Notes": _header("; ".join(meta.notes)),

@@ -15,7 +15,9 @@ from torch.utils.data import DistributedSampler, WeightedRandomSampler
 
 from pneumolab.config import TrainConfig
 from pneumolab.data.cache import DatasetCache, prepare_cache
+from pneumolab.data.dataset import folder_classes
 from pneumolab.data.splits import carve_validation, read_split, write_split
+from pneumolab.data.tasks import get_task
 from pneumolab.errors import DatasetLayoutError, SettingError
 from pneumolab.runs import RunDir
 from pneumolab.train.losses import weighted_sampler_weights
@@ -25,16 +27,14 @@ __all__ = ["RunData", "batches", "epoch_order", "load_run_data"]
 
 @dataclass(frozen=True)
 class RunData:
-    """The cache and, per split, the row indices into it."""
+    """The cache, the task's label of every cached row and its classes, and per split the row indices."""
 
     cache: DatasetCache
+    labels: np.ndarray
+    classes: tuple[str, ...]
     train: np.ndarray
     val: np.ndarray
     test: np.ndarray
-
-    @property
-    def labels(self) -> np.ndarray:
-        return self.cache.manifest["label"].to_numpy()
 
     def images(self, indices: np.ndarray) -> torch.Tensor:
         """uint8 N x 1 x S x S batch of the given rows (read from the memmap)."""
@@ -49,10 +49,15 @@ def load_run_data(config: TrainConfig, run: RunDir, *, write: bool = True, progr
     """
     if config.data.root is None:
         raise SettingError("no dataset given: pass --data DIR (or set data.root in the config)")
+    task = get_task(config.data.task)
     cache, _ = prepare_cache(
-        config.data.root, size=config.data.cache_size, cache_root=config.data.cache_dir, progress=progress
+        config.data.root,
+        size=config.data.cache_size,
+        cache_root=config.data.cache_dir,
+        progress=progress,
+        classes=task.folder_classes,
     )
-    manifest = cache.manifest
+    manifest, classes = task.relabel(cache.manifest, task.folder_classes or folder_classes(cache.manifest))
     if run.split.is_file():
         table = read_split(run.split)
         by_path = dict(zip(table["path"], table["split"], strict=True))
@@ -70,7 +75,7 @@ def load_run_data(config: TrainConfig, run: RunDir, *, write: bool = True, progr
     parts = {name: np.flatnonzero(split_array == name) for name in ("train", "val", "test")}
     if not len(parts["train"]) or not len(parts["val"]):
         raise DatasetLayoutError(f"{config.data.root}: the split has no training or no validation images")
-    return RunData(cache, parts["train"], parts["val"], parts["test"])
+    return RunData(cache, manifest["label"].to_numpy(), classes, parts["train"], parts["val"], parts["test"])
 
 
 def epoch_order(data: RunData, config: TrainConfig, epoch: int, *, rank: int = 0, world: int = 1) -> np.ndarray:

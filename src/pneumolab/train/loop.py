@@ -29,7 +29,6 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from pneumolab import CLASSES
 from pneumolab.config import TrainConfig, dump_config
 from pneumolab.data.augment import BatchAugment, get_preset
 from pneumolab.data.preprocess import Preprocessing
@@ -84,7 +83,7 @@ def predict_logits(
     batch_size: int = 64,
     channels_last: bool = False,
 ) -> torch.Tensor:
-    """Float32 logits (N x 2, on CPU) of the given cache rows through the eval preprocessing."""
+    """Float32 logits (N x K, on CPU) of the given cache rows through the eval preprocessing."""
     model.eval()
     outputs = []
     for chunk in batches(rows, batch_size):
@@ -93,7 +92,7 @@ def predict_logits(
             x = x.contiguous(memory_format=torch.channels_last)
         with precision.autocast():
             outputs.append(model(x).float().cpu())
-    return torch.cat(outputs) if outputs else torch.empty(0, len(CLASSES))
+    return torch.cat(outputs) if outputs else torch.empty(0, len(data.classes))
 
 
 class BaseTrainer:
@@ -135,6 +134,7 @@ class BaseTrainer:
             weights=config.model.weights,
             head=config.model.head,
             drop_rate=config.model.drop_rate,
+            num_classes=len(self.data.classes),
         ).to(self.device)
         if config.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -149,7 +149,7 @@ class BaseTrainer:
         )
         labels = self.data.labels[self.data.train]
         weights = class_weights(
-            labels, config.loss.class_weights, num_classes=len(CLASSES), custom=config.loss.custom_weights
+            labels, config.loss.class_weights, num_classes=len(self.data.classes), custom=config.loss.custom_weights
         )
         self.criterion = make_loss(weights.to(self.device), label_smoothing=config.loss.label_smoothing)
         self.class_weights = weights.tolist()
@@ -193,7 +193,8 @@ class BaseTrainer:
             "model_name": self.config.model.name,
             "head": self.config.model.head,
             **self.preprocessing.describe(),
-            "classes": list(CLASSES),
+            "classes": list(self.data.classes),
+            "task": self.config.data.task,
             "weights_source": self.model.weights_source,
             "epoch": int(row["epoch"]),
             "metrics": row,
@@ -289,14 +290,20 @@ class BaseTrainer:
 
 
 def validation_metrics(logits: torch.Tensor, labels: np.ndarray) -> dict[str, float]:
-    """The per-epoch validation numbers (threshold 0.5; the operating point is chosen later)."""
-    probability = torch.softmax(logits.float(), 1)[:, 1].numpy()
-    both = len(set(labels.tolist())) == 2
+    """The per-epoch validation numbers (binary: threshold 0.5, K classes: argmax; the operating point is chosen
+    later). ROC-AUC is one-vs-rest macro for K classes, NaN while a class is missing from validation."""
+    probabilities = torch.softmax(logits.float(), 1).numpy()
+    k = probabilities.shape[1]
+    if k == 2:
+        scores, decided = probabilities[:, 1], (probabilities[:, 1] >= 0.5).astype(int)
+    else:
+        scores, decided = probabilities, probabilities.argmax(1)
+    every_class = len(set(labels.tolist())) == k
     return {
         "val_loss": float(F.cross_entropy(logits.float(), torch.from_numpy(labels))),
-        "val_accuracy": float(((probability >= 0.5) == labels).mean()),
-        "val_roc_auc": float(roc_auc_score(labels, probability)) if both else float("nan"),
-        "val_balanced_accuracy": float(balanced_accuracy_score(labels, probability >= 0.5)),
+        "val_accuracy": float((decided == labels).mean()),
+        "val_roc_auc": float(roc_auc_score(labels, scores, multi_class="ovr")) if every_class else float("nan"),
+        "val_balanced_accuracy": float(balanced_accuracy_score(labels, decided)),
     }
 
 
