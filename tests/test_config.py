@@ -30,6 +30,7 @@ def test_none_overrides_are_ignored():
         ("epochs: [\n", "not valid YAML"),
         ("model:\n  name: resnet5\n", "model.name: unknown model 'resnet5'; did you mean resnet50"),
         ("augment:\n  preset: plann\n", "augment.preset: unknown augmentation preset 'plann'; did you mean plan"),
+        ("data:\n  task: kinds\n", "data.task: unknown task 'kinds'; did you mean kind"),
     ],
 )
 def test_bad_configs_are_one_line_errors(tmp_path, text, fragment):

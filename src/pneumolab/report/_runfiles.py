@@ -6,6 +6,14 @@ input gate and referral band, ``gate/scores.csv`` and ``metrics/selective.json``
 the operating point). An ensemble folder has the predictions, metrics and an ``env.json`` with an ``ensemble`` entry,
 but no history and no gate. A missing file is ``None`` here; a file that exists but cannot be read raises
 `ArtefactError` naming the file and the reason.
+
+A K-class run (``data.task: kind`` or ``folders`` with more than two classes) writes predictions
+``path,label,prediction,probability,p_<CLASS>...,logit_<CLASS>...`` (label and prediction are class indices,
+``probability`` is P(not the first class), P(PNEUMONIA) for NORMAL-first tasks) and metrics that name their
+``classes``. An evaluation is K-class when its metrics name more than two classes or, without metrics, its
+predictions have more than two ``p_`` columns; `Evaluation.pneumonia_view` turns it into the binary evaluation of
+its pneumonia-vs-normal view, which the binary parts of the report (comparison columns, calibration, overlap,
+reliability) read.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +30,16 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from scipy.special import logsumexp
+
+from pneumolab import CLASSES
 from pneumolab.errors import ArtefactError
 
 SPLITS = ("val", "test")
 SPLIT_NAMES = {"val": "validation", "test": "test"}
 PREDICTION_COLUMNS = ("path", "label", "probability", "prediction")
+PNEUMONIA_VIEW = "pneumonia_vs_normal"
+KIND_VIEW = "bacterial_vs_viral"
 SPLIT_FILE_COLUMNS = ("path", "split", "patient_id")
 GATE_SCORE_COLUMNS = ("group", "name", "gate_score", "refused")
 
@@ -59,6 +73,13 @@ class Evaluation:
     tta: bool
     metrics: dict[str, Any] | None = None
     predictions: pd.DataFrame | None = None
+    classes: tuple[str, ...] = CLASSES
+    """Class names in label order: ``NORMAL, PNEUMONIA`` for a binary evaluation."""
+
+    @property
+    def is_multiclass(self) -> bool:
+        """Whether this is a K-class evaluation (more than two classes)."""
+        return len(self.classes) > 2
 
     @property
     def key(self) -> str:
@@ -85,17 +106,87 @@ class Evaluation:
         return None if low is None or high is None else (low, high)
 
     def confusion(self) -> np.ndarray | None:
-        """``[[tn, fp], [fn, tp]]`` from the metrics file, else counted from the predictions' decisions."""
-        cm = (self.metrics or {}).get("confusion_matrix")
+        """``[[tn, fp], [fn, tp]]`` from the metrics file, else counted from the predictions' decisions.
+
+        A K-class evaluation gives its K x K counts (rows: true class, columns: called class), from the metrics
+        file's ``confusion`` entry, else counted from the predictions.
+        """
+        k = len(self.classes)
+        if self.is_multiclass:
+            cm = ((self.metrics or {}).get("confusion") or {}).get("counts")
+        else:
+            cm = (self.metrics or {}).get("confusion_matrix")
         if cm is not None:
-            array = np.asarray(cm)
-            if array.shape == (2, 2):
+            try:
+                array = np.asarray(cm, dtype=np.float64)
+            except (TypeError, ValueError):
+                array = np.zeros(0)
+            if array.shape == (k, k) and np.isfinite(array).all():
                 return array.astype(np.int64)
         if self.predictions is not None:
             y = self.predictions["label"].to_numpy()
             pred = self.predictions["prediction"].to_numpy()
-            return np.array([[np.sum((y == t) & (pred == p)) for p in (0, 1)] for t in (0, 1)], dtype=np.int64)
+            return np.array([[np.sum((y == t) & (pred == p)) for p in range(k)] for t in range(k)], dtype=np.int64)
         return None
+
+    def class_probabilities(self) -> np.ndarray | None:
+        """The N x K calibrated class probabilities (``p_<CLASS>`` columns) of a K-class evaluation, else None."""
+        if not self.is_multiclass or self.predictions is None:
+            return None
+        return self.predictions[[f"p_{c}" for c in self.classes]].to_numpy(dtype=np.float64)
+
+    def class_logits(self) -> np.ndarray | None:
+        """The N x K raw logits (``logit_<CLASS>``) of a K-class evaluation, or None when not all are saved."""
+        if not self.is_multiclass or self.predictions is None:
+            return None
+        columns = [f"logit_{c}" for c in self.classes]
+        if any(c not in self.predictions for c in columns):
+            return None
+        values = self.predictions[columns].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
+        return values if values.size and np.isfinite(values).all() else None
+
+    def view_metrics(self, view: str) -> dict[str, Any] | None:
+        """A K-class evaluation's binary view (``pneumonia_vs_normal``, ``bacterial_vs_viral``) metric object."""
+        value = ((self.metrics or {}).get("views") or {}).get(view)
+        return value if isinstance(value, dict) else None
+
+    @cached_property
+    def pneumonia_view(self) -> Evaluation | None:
+        """The pneumonia-vs-normal view of a K-class evaluation as a binary evaluation; None otherwise.
+
+        Its metrics are the metrics file's ``views.pneumonia_vs_normal`` (with the K-class ``temperature``,
+        ``threshold_method`` and speed added); its predictions have ``label`` 1 for every film not of the first
+        class, ``probability`` P(PNEUMONIA) = 1 - P(first class), ``prediction`` that probability at the view's
+        threshold (without one, the argmax's call: not the first class), and ``logit`` the margin
+        ``logsumexp(pneumonia logits) - logit of the first class``, whose sigmoid is P(PNEUMONIA) before temperature
+        scaling and class bias. None for a K-class task whose first class is not NORMAL.
+        """
+        if not self.is_multiclass or self.classes[0] != CLASSES[0]:
+            return None
+        metrics = self.view_metrics(PNEUMONIA_VIEW)
+        if metrics is not None:
+            metrics = dict(metrics)
+            for key in ("temperature", "threshold_method", "inference_images_per_s", "eval_seconds"):
+                if key in (self.metrics or {}):
+                    metrics.setdefault(key, self.metrics[key])
+        table = None
+        if self.predictions is not None:
+            threshold = finite((metrics or {}).get("threshold"))
+            probability = self.predictions["probability"].to_numpy(dtype=np.float64)
+            called = probability >= threshold if threshold is not None else self.predictions["prediction"] != 0
+            logits = self.class_logits()
+            table = pd.DataFrame(
+                {
+                    "path": self.predictions["path"],
+                    "label": (self.predictions["label"] != 0).astype(np.int64),
+                    "probability": probability,
+                    "prediction": np.asarray(called, dtype=np.int64),
+                    "logit": np.nan if logits is None else logsumexp(logits[:, 1:], axis=1) - logits[:, 0],
+                }
+            )
+        if metrics is None and table is None:
+            return None
+        return Evaluation(self.split, self.tta, metrics, table)
 
     def logits(self) -> np.ndarray | None:
         """The saved logit margins (logit1 - logit0, before temperature scaling), or None when not every image has one.
@@ -137,9 +228,24 @@ class RunFiles:
         """The evaluated variant, or None when neither its metrics nor its predictions exist."""
         return self.evaluations.get(f"{split}_tta" if tta else split)
 
+    @property
+    def classes(self) -> tuple[str, ...]:
+        """The run's classes in label order: its first K-class evaluation's, else ``NORMAL, PNEUMONIA``."""
+        return next((e.classes for e in self.evaluations.values() if e.is_multiclass), CLASSES)
+
+    @property
+    def is_multiclass(self) -> bool:
+        """Whether the run's evaluations are K-class (more than two classes)."""
+        return len(self.classes) > 2
+
     def threshold(self, split: str, tta: bool = False) -> float | None:
-        """The decision threshold of a variant: its metrics file, else the operating point's."""
+        """The decision threshold of a variant: its metrics file, else the operating point's.
+
+        For a K-class variant, which decides by argmax, it is the threshold of its pneumonia-vs-normal view.
+        """
         evaluation = self.evaluation(split, tta)
+        if evaluation is not None and evaluation.is_multiclass:
+            evaluation = evaluation.pneumonia_view
         value = evaluation.metric("threshold") if evaluation else None
         if value is None and self.operating_point:
             variants = self.operating_point.get("variants") or {}
@@ -242,19 +348,49 @@ def _require_columns(table: pd.DataFrame, columns, path: Path) -> None:
         raise ArtefactError(f"{path}: missing column(s) {', '.join(missing)}")
 
 
-def _read_predictions(path: Path) -> pd.DataFrame | None:
+def _metric_classes(metrics: dict[str, Any] | None, path: Path) -> tuple[str, ...] | None:
+    """The ``classes`` a metrics file names, when it names more than two (a K-class evaluation)."""
+    classes = (metrics or {}).get("classes")
+    if classes is None:
+        return None
+    if not isinstance(classes, list) or not all(isinstance(c, str) and c for c in classes):
+        raise ArtefactError(f"{path}: 'classes' must be a list of class names")
+    return tuple(classes) if len(classes) > 2 else None
+
+
+def _column_classes(table: pd.DataFrame) -> tuple[str, ...] | None:
+    """The classes of the ``p_<CLASS>`` columns of a predictions table, when there are more than two."""
+    classes = tuple(str(c)[2:] for c in table.columns if str(c).startswith("p_"))
+    return classes if len(classes) > 2 else None
+
+
+def _read_predictions(path: Path, classes: tuple[str, ...] | None = None) -> pd.DataFrame | None:
+    """A predictions CSV; K-class (`classes`, else its ``p_`` columns, naming more than two) or binary."""
     table = _read_csv(path)
     if table is None:
         return None
     _require_columns(table, PREDICTION_COLUMNS, path)
+    classes = classes or _column_classes(table)
+    if classes is not None:
+        _require_columns(table, [f"p_{c}" for c in classes], path)
     if table.empty:
         return None
     table["path"] = table["path"].astype(str)
     for column in ("label", "prediction"):
         values = pd.to_numeric(table[column], errors="coerce")
-        if not values.isin((0, 1)).all():
+        if classes is None and not values.isin((0, 1)).all():
             raise ArtefactError(f"{path}: column {column!r} must hold 0 (NORMAL) or 1 (PNEUMONIA) only")
+        if classes is not None and not values.isin(range(len(classes))).all():
+            raise ArtefactError(
+                f"{path}: column {column!r} must hold class indices 0 to {len(classes) - 1} "
+                f"({', '.join(classes)}) only"
+            )
         table[column] = values.astype(np.int64)
+    for column in [f"p_{c}" for c in classes or ()]:
+        values = pd.to_numeric(table[column], errors="coerce")
+        if not (values.notna().all() and values.between(0, 1).all()):
+            raise ArtefactError(f"{path}: column {column!r} must hold numbers within [0, 1]")
+        table[column] = values.astype(float)
     probability = pd.to_numeric(table["probability"], errors="coerce")
     if not (probability.notna().all() and probability.between(0, 1).all()):
         raise ArtefactError(f"{path}: column 'probability' must hold numbers within [0, 1]")
@@ -340,10 +476,14 @@ def read_run(run_dir: str | os.PathLike[str]) -> RunFiles:
     for split in SPLITS:
         for tta in (False, True):
             stem = f"{split}_tta" if tta else split
-            metrics = _read_json(path / "metrics" / f"{stem}.json")
-            predictions = _read_predictions(path / "predictions" / f"{stem}.csv")
+            metrics_path = path / "metrics" / f"{stem}.json"
+            metrics = _read_json(metrics_path)
+            classes = _metric_classes(metrics, metrics_path)
+            predictions = _read_predictions(path / "predictions" / f"{stem}.csv", classes)
+            if classes is None and predictions is not None:
+                classes = _column_classes(predictions)
             if metrics is not None or predictions is not None:
-                run.evaluations[stem] = Evaluation(split, tta, metrics, predictions)
+                run.evaluations[stem] = Evaluation(split, tta, metrics, predictions, classes or CLASSES)
     known = (run.config, run.env, run.history, run.operating_point)
     if all(v is None for v in known) and not run.evaluations:
         raise ArtefactError(
