@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,8 @@ from pneumolab.errors import SettingError
 from pneumolab.evaluate.multiclass import multiclass_metrics
 from pneumolab.evaluate.runner import ensemble_runs, evaluate_artefact, evaluate_run
 from pneumolab.inference.export import export_artefact
+from pneumolab.inference.files import predict_files
+from pneumolab.inference.loader import load_backend
 from pneumolab.inference.pytorch import load_trained
 from pneumolab.serve.app import create_app
 from pneumolab.train.api import train
@@ -96,8 +99,42 @@ def test_evaluation_writes_k_class_metrics_views_and_the_decision_rule(kind_run)
     assert views["pneumonia_vs_normal"]["n"] == 36 and views["pneumonia_vs_normal"]["n_positive"] == 18
     assert views["bacterial_vs_viral"]["n"] == 18 and views["bacterial_vs_viral"]["positive"] == "VIRAL"
     assert views["pneumonia_vs_normal"]["threshold"] == point["derived_thresholds"]["pneumonia_vs_normal"]
-    with pytest.raises(SettingError, match="K-class run"):
-        ensemble_runs([run, run], run.parent / "ens")
+
+
+def test_an_ensemble_of_k_class_runs_combines_class_probabilities_and_is_servable(kind_run, tmp_path):
+    root, run, results = kind_run
+    used = "_tta" if json.loads((run / "operating_point.json").read_text())["tta"] else ""
+    member = pd.read_csv(run / "predictions" / f"test{used}.csv")
+    mean = ensemble_runs([run, run], tmp_path / "mean", method="mean", n_resamples=200)
+    assert mean["test"]["classes"] == list(KIND_CLASSES)
+    assert mean["test"]["confusion"]["counts"] == results[f"test{used}"]["confusion"]["counts"]  # a mean of one
+    stacked = ensemble_runs([run, run], tmp_path / "stack", method="stacking", n_resamples=200)
+    saved = pd.read_csv(tmp_path / "stack" / "predictions" / "test.csv")
+    columns = [f"p_{c}" for c in KIND_CLASSES]
+    np.testing.assert_allclose(saved[columns].sum(axis=1), 1.0, atol=1e-5)
+    assert stacked["test"]["n"] == len(member) and "bacterial_vs_viral" in stacked["test"]["views"]
+    ensemble = load_backend(tmp_path / "stack", "pytorch")
+    assert ensemble.classes == KIND_CLASSES
+    ensemble.gate_enabled = False
+    films = [root / p for p in saved["path"][:5]]
+    rows, failures = predict_files(ensemble, films)
+    assert not failures
+    np.testing.assert_allclose([[r["probabilities"][c] for c in KIND_CLASSES] for r in rows],
+                               saved[columns][:5], atol=2e-4)  # fmt: skip
+    with pytest.raises(SettingError, match="different classes"):
+        ensemble_runs([run, _binary_twin(run, tmp_path)], tmp_path / "mixed", n_resamples=200)
+
+
+def _binary_twin(run: Path, tmp_path: Path) -> Path:
+    """A copy of the run's prediction files written as a binary run's (path,label,probability,prediction,logit)."""
+    twin = tmp_path / "binary"
+    shutil.copytree(run, twin, ignore=shutil.ignore_patterns("checkpoints"))
+    for file in (twin / "predictions").glob("*.csv"):
+        table = pd.read_csv(file)
+        table["label"] = (table["label"] != 0).astype(int)
+        table["prediction"] = (table["probability"] >= 0.5).astype(int)
+        table[["path", "label", "probability", "prediction"]].assign(logit=np.nan).to_csv(file, index=False)
+    return twin
 
 
 def test_the_artefact_evaluates_like_its_run_and_predicts_every_class(kind_run, tmp_path):

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from scipy.special import expit, logit
+from scipy.special import expit, logit, softmax
 from sklearn.exceptions import NotFittedError
 from sklearn.metrics import log_loss, roc_auc_score
 
@@ -140,3 +140,45 @@ def test_a_saved_combiner_predicts_as_the_fitted_one(method: str, c: float | Non
     if method == "stacking":  # the closed form is the logistic regression's own prediction
         regression = fitted.model_.predict_proba(logit(fresh).T)[:, 1]  # no member is near 0 or 1 here: no clipping
         np.testing.assert_allclose(fitted.predict_proba(fresh), regression, atol=1e-12)
+
+
+def class_members_and_labels(n: int, noise: tuple[float, ...], seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Three-class members (n_members x N x 3) that see shared latent logits through their own noise."""
+    rng = np.random.default_rng(seed)
+    latent = rng.normal(0.0, 2.0, (n, 3))
+    labels = np.array([rng.choice(3, p=p) for p in softmax(latent, axis=1)])
+    members = np.stack([softmax(latent + rng.normal(0.0, scale, (n, 3)), axis=1) for scale in noise])
+    return members, labels
+
+
+def test_k_class_mean_and_weighted_pool_class_probabilities() -> None:
+    rng = np.random.default_rng(4)
+    informative, labels = class_members_and_labels(1_500, (0.3,), seed=4)
+    noise = softmax(rng.normal(0.0, 1.0, (2, 1_500, 3)), axis=2)
+    members = np.concatenate([noise[:1], informative, noise[1:]])
+    mean = EnsembleCombiner("mean").fit(members, labels)
+    np.testing.assert_allclose(mean.predict_proba(members), members.mean(axis=0))
+    weighted = EnsembleCombiner("weighted").fit(members, labels)
+    assert weighted.weights_.argmax() == 1 and weighted.weights_[1] > 0.8
+    assert weighted.weights_.sum() == pytest.approx(1.0)
+    combined = weighted.predict_proba(members)
+    np.testing.assert_allclose(combined.sum(axis=1), 1.0)
+    assert log_loss(labels, combined) < log_loss(labels, mean.predict_proba(members))
+
+
+def test_k_class_stacking_is_a_multinomial_regression_and_survives_saving() -> None:
+    val, val_labels = class_members_and_labels(1_200, (0.7, 2.5), seed=5)
+    test, test_labels = class_members_and_labels(1_200, (0.7, 2.5), seed=6)
+    fitted = EnsembleCombiner("stacking").fit(val, val_labels)
+    stacked = fitted.predict_proba(test)
+    features = np.log(np.clip(test, 1e-6, 1.0)).transpose(1, 0, 2).reshape(len(test_labels), -1)
+    np.testing.assert_allclose(stacked, fitted.model_.predict_proba(features), atol=1e-10)
+    assert log_loss(test_labels, stacked) < log_loss(test_labels, test[1])  # better than the worse member
+    saved = json.loads(json.dumps(fitted.describe()))
+    assert saved["combines"] == "log-probabilities" and saved["n_classes"] == 3
+    again = EnsembleCombiner.from_saved(saved)
+    np.testing.assert_allclose(again.predict_proba(test), stacked, atol=1e-12)
+    with pytest.raises(SettingError, match="2 members of 3 classes"):
+        again.predict_proba(test[:1])
+    with pytest.raises(SettingError, match="sum to 1"):
+        EnsembleCombiner("mean").fit(val * 2, val_labels)

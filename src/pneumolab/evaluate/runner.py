@@ -638,22 +638,23 @@ def ensemble_runs(
     if target.path.resolve() in {m.path.resolve() for m in members} or target.config.is_file():
         raise SettingError(f"{target.path}: a trained run folder; write the ensemble to a new folder (--out)")
     tables = {s: [_member_predictions(m, s) for m in members] for s in SPLITS}
-    many = [m.path.name for m, f in zip(members, tables["val"], strict=True) if any(c.startswith("p_") for c in f)]
-    if many:  # the combiners pool one probability per film; K classes would need a K-class combiner
-        raise SettingError(f"{many[0]}: a K-class run; ensembles combine binary (NORMAL / PNEUMONIA) runs only")
+    columns = [[c for c in f if c.startswith("p_")] for f in tables["val"]]
+    if any(columns[0] != other for other in columns[1:]):  # binary with K-class, or other classes
+        raise SettingError(f"{members[0].path.name} and the other members predict different classes")
     for split, frames in tables.items():
         reference = frames[0]["path"].tolist()
         for member, frame in zip(members[1:], frames[1:], strict=True):
             if frame["path"].tolist() != reference:
                 raise ArtefactError(f"{member.path}: its {split} images differ from {members[0].path}'s (other split?)")
     labels = {s: tables[s][0]["label"].to_numpy() for s in SPLITS}
+    selector = ThresholdSelector(threshold_method, target_sensitivity=target_sensitivity)
+    if columns[0]:
+        classes = tuple(c.removeprefix("p_") for c in columns[0])
+        return _ensemble_classes(members, target, tables, labels, classes, method, selector, n_resamples)
     stacked = {s: np.stack([f["probability"].to_numpy() for f in tables[s]]) for s in SPLITS}
     combiner = EnsembleCombiner(method).fit(stacked["val"], labels["val"])
     probabilities = {s: combiner.predict_proba(stacked[s]) for s in SPLITS}
-    selector = ThresholdSelector(threshold_method, target_sensitivity=target_sensitivity).fit(
-        labels["val"], probabilities["val"]
-    )
-    threshold = float(selector.threshold_)
+    threshold = float(selector.fit(labels["val"], probabilities["val"]).threshold_)
     results = {}
     with atomic_dir(target.path) as building:
         run = RunDir(building)
@@ -686,6 +687,56 @@ def ensemble_runs(
             "temperature_if_scaled": temperature_if_scaled,
         }
         write_json_atomic(run.operating_point, {**point, "chosen_on": "validation", "referral": band.describe()})
+        members_text = [str(m.path) for m in members]
+        write_json_atomic(
+            run.env, {"ensemble": {**combiner.describe(), "members": members_text}, "weights_source": "ensemble"}
+        )
+    return results
+
+
+def _ensemble_classes(members, target, tables, labels, classes, method, selector, n_resamples):
+    """`ensemble_runs` of K-class runs: the combiner on their class probabilities, the decision the argmax, the
+    binary views' thresholds fit on validation; no band (as for a K-class model)."""
+    from pneumolab.evaluate.ensemble import EnsembleCombiner
+
+    columns = [f"p_{c}" for c in classes]
+    stacked = {s: np.stack([f[columns].to_numpy(dtype=np.float64) for f in tables[s]]) for s in SPLITS}
+    combiner = EnsembleCombiner(method).fit(stacked["val"], labels["val"])
+    probabilities = {s: combiner.predict_proba(stacked[s]) for s in SPLITS}
+    thresholds = derived_thresholds(labels["val"], probabilities["val"], classes, selector)
+    decision = f"argmax of the {method} combination"
+    results = {}
+    with atomic_dir(target.path) as building:
+        run = RunDir(building)
+        for split in SPLITS:
+            paths = tables[split][0]["path"]
+            no_logits = np.full((len(paths), len(classes)), np.nan)
+            dest = run.path / "predictions" / f"{split}.csv"
+            write_class_predictions(dest, paths, labels[split], probabilities[split], classes, no_logits)
+            results[split] = multiclass_metrics_for(
+                labels[split],
+                probabilities[split],
+                classes,
+                thresholds=thresholds,
+                threshold_method=decision,
+                temperature=None,
+                n_resamples=n_resamples,
+                split=split,
+                tta=[],
+                weights_source="ensemble",
+                model=target.path.name,
+            )
+            write_json_atomic(run.path / "metrics" / f"{split}.json", results[split])
+        point = {
+            "threshold": thresholds.get("pneumonia_vs_normal", 0.5),
+            "method": decision,
+            "temperature": None,
+            "tta": [],
+            "derived_thresholds": thresholds,
+            "chosen_on": "validation",
+            "referral": None,
+        }
+        write_json_atomic(run.operating_point, point)
         members_text = [str(m.path) for m in members]
         write_json_atomic(
             run.env, {"ensemble": {**combiner.describe(), "members": members_text}, "weights_source": "ensemble"}

@@ -55,7 +55,7 @@ class EnsembleModel(InferenceModel):
     temperature: float = field(default=1.0, init=False)  # the members are calibrated; the combiner is not rescaled
     tta: tuple[str, ...] = field(default=(), init=False)  # each member applies its own views
     gates: GateSet | None = field(default=None, init=False)  # each member has its own
-    classes: tuple[str, ...] = field(default=CLASSES, init=False)  # the combiner is binary (P(PNEUMONIA))
+    classes: tuple[str, ...] = field(default=CLASSES, init=False)  # the members' (all the same)
     class_bias: None = field(default=None, init=False)
     backend: ClassVar[str] = "ensemble"
 
@@ -63,10 +63,11 @@ class EnsembleModel(InferenceModel):
         sizes = sorted({m.cache_size for m in self.members})
         if len(sizes) > 1:  # a file is read once, at one side, for all members
             raise ArtefactError(f"{self.source}: the members read films at different cache sizes {sizes}")
-        other = [n for n, m in zip(self.member_names, self.members, strict=True) if tuple(m.classes) != CLASSES]
-        if other:  # the combiners pool P(PNEUMONIA); K-class members would need a K-class combiner
-            raise ArtefactError(f"{self.source}: member {other[0]} is not a {'/'.join(CLASSES)} model; "
-                                "ensembles combine binary models only")  # fmt: skip
+        self.classes = tuple(self.members[0].classes)
+        other = [n for n, m in zip(self.member_names, self.members, strict=True) if tuple(m.classes) != self.classes]
+        if other:
+            raise ArtefactError(f"{self.source}: member {other[0]} predicts other classes than "
+                                f"{self.member_names[0]} ({', '.join(self.classes)})")  # fmt: skip
         self.name = f"ensemble ({self.combiner.method}) of {', '.join(self.member_names)}"
         self.preprocessing = self.members[0].preprocessing
 
@@ -91,22 +92,27 @@ class EnsembleModel(InferenceModel):
     def score(
         self, images_u8: np.ndarray, *, batch_size: int = 64, gated: bool | None = None
     ) -> tuple[np.ndarray, list[float | None]]:
-        """The combined class probabilities (N x 2), and as gate score the largest margin of a member's score over
+        """The combined class probabilities (N x K), and as gate score the largest margin of a member's score over
         its limit (> 0: that member refuses; None when no member has a gate or the gate is off)."""
         gated = self.gate_enabled if gated is None else gated
         member_probabilities, margins = [], []
         for member in self.members:
             probabilities, scores = member.score(images_u8, batch_size=batch_size, gated=gated)
-            member_probabilities.append(positive_probability(probabilities))
+            # binary combiners pool P(PNEUMONIA); K-class ones the class probabilities
+            member_probabilities.append(
+                positive_probability(probabilities) if len(self.classes) == 2 else probabilities
+            )
             gate = member.gate
             if gate is not None:
                 margins.append([None if s is None else s - gate.limit_ for s in scores])
-        positive = self.combiner.predict_proba(np.stack(member_probabilities))
+        combined = self.combiner.predict_proba(np.stack(member_probabilities))
         scores: list[float | None] = []
-        for i in range(len(positive)):
+        for i in range(len(combined)):
             known = [m[i] for m in margins if m[i] is not None]
             scores.append(max(known) if known else None)
-        return np.column_stack([1.0 - positive, positive]), scores
+        if combined.ndim == 2:
+            return combined, scores
+        return np.column_stack([1.0 - combined, combined]), scores
 
     def _content_refusal(self, gate_score: float | None) -> str | None:
         if gate_score is None or gate_score <= 0:
@@ -120,7 +126,7 @@ class EnsembleModel(InferenceModel):
         return {
             "kind": "ensemble",
             "architecture": self.name,
-            "classes": list(CLASSES),
+            "classes": list(self.classes),
             "combiner": self.combiner.describe(),
             "threshold": self.threshold,
             "threshold_method": self.threshold_method,
@@ -198,7 +204,7 @@ def export_ensemble(ensemble: EnsembleModel, out: Path, export_member: Callable[
             "format": CARD_FORMAT,
             "pneumolab_version": __version__,
             "kind": "ensemble",
-            "classes": list(CLASSES),
+            "classes": list(ensemble.classes),
             "combiner": ensemble.combiner.describe(),
             "threshold": ensemble.threshold,
             "threshold_method": ensemble.threshold_method,
