@@ -344,11 +344,11 @@ def evaluate_command(
     the rest.
     """
     from pneumolab.evaluate.runner import evaluate_artefact, evaluate_run
-    from pneumolab.inference.card import DEFAULT_MODEL
+    from pneumolab.inference.card import bundled_path
 
     if split not in ("val", "test"):
         raise SettingError(f"--split must be val or test, not {split!r}")
-    bundled = str(model) == DEFAULT_MODEL and not model.exists()
+    bundled = bundled_path(model) is not None
     if bundled or (model / "card.json").is_file():
         if data is None:
             raise SettingError(f"{model}: an exported model names no dataset; pass --data DIR")

@@ -53,6 +53,11 @@ def test_page_answers_a_film_refuses_a_photo_and_reports_a_broken_file(
         assert page.text_content("#label") in CLASSES
         assert 0.0 <= float(page.text_content("#probability")) <= 1.0
         assert float(page.text_content("#threshold")) == round(bundled.threshold, 3)
+        # every class with its probability, the chosen one marked; the caption names the class Grad-CAM explains
+        shown = page.eval_on_selector_all("#classes tr", "rows => rows.map(r => [r.cells[0].textContent, r.className])")
+        assert [name for name, _ in shown] == list(CLASSES)
+        assert [name for name, mark in shown if mark == "chosen"] == [page.text_content("#label")]
+        assert page.text_content("#heatmap-caption") == "Grad-CAM for PNEUMONIA"
         assert page.is_hidden("#refused") and page.is_hidden("#error") and page.is_visible("#heatmap-box")
         fit = page.evaluate(HEATMAP_FIT)
         assert fit["shown"] >= 0.9 * min(fit["natural"], fit["room"]), fit  # not squeezed

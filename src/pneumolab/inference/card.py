@@ -9,6 +9,7 @@ SHA-256 of each file it describes. `read_card` checks the format number and give
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,8 @@ __all__ = [
     "GATE_FILE",
     "ModelCard",
     "bundled_model_dir",
+    "bundled_names",
+    "bundled_path",
     "check_against_card",
     "load_gate",
     "read_card",
@@ -142,6 +145,22 @@ def load_gate(facts: dict[str, Any], arrays_file: Path, sha_key: str | None = No
         except (KeyError, SafetensorError) as error:
             raise ArtefactError(f"{arrays_file}: not the gate its card describes ({error})") from None
     return loaded
+
+
+def bundled_names() -> tuple[str, ...]:
+    """The names `--model` accepts for the models shipped inside the package (``default``, ``three-class``)."""
+    root = Path(__file__).resolve().parent.parent / "bundled"
+    return tuple(sorted(p.name for p in root.iterdir() if (p / "card.json").is_file())) if root.is_dir() else ()
+
+
+def bundled_path(model: str | os.PathLike[str] | None) -> Path | None:
+    """The bundled artefact `model` names (None: ``default``), unless a file or folder of that name exists here;
+    None when `model` names no bundled model."""
+    if model is None:
+        return bundled_model_dir()
+    if str(model) in bundled_names() and not Path(model).exists():
+        return bundled_model_dir(str(model))
+    return None
 
 
 def bundled_model_dir(name: str = DEFAULT_MODEL) -> Path:

@@ -22,9 +22,8 @@ from pneumolab.errors import ArtefactError
 from pneumolab.gate import GateSet, tap_features
 from pneumolab.hardware import Precision, default_device, resolve_precision
 from pneumolab.inference.card import (
-    DEFAULT_MODEL,
     GATE_FILE,
-    bundled_model_dir,
+    bundled_path,
     check_against_card,
     load_gate,
     read_card,
@@ -153,9 +152,7 @@ def _load_artefact(folder: Path, device: torch.device | None) -> TrainedModel:
 def load_trained(path: str | os.PathLike[str] | None = None, *, device: torch.device | None = None) -> TrainedModel:
     """Load a run folder (its ``best.pt`` and ``operating_point.json``), an exported artefact folder (or its
     ``card.json``), a checkpoint file, or the bundled model (``None`` or ``"default"`` when no such path exists)."""
-    if path is None or (str(path) == DEFAULT_MODEL and not Path(path).exists()):
-        path = bundled_model_dir()
-    path = Path(path)
+    path = bundled_path(path) or Path(path)
     if path.name == "card.json":
         path = path.parent
     if (path / "card.json").is_file():
