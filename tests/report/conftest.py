@@ -6,6 +6,10 @@ whose numbers are computed from those predictions (scikit-learn point estimates,
 Validation logits are better separated than test ones, so the report has a validation-test gap to show. Four test
 images share a patient with train/ (`SHARED_TEST_IMAGES`). `write_gating` adds what evaluation writes for the input
 gate and the referral band: ``gate/scores.csv``, ``metrics/selective.json`` and the operating point's facts.
+
+`write_multiclass_run` writes a NORMAL / BACTERIAL / VIRAL run (``data.task: kind``) as the evaluation runner does:
+seeded logits, temperature, cross-fitted class bias and the derived views' thresholds fit on validation, and the
+runner's own `write_class_predictions` and `multiclass_metrics_for` for the files; its gate files have no band.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
-from scipy.special import logit
+from scipy.special import logit, softmax
 from sklearn.metrics import (
     accuracy_score,
     average_precision_score,
@@ -32,8 +36,13 @@ from sklearn.metrics import (
 from pneumolab import CLASSES
 from pneumolab.config import TrainConfig, apply_overrides, dump_config
 from pneumolab.data.dataset import parse_name
-from pneumolab.evaluate.calibration import TemperatureScaler
+from pneumolab.data.tasks import KIND_CLASSES
+from pneumolab.evaluate.calibration import TemperatureScaler, ThresholdSelector
 from pneumolab.evaluate.gating import selective_summary
+from pneumolab.evaluate.multiclass import MulticlassTemperature, class_bias_check, fit_class_bias
+from pneumolab.evaluate.runner import multiclass_metrics_for, write_class_predictions
+from pneumolab.evaluate.views import derived_thresholds
+from pneumolab.fsutil import write_json_atomic
 from pneumolab.referral import ReferralBand
 
 N_IMAGES = {"val": 80, "test": 100}
@@ -265,6 +274,13 @@ def write_run(
     write_split(run)
     if history:
         _history(rng).to_csv(run / "history.csv", index=False)
+    _write_env(run, weights_source)
+    if evaluated:
+        write_evaluation(run, seed=seed + 1, tta=tta)
+    return run
+
+
+def _write_env(run: Path, weights_source: str) -> None:
     env = {
         "python": "3.11.2",
         "packages": {"torch": "2.14.1", "numpy": "2.4.6"},
@@ -280,9 +296,6 @@ def write_run(
         "train_summary": {"run": str(run), "best_epoch": 4, "val_loss": 0.12, "epochs": 5, "wall_seconds": 1534.2},
     }
     (run / "env.json").write_text(json.dumps(env, indent=2))
-    if evaluated:
-        write_evaluation(run, seed=seed + 1, tta=tta)
-    return run
 
 
 def write_ensemble(root: Path, name: str, members: list[Path], *, seed: int = 7) -> Path:
@@ -381,6 +394,163 @@ def write_gating(run: Path, *, alpha: float = GATE_ALPHA, seed: int = 0) -> dict
     point.update(gate=gate, referral=band.describe())
     (run / "operating_point.json").write_text(json.dumps(point, indent=2))
     return summary
+
+
+K_IMAGES = {"val": 64, "test": 96}
+K_TTA = ["identity", "hflip"]
+
+
+def kind_labels(split: str) -> np.ndarray:
+    """NORMAL / BACTERIAL / VIRAL labels of a three-class split: 3 : 3 : 2, about the official test set's mix."""
+    return np.array([0, 0, 0, 1, 1, 1, 2, 2])[np.arange(K_IMAGES[split]) % 8]
+
+
+def kind_paths(split: str, labels: np.ndarray) -> list[str]:
+    """Kermany-style names whose kind (bacteria / virus) is the three-class label."""
+    folder, offset = ("test", 0) if split == "test" else ("train", 1000)
+    names = []
+    for index, label in enumerate(labels):
+        number = index + offset
+        if label == 0:
+            names.append(f"{folder}/NORMAL/IM-{number // 2:04d}-{number % 2 + 1:04d}.jpeg")
+        else:
+            names.append(f"{folder}/PNEUMONIA/person{number}_{'bacteria' if label == 1 else 'virus'}_{number}.jpeg")
+    return names
+
+
+def _kind_split(run: Path) -> None:
+    """``split.csv`` of a three-class run: 24 train films of their own patients, then validation and test."""
+    rows = []
+    for index in range(24):
+        label, kind = index % 3, ("none", "bacteria", "virus")[index % 3]
+        folder = "NORMAL" if label == 0 else "PNEUMONIA"
+        name = f"IM-{3000 + index}-0001.jpeg" if label == 0 else f"person{3000 + index}_{kind}_{index}.jpeg"
+        rows.append((f"train/{folder}/{name}", "train", label, kind))
+    for split in ("val", "test"):
+        labels = kind_labels(split)
+        kinds = np.array(["none", "bacteria", "virus"])[labels]
+        rows += list(zip(kind_paths(split, labels), [split] * len(labels), labels.tolist(), kinds, strict=True))
+    table = pd.DataFrame(rows, columns=["path", "split", "label", "kind"])
+    table["patient_id"] = [
+        parse_name(Path(p).name, "NORMAL" if y == 0 else "PNEUMONIA").patient_id
+        for p, y in zip(table["path"], table["label"], strict=True)
+    ]
+    table.to_csv(run / "split.csv", index=False)
+
+
+def _kind_variant(run: Path, rng: np.random.Generator, tta: bool) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """One evaluated variant as the runner's K-class path makes it; returns its operating point and probabilities."""
+    labels = {s: kind_labels(s) for s in K_IMAGES}
+    logits = {}
+    for split, n in K_IMAGES.items():
+        separation = (2.4 if split == "val" else 1.3) + (0.3 if tta else 0.0)
+        z = rng.normal(0.0, 1.2, (n, len(KIND_CLASSES)))
+        z[np.arange(n), labels[split]] += separation
+        z[:, 2] -= 0.6  # VIRAL under-called before the class bias, as small classes are
+        logits[split] = z
+    temperature = float(MulticlassTemperature().fit(logits["val"], labels["val"]).temperature_)
+    check = class_bias_check(logits["val"], labels["val"], temperature)
+    bias = fit_class_bias(logits["val"], labels["val"], temperature) if check["helps"] else np.zeros(3)
+    probabilities = {s: softmax(z / temperature + bias, axis=1) for s, z in logits.items()}
+    method = "argmax after temperature scaling" + (" and class bias" if check["helps"] else "")
+    selector = ThresholdSelector("balanced_accuracy")
+    thresholds = derived_thresholds(labels["val"], probabilities["val"], KIND_CLASSES, selector)
+    suffix = "_tta" if tta else ""
+    for split in K_IMAGES:
+        write_class_predictions(
+            run / "predictions" / f"{split}{suffix}.csv",
+            kind_paths(split, labels[split]),
+            labels[split],
+            probabilities[split],
+            KIND_CLASSES,
+            logits[split],
+        )
+        metrics = multiclass_metrics_for(
+            labels[split],
+            probabilities[split],
+            KIND_CLASSES,
+            thresholds=thresholds,
+            threshold_method=method,
+            temperature=temperature,
+            n_resamples=200,
+            model=run.name,
+            split=split,
+            tta=K_TTA if tta else [],
+            weights_source="imagenet:resnet18",
+            inference_images_per_s=40.0,
+            eval_seconds=2.0,
+        )
+        write_json_atomic(run / "metrics" / f"{split}{suffix}.json", metrics)
+        if split == "val":
+            val_auc = metrics["macro_roc_auc"]
+    point = {
+        "threshold": thresholds["pneumonia_vs_normal"],
+        "method": method,
+        "temperature": temperature,
+        "class_bias": bias.tolist() if check["helps"] else None,
+        "class_bias_check": check,
+        "derived_thresholds": thresholds,
+        "tta": K_TTA if tta else [],
+        "val_roc_auc": val_auc,
+    }
+    return point, probabilities
+
+
+def write_multiclass_run(root: Path, name: str, *, seed: int = 3, tta: bool = True, gating: bool = True) -> Path:
+    """Write an evaluated NORMAL / BACTERIAL / VIRAL run folder (``data.task: kind``) under `root`."""
+    run = root / name
+    run.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    overrides = {"data.task": "kind", "model.name": "resnet18", "model.weights": "imagenet", "epochs": 5}
+    dump_config(apply_overrides(TrainConfig(), overrides), run / "config.yaml")
+    _kind_split(run)
+    _history(rng).to_csv(run / "history.csv", index=False)
+    _write_env(run, "imagenet:resnet18")
+    points, calibrated = {}, {}
+    for variant in [False, True] if tta else [False]:
+        key = "tta" if variant else "plain"
+        points[key], calibrated[key] = _kind_variant(run, rng, variant)
+    chosen = max(points, key=lambda k: (points[k]["val_roc_auc"], k == "plain"))
+    point = {**points[chosen], "chosen_on": "validation", "variants": points, "gate": None, "referral": None}
+    point["evaluated_with"] = {"threshold_method": "balanced_accuracy", "target_sensitivity": None, "n_resamples": 200}
+    if gating:
+        limit, groups = 1.0, {}
+        for split in K_IMAGES:
+            scores = rng.uniform(0.0, 0.9, K_IMAGES[split])
+            if split == "test":
+                scores[::16] = 1.5  # six test films refused
+            groups[split] = (kind_paths(split, kind_labels(split)), scores)
+        groups["far-ood"] = ([f"picture-{i}.png" for i in range(10)], rng.uniform(5.0, 50.0, 10))
+        table = pd.concat(
+            [
+                pd.DataFrame({"group": g, "name": names, "gate_score": v, "refused": v > limit})
+                for g, (names, v) in groups.items()
+            ],
+            ignore_index=True,
+        )
+        (run / "gate").mkdir()
+        table.to_csv(run / "gate" / "scores.csv", index=False, float_format="%.6g")
+        point["gate"] = {
+            "score": "class-conditional Mahalanobis (Ledoit-Wolf), channel mean + std",
+            "limit": limit,
+            "limit_set_on": f"validation ({K_IMAGES['val']} films): the 99.5% quantile of their scores",
+            "fit_on": "training split (24 films)",
+        }
+        summary: dict[str, Any] = {
+            "gate": point["gate"],
+            "referral": None,
+            "refused_share": table.groupby("group", sort=False)["refused"].mean().to_dict(),
+        }
+        for split in K_IMAGES:
+            summary[split] = selective_summary(
+                kind_labels(split),
+                calibrated[chosen][split].argmax(1),
+                classes=KIND_CLASSES,
+                refused=table.loc[table["group"] == split, "refused"].to_numpy(),
+            )
+        write_json_atomic(run / "metrics" / "selective.json", summary)
+    write_json_atomic(run / "operating_point.json", point)
+    return run
 
 
 @pytest.fixture

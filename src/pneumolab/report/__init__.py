@@ -1,11 +1,14 @@
 """Plots (matplotlib) and the HTML/Markdown report with a model card per model (jinja2).
 
-Everything is drawn and written from a run folder's files; nothing recomputes what a file holds.
+Everything is drawn and written from a run folder's files; nothing recomputes what a file holds. Binary and K-class
+runs (e.g. NORMAL / BACTERIAL / VIRAL) share one report: a K-class run stands in the binary comparison by its
+pneumonia-vs-normal view and has its own K-class table, confusion matrices, per-class curves and errors.
 """
 
 from pneumolab.report.plots import (
     DPI,
     figure_png,
+    plot_class_roc_pr,
     plot_confusion,
     plot_gate_scores,
     plot_history,
@@ -23,6 +26,7 @@ __all__ = [
     "build_report",
     "describe_weights",
     "figure_png",
+    "plot_class_roc_pr",
     "plot_confusion",
     "plot_gate_scores",
     "plot_history",

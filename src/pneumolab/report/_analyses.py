@@ -14,6 +14,11 @@
 
 All work on the variant the model uses (`used_evaluation`). What a run's files do not allow is skipped with a
 sentence saying why (``note``), never an error. Numbers are returned raw; the report formats them.
+
+A K-class run: calibration and overlap are computed on its pneumonia-vs-normal view (`Evaluation.pneumonia_view`:
+label != 0 is pneumonia, P(PNEUMONIA) = 1 - P(NORMAL), the view's validation threshold; ``view`` is True in their
+results), and none at all when its first class is not NORMAL (``skipped`` says why). It has no risk-coverage curve:
+the curve ranks films by a binary confidence, and a K-class model decides by argmax with no referral band.
 """
 
 from __future__ import annotations
@@ -71,6 +76,14 @@ def used_test_evaluation(run: RunFiles) -> Evaluation | None:
     return used_evaluation(run, "test")
 
 
+NO_VIEW = "a K-class run whose first class is not NORMAL has no pneumonia-vs-normal view"
+
+
+def _binary_of(evaluation: Evaluation) -> Evaluation | None:
+    """The evaluation the binary analyses read: itself, or a K-class one's pneumonia-vs-normal view (or None)."""
+    return evaluation.pneumonia_view if evaluation.is_multiclass else evaluation
+
+
 # --------------------------------------------------------------------------------------------------- calibration
 
 
@@ -95,11 +108,25 @@ def calibration_before_after(evaluation: Evaluation, temperature_if_scaled: floa
         ``before`` uses ``sigmoid(logit)``, ``after`` the saved probability (``sigmoid(logit / T)``). Without logits
         or a temperature (an ensemble), ``before`` is the saved probability and ``after`` rescales its log-odds by
         `temperature_if_scaled` (``fitted_apart``: the model itself does not use it); without that either, only
-        the saved probability is measured, as ``after``.
+        the saved probability is measured, as ``after``. ``view``: True when computed on a K-class evaluation's
+        pneumonia-vs-normal view (``before``: T = 1 and no class bias); ``skipped``: why nothing was measured (a
+        K-class run without that view), else None.
     """
-    table = evaluation.predictions
-    if table is None:
+    if evaluation.predictions is None:
         raise ArtefactError(f"{evaluation.key}: no predictions to measure calibration on")
+    view, binary = evaluation.is_multiclass, _binary_of(evaluation)
+    if binary is None:
+        return {
+            "label": evaluation.label,
+            "temperature": evaluation.metric("temperature"),
+            "before": None,
+            "after": None,
+            "fitted_apart": False,
+            "note": None,
+            "view": view,
+            "skipped": NO_VIEW,
+        }
+    evaluation, table = binary, binary.predictions
     labels = table["label"].to_numpy()
     saved = table["probability"].to_numpy(dtype=np.float64)
     temperature = evaluation.metric("temperature")
@@ -123,6 +150,8 @@ def calibration_before_after(evaluation: Evaluation, temperature_if_scaled: floa
         "after": after,
         "fitted_apart": fitted_apart,
         "note": note,
+        "view": view,
+        "skipped": None,
     }
 
 
@@ -241,12 +270,18 @@ def overlap_removed(run: RunFiles, evaluation: Evaluation, hashes: FileHashes | 
         members'), ``duplicates`` (test images byte-identical
         to a train/val image, None when not checked), ``duplicates_only`` (those not already removed by patient),
         ``duplicates_facts`` (``root`` and counts hashed, or ``note``), and ``rows``: ``{"name", "n", "removed",
-        "metrics" (the metric object, or None), "why" (why no metrics)}``, all test images first.
+        "metrics" (the metric object, or None), "why" (why no metrics)}``, all test images first. ``view``: True
+        when computed on a K-class evaluation's pneumonia-vs-normal view, at that view's threshold.
     """
     table = evaluation.predictions
     if table is None:
         raise ArtefactError(f"{evaluation.key}: no predictions to recompute metrics from")
-    result: dict[str, Any] = {"label": evaluation.label, "n": len(table), "note": None, "rows": []}
+    view, binary = evaluation.is_multiclass, _binary_of(evaluation)
+    result: dict[str, Any] = {"label": evaluation.label, "n": len(table), "note": None, "rows": [], "view": view}
+    if binary is None:
+        result.update(threshold=None, note=NO_VIEW)
+        return result
+    evaluation, table = binary, binary.predictions
     threshold = run.threshold(evaluation.split, evaluation.tta)
     result["threshold"] = threshold
     if threshold is None:
@@ -445,7 +480,12 @@ def gating_analysis(run: RunFiles) -> dict[str, Any] | None:
         except (KeyError, TypeError, ValueError, PneumolabError):
             notes.append("the operating point's referral facts are incomplete")
     curves = []
-    for split in SPLITS if scores is not None else ():
+    if run.is_multiclass:
+        notes.append(
+            "the risk-coverage curve, not drawn for K-class runs: it ranks films by |P(PNEUMONIA) - threshold|, a "
+            "binary confidence, while a K-class model decides by argmax and has no referral band"
+        )
+    for split in SPLITS if scores is not None and not run.is_multiclass else ():
         evaluation = used_evaluation(run, split)
         if evaluation is None:
             continue

@@ -1,5 +1,5 @@
-"""What the report shows and how it writes numbers: its metric columns, and rates, scores, counts, durations and
-the dash for what is missing."""
+"""What the report shows and how it writes numbers: its metric columns (binary, and for K-class runs the K-class,
+derived-view and per-class ones), and rates, scores, counts, durations and the dash for what is missing."""
 
 from __future__ import annotations
 
@@ -22,6 +22,37 @@ METRIC_COLUMNS = (
 )
 
 
+# a K-class evaluation's own metrics (the comparison's K-class table; the model card)
+MULTICLASS_COLUMNS = (
+    ("accuracy", "Accuracy", "%"),
+    ("balanced_accuracy", "Balanced accuracy", "%"),
+    ("macro_f1", "Macro-F1", "%"),
+    ("macro_roc_auc", "Macro ROC-AUC", ""),
+    ("log_loss", "Log loss", ""),
+    ("brier", "Brier score", ""),
+    ("ece", "ECE (top-label)", ""),
+)
+
+# a binary view's metrics (``views.<view>`` of a K-class metrics file)
+VIEW_COLUMNS = (
+    ("accuracy", "Accuracy", "%"),
+    ("recall", "Sensitivity", "%"),
+    ("specificity", "Specificity", "%"),
+    ("roc_auc", "ROC-AUC", ""),
+)
+
+# per class of a K-class evaluation: the metrics file's ``<key>/<CLASS>``
+PER_CLASS_COLUMNS = (
+    ("precision", "Precision", "%"),
+    ("recall", "Recall", "%"),
+    ("f1", "F1", "%"),
+    ("roc_auc", "ROC-AUC (one vs rest)", ""),
+    ("average_precision", "Average precision", ""),
+)
+
+MULTICLASS_PLOTS = ("confusion", "roc_pr")  # of a K-class run: drawn in its K-class part, not under Plots
+
+
 GATING_PLOTS = ("gate_scores", "risk_coverage")  # drawn in the run's "Input gate and referral" part, not under Plots
 
 
@@ -32,6 +63,16 @@ OVERLAP_METRICS = ("accuracy", "recall", "specificity", "roc_auc")
 
 
 MISSING = "\N{EN DASH}"
+
+
+def pneumonia_sum(classes: tuple[str, ...]) -> str:
+    """``P(BACTERIAL) + P(VIRAL)``: P(PNEUMONIA) of a K-class model, the sum over every class but the first."""
+    return " + ".join(f"P({name})" for name in classes[1:])
+
+
+def class_task_name(classes: tuple[str, ...]) -> str:
+    """``Three-class`` for three classes, else ``K-class`` with K written."""
+    return {3: "Three-class", 4: "Four-class"}.get(len(classes), f"{len(classes)}-class")
 
 
 def as_percent(value: float | None) -> str:

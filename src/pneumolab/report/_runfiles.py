@@ -29,7 +29,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import yaml
-
 from scipy.special import logsumexp
 
 from pneumolab import CLASSES
@@ -253,6 +252,13 @@ class RunFiles:
             value = finite(point.get("threshold"))
         return value
 
+    def variant_point(self, tta: bool = False) -> dict[str, Any] | None:
+        """The operating point of one variant (plain or TTA): its ``variants`` entry, else the whole point."""
+        if not self.operating_point:
+            return None
+        point = (self.operating_point.get("variants") or {}).get("tta" if tta else "plain")
+        return point if isinstance(point, dict) else self.operating_point
+
     @property
     def chosen_tta(self) -> bool | None:
         """Whether the operating point chose the TTA variant (None when not evaluated)."""
@@ -382,8 +388,7 @@ def _read_predictions(path: Path, classes: tuple[str, ...] | None = None) -> pd.
             raise ArtefactError(f"{path}: column {column!r} must hold 0 (NORMAL) or 1 (PNEUMONIA) only")
         if classes is not None and not values.isin(range(len(classes))).all():
             raise ArtefactError(
-                f"{path}: column {column!r} must hold class indices 0 to {len(classes) - 1} "
-                f"({', '.join(classes)}) only"
+                f"{path}: column {column!r} must hold class indices 0 to {len(classes) - 1} ({', '.join(classes)}) only"
             )
         table[column] = values.astype(np.int64)
     for column in [f"p_{c}" for c in classes or ()]:

@@ -1,21 +1,31 @@
-"""The model card of each run in the report: intended use, data, training facts, metrics, limitations, machine."""
+"""The model card of each run in the report: intended use, data, training facts, metrics, limitations, machine.
+
+A K-class run's card names its classes and task, shows its K-class metrics, its decision rule (`decision_rule`) and
+its derived binary views, and says in its limitations that the kinds come from file names and that there is no
+referral band for K classes.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
+from pneumolab.errors import PneumolabError
+from pneumolab.evaluate.calibration import ThresholdSelector
 from pneumolab.report._format import (
     CARD_METRICS,
     METRIC_COLUMNS,
     MISSING,
+    MULTICLASS_COLUMNS,
+    VIEW_COLUMNS,
     as_count,
     as_percent,
     as_score,
     member_names,
     metric_cell,
     nested_get,
+    pneumonia_sum,
 )
-from pneumolab.report._runfiles import RunFiles, finite
+from pneumolab.report._runfiles import KIND_VIEW, PNEUMONIA_VIEW, Evaluation, RunFiles, finite
 
 RANDOM_INIT_TEXT = "random initialisation (no ImageNet weights here)"
 """How a backbone that started from random weights is described; such a model is never called pretrained."""
@@ -49,6 +59,113 @@ DATA_FACTS = (
     "Official split: train/ 5,216 images (1,341 NORMAL, 3,875 PNEUMONIA), test/ 624 images (234 NORMAL, "
     "390 PNEUMONIA). Validation is carved from train/ by patient; test/ chose nothing.",
 )
+
+
+TASK_TEXT = {
+    "kind": "kind: NORMAL / BACTERIAL / VIRAL, a PNEUMONIA film's kind read from its file name (personN_bacteria_M, "
+    "personN_virus_M)",
+    "folders": "folders: one class per class folder",
+}
+
+KIND_LABELS_LIMITATION = (
+    "The BACTERIAL and VIRAL labels come from the release's file names (personN_bacteria_M, personN_virus_M), not "
+    "from laboratory confirmation; the kind of pneumonia is harder to tell from a film than pneumonia itself, and "
+    "mixed or other infections have no class of their own."
+)
+
+NO_BAND_LIMITATION = (
+    "No referral band for K classes: every film the input gate passes gets a class, however unsure the model is; "
+    "no film is sent to a radiologist for lying near the decision (the band's guarantee is written for one threshold "
+    "on one probability)."
+)
+
+
+def intended_use(run: RunFiles) -> tuple[str, ...]:
+    """`INTENDED_USE`, with a K-class run's classes in place of NORMAL vs PNEUMONIA."""
+    if not run.is_multiclass:
+        return INTENDED_USE
+    first = INTENDED_USE[0].replace("NORMAL vs PNEUMONIA", " / ".join(run.classes))
+    return (first, *INTENDED_USE[1:])
+
+
+def data_facts(run: RunFiles) -> tuple[str, ...]:
+    """`DATA_FACTS`, and for a K-class run how its classes come from the release."""
+    if not run.is_multiclass:
+        return DATA_FACTS
+    if run.classes == ("NORMAL", "BACTERIAL", "VIRAL"):
+        how = (
+            "This model's classes, NORMAL, BACTERIAL and VIRAL, split the PNEUMONIA folder by the kind each file "
+            "name states (personN_bacteria_M, personN_virus_M)."
+        )
+    else:
+        how = f"This model's classes: {', '.join(run.classes)}."
+    return (*DATA_FACTS, how)
+
+
+def threshold_rule(run: RunFiles) -> str:
+    """How the run's thresholds were fit, in words (``evaluated_with`` of its operating point)."""
+    settings = nested_get(run.operating_point, "evaluated_with") or {}
+    method = settings.get("threshold_method")
+    if not method:
+        return "fit on validation (rule not recorded)"
+    try:
+        return ThresholdSelector(str(method), target_sensitivity=settings.get("target_sensitivity")).describe()
+    except (PneumolabError, TypeError, ValueError):
+        return f"{method} on validation"
+
+
+def decision_rule(run: RunFiles, tta: bool) -> str:
+    """A K-class variant's decision rule in words: method, temperature, class bias and whether cross-fitting on
+    validation showed that the bias helps (the two balanced accuracies)."""
+    point = run.variant_point(tta)
+    if point is None:
+        evaluation = run.evaluation("test", tta) or run.evaluation("val", tta)
+        method = nested_get(evaluation.metrics if evaluation else None, "threshold_method")
+        return f"{method or 'argmax'} (no operating_point.json: temperature and class bias not recorded)"
+    parts = [str(point.get("method") or "argmax (how: not recorded)")]
+    temperature = finite(point.get("temperature"))
+    if temperature is not None:
+        parts.append(f"T = {temperature:.2f}")
+    else:  # an ensemble records its temperature as null: its combination is not scaled
+        parts.append("no temperature scaling" if "temperature" in point else "temperature not recorded")
+    bias = point.get("class_bias")
+    if isinstance(bias, list) and len(bias) == len(run.classes) and all(finite(b) is not None for b in bias):
+        terms = ", ".join(f"{name} {float(b):+.3f}" for name, b in zip(run.classes, bias, strict=True))
+        parts.append(f"class bias {terms} (added to the scaled logits)")
+    check = point.get("class_bias_check")
+    if isinstance(check, dict):
+        folds = finite(check.get("folds"))
+        plain, biased = finite(check.get("balanced_accuracy_argmax")), finite(check.get("balanced_accuracy_with_bias"))
+        if folds and plain is not None and biased is not None:
+            verdict = "so the bias is used" if check.get("helps") else "so no bias is used"
+            parts.append(
+                f"cross-fitting on validation ({int(folds)} folds): balanced accuracy {as_percent(plain)} % by plain "
+                f"argmax, {as_percent(biased)} % with a class bias, {verdict}"
+            )
+        else:
+            parts.append("too few validation films of some class to cross-fit a class bias, so none is used")
+    return "; ".join(parts)
+
+
+def view_summary(evaluation: Evaluation, view: str) -> str:
+    """A derived binary view's accuracy, sensitivity, specificity and ROC-AUC with intervals, and its threshold."""
+    metrics = evaluation.view_metrics(view)
+    if metrics is None:
+        return "not recorded"
+    shown = Evaluation(evaluation.split, evaluation.tta, metrics)
+    values = []
+    for key, header, unit in VIEW_COLUMNS:
+        cell = metric_cell(shown, key, unit)
+        suffix = " %" if unit == "%" and cell["value"] != MISSING else ""
+        interval = f" ({cell['interval']})" if cell["interval"] else ""
+        values.append(f"{header.lower() if key != 'roc_auc' else header} {cell['value']}{suffix}{interval}")
+    threshold = as_score(shown.metric("threshold"))
+    if view == PNEUMONIA_VIEW:
+        what = f"{pneumonia_sum(evaluation.classes)} >= {threshold}"
+    else:
+        films = as_count(shown.metric("n"))
+        what = f"{films} pneumonia films, P(VIRAL) / ({pneumonia_sum(evaluation.classes)}) >= {threshold}"
+    return f"{what}: " + ", ".join(values)
 
 
 def describe_weights(source: str | None, *, ensemble: dict[str, Any] | None = None) -> str:
@@ -125,6 +242,12 @@ def training_facts(run: RunFiles, weights: str) -> list[tuple[str, str]]:
     head = nested_get(config, "model", "head")
     facts = [
         ("Architecture", setting("model", "name") + (f" ({head} head)" if head else "")),
+    ]
+    if run.is_multiclass:
+        task = nested_get(config, "data", "task")
+        facts.append(("Task", TASK_TEXT.get(str(task), str(task)) if task else "not recorded"))
+        facts.append(("Classes", ", ".join(run.classes)))
+    facts += [
         ("Initial weights", weights),
         ("Strategy", f"{setting('strategy')} (freeze: {setting('freeze')})"),
         ("Epochs", epochs),
@@ -149,11 +272,37 @@ def training_facts(run: RunFiles, weights: str) -> list[tuple[str, str]]:
     return facts
 
 
+def multiclass_card_items(run: RunFiles, evaluation: Evaluation) -> list[tuple[str, str]]:
+    """A K-class test variant's card facts: classes, K-class metrics, decision rule, derived views, images."""
+    items = [("Classes", ", ".join(evaluation.classes))]
+    for key, header, unit in MULTICLASS_COLUMNS:
+        cell = metric_cell(evaluation, key, unit)
+        suffix = " %" if unit == "%" and cell["value"] != MISSING else ""
+        interval = f" (95 % CI {cell['interval']})" if cell["interval"] else ""
+        items.append((header, f"{cell['value']}{suffix}{interval}"))
+    items.append(("Decision", decision_rule(run, evaluation.tta)))
+    items.append(("Pneumonia vs normal view", view_summary(evaluation, PNEUMONIA_VIEW)))
+    items.append(("Bacterial vs viral view (VIRAL positive)", view_summary(evaluation, KIND_VIEW)))
+    per_class = evaluation.metrics.get("n_per_class") or {}
+    counts = ", ".join(f"{as_count(finite(per_class.get(c)))} {c}" for c in evaluation.classes)
+    items.append(("Images", f"{as_count(evaluation.metric('n'))} ({counts})"))
+    return items
+
+
 def card_metrics(run: RunFiles) -> list[dict[str, Any]]:
     blocks = []
     for tta in (False, True):
         evaluation = run.evaluation("test", tta)
         if evaluation is None or evaluation.metrics is None:
+            continue
+        if evaluation.is_multiclass:
+            blocks.append(
+                {
+                    "label": evaluation.label,
+                    "chosen": run.chosen_tta == tta,
+                    "facts": multiclass_card_items(run, evaluation),
+                }
+            )
             continue
         items = []
         for key in CARD_METRICS:
@@ -176,12 +325,13 @@ def card_metrics(run: RunFiles) -> list[dict[str, Any]]:
 
 def limitations_of(run: RunFiles, weights: str) -> list[str]:
     gap = ""
+    auc, auc_name = ("macro_roc_auc", "macro ROC-AUC") if run.is_multiclass else ("roc_auc", "ROC-AUC")
     for tta in (False, True):
         val, test = run.evaluation("val", tta), run.evaluation("test", tta)
-        if val and test and val.metric("roc_auc") is not None and test.metric("roc_auc") is not None:
+        if val and test and val.metric(auc) is not None and test.metric(auc) is not None:
             gap = (
-                f" For this model{' with TTA' if tta else ''}: validation ROC-AUC {val.metric('roc_auc'):.3f} vs "
-                f"test {test.metric('roc_auc'):.3f}"
+                f" For this model{' with TTA' if tta else ''}: validation {auc_name} {val.metric(auc):.3f} vs "
+                f"test {test.metric(auc):.3f}"
             )
             if val.metric("accuracy") is not None and test.metric("accuracy") is not None:
                 gap += f", accuracy {as_percent(val.metric('accuracy'))} % vs {as_percent(test.metric('accuracy'))} %"
@@ -192,13 +342,19 @@ def limitations_of(run: RunFiles, weights: str) -> list[str]:
         "image processing or populations is unknown.",
         "Label noise: labels are physicians' gradings of the images, not confirmed diagnoses; some are wrong or "
         "debatable, which also limits what any metric here can show.",
-        "Frontal views only: no lateral views and no clinical context (symptoms, history, laboratory results); "
-        "bacterial and viral pneumonia are not told apart.",
+        "Frontal views only: no lateral views and no clinical context (symptoms, history, laboratory results)"
+        + (
+            "; the kind of pneumonia is told from the film alone."
+            if run.is_multiclass
+            else "; bacterial and viral pneumonia are not told apart."
+        ),
         "Distribution shift: a different device, exposure, resolution, compression or patient mix can change the "
         "predictions without any warning; the release also holds exact duplicate images.",
         "The validation set is easier than test: it is carved from train/, and scores near 1.0 there say little "
         "about test." + gap,
     ]
+    if run.is_multiclass and "BACTERIAL" in run.classes:
+        items.append(KIND_LABELS_LIMITATION)
     if weights == RANDOM_INIT_TEXT:
         items.append(
             "Trained from random initialisation, not from ImageNet weights: on about 5,000 images such models usually "
@@ -209,6 +365,13 @@ def limitations_of(run: RunFiles, weights: str) -> list[str]:
             "No input gate: this model labels anything that decodes (a photo, a CT slice); serve it only behind a "
             "check that the input is a frontal chest X-ray."
         )
+    elif run.is_multiclass:
+        items.append(
+            "The input gate refuses what is unlike the training films, measured on pictures, other modalities and "
+            "altered test films; it was never measured on adult films, other hospitals' films or other X-ray body "
+            "parts, and it is no proof that an answered image is a chest X-ray; see the section Input gate and "
+            "referral for how it held."
+        )
     else:
         items.append(
             "The input gate refuses what is unlike the training films, measured on pictures, other modalities and "
@@ -216,12 +379,20 @@ def limitations_of(run: RunFiles, weights: str) -> list[str]:
             "parts, and it is no proof that an answered image is a chest X-ray. The referral band was fit on "
             "validation, which is easier than test; see the section Input gate and referral for how it held."
         )
+    if run.is_multiclass:
+        items.append(NO_BAND_LIMITATION)
     temperature = None
     for evaluation in run.evaluations.values():
         temperature = temperature or evaluation.metric("temperature")
+    chosen = run.variant_point(bool(run.chosen_tta)) or {}
+    if run.is_multiclass and finite(chosen.get("temperature")) is not None:
+        temperature = finite(chosen["temperature"])  # the variant the model uses
     if temperature is not None:
+        scaled = "temperature-scaled"
+        if run.is_multiclass and chosen.get("class_bias"):
+            scaled = "temperature-scaled and shifted by a class bias"
         items.append(
-            f"Probabilities are temperature-scaled on validation (T = {temperature:.2f}); they are not calibrated "
+            f"Probabilities are {scaled} on validation (T = {temperature:.2f}); they are not calibrated "
             "for other populations."
         )
     return items

@@ -1,5 +1,6 @@
 """The "Input gate and referral" part of a run's section: the gate's and band's facts, refusals per group, selective
-prediction on validation and test, and whether the band's per-class guarantee held."""
+prediction on validation and test, and whether the band's per-class guarantee held. A K-class run has a gate but no
+band (``band_note`` says so) and no risk-coverage curve."""
 
 from __future__ import annotations
 
@@ -178,6 +179,11 @@ def gating_section(run: RunFiles, slug: str, written: dict[str, Path]) -> dict[s
         for key in GATING_PLOTS
     }
     return {
+        "band_note": "No referral band: none is fit for K-class runs, whose decision is the argmax of their "
+        "class probabilities (the band's guarantee is written for one threshold on one probability); every film "
+        "the gate passes is answered."
+        if run.is_multiclass
+        else None,
         "gate_facts": gate_fact_rows(gate) if gate is not None else [],
         "statement": statement,
         "groups": refusal_rows(found["groups"]),

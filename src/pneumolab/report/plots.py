@@ -1,6 +1,10 @@
 """Plots of a run: training history, confusion matrices, ROC and precision-recall curves, reliability diagrams, and
 the input gate's score distribution and the risk-coverage curve of the referral band.
 
+A K-class run gets K x K confusion matrices (`plot_confusion` with its ``classes``), one-vs-rest ROC and
+precision-recall curves per class (`plot_class_roc_pr`), and the reliability diagram of its pneumonia-vs-normal view
+(P(PNEUMONIA) = 1 - P(NORMAL)); it has no risk-coverage curve (no referral band for K classes).
+
 Every function builds a `matplotlib.figure.Figure` directly (no ``pyplot``, so no global figure registry and no
 GUI backend: safe in threads and servers); `figure_png` turns it into PNG bytes and `save_figure` writes it
 atomically. `plot_run` draws all plots of one run folder from its files.
@@ -32,6 +36,7 @@ from pneumolab.report._runfiles import GATE_GROUPS, SPLITS, Evaluation, RunFiles
 __all__ = [
     "DPI",
     "figure_png",
+    "plot_class_roc_pr",
     "plot_confusion",
     "plot_gate_scores",
     "plot_history",
@@ -164,23 +169,27 @@ def plot_history(history: pd.DataFrame, *, best_epoch: int | None = None, title:
     return fig
 
 
-def plot_confusion(cm: ArrayLike, *, title: str | None = None) -> Figure:
+def plot_confusion(cm: ArrayLike, *, classes: Sequence[str] = CLASSES, title: str | None = None) -> Figure:
     """Confusion matrix as counts and as row-normalised rates (rows: true class, columns: predicted class).
 
     Args:
-        cm: ``[[tn, fp], [fn, tp]]``.
+        cm: ``[[tn, fp], [fn, tp]]``; for K `classes`, the K x K counts (rows: true class).
+        classes: the class names in label order.
         title: figure title.
 
     Returns:
         A figure with two panels.
     """
     counts = np.asarray(cm, dtype=np.int64)
-    if counts.shape != (2, 2):
-        raise ValueError(f"a confusion matrix must be 2 x 2 ([[tn, fp], [fn, tp]]), got shape {counts.shape}")
+    k = len(classes)
+    if counts.shape != (k, k):
+        if k == 2:
+            raise ValueError(f"a confusion matrix must be 2 x 2 ([[tn, fp], [fn, tp]]), got shape {counts.shape}")
+        raise ValueError(f"a confusion matrix of {k} classes must be {k} x {k} (rows: true class), got {counts.shape}")
     totals = counts.sum(axis=1, keepdims=True)
     with np.errstate(invalid="ignore", divide="ignore"):
         rates = np.where(totals > 0, counts / np.maximum(totals, 1), np.nan)
-    fig = _figure(8.4, 3.7)
+    fig = _figure(8.4 + 1.4 * (k - 2), 3.7 + 0.7 * (k - 2))
     if title:
         fig.suptitle(title, fontsize=11)
     axes = fig.subplots(1, 2)
@@ -194,16 +203,18 @@ def plot_confusion(cm: ArrayLike, *, title: str | None = None) -> Figure:
             lambda i, j: "\N{EN DASH}" if np.isnan(rates[i, j]) else f"{rates[i, j]:.1%}",
         ),
     )
+    ticks = tuple(range(k))
     for ax, values, vmax, name, text in panels:
         ax.imshow(np.nan_to_num(values.astype(float)), cmap="Blues", vmin=0, vmax=vmax)
-        for i in range(2):
-            for j in range(2):
+        for i in ticks:
+            for j in ticks:
                 shade = np.nan_to_num(float(values[i, j])) / vmax
                 ax.text(
-                    j, i, text(i, j), ha="center", va="center", fontsize=11, color="white" if shade > 0.55 else "black"
-                )
-        ax.set_xticks((0, 1), CLASSES)
-        ax.set_yticks((0, 1), CLASSES, rotation=90, va="center")
+                    j, i, text(i, j), ha="center", va="center", fontsize=11 if k <= 3 else 9,
+                    color="white" if shade > 0.55 else "black",
+                )  # fmt: skip
+        ax.set_xticks(ticks, classes)
+        ax.set_yticks(ticks, classes, rotation=90, va="center")
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
         ax.set_title(name, fontsize=10)
@@ -271,6 +282,74 @@ def plot_roc_pr(
             pr_ax.plot(op_recall, op_precision, **marker, label=f"threshold {threshold:.3g}")
     roc_ax.legend(loc="lower right", fontsize=8)
     pr_ax.legend(loc="lower left", fontsize=8)
+    return fig
+
+
+def _class_inputs(labels: ArrayLike, probabilities: ArrayLike, classes: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    k = len(classes)
+    y = np.asarray(labels).astype(np.int64).ravel()
+    p = np.asarray(probabilities, dtype=np.float64)
+    if p.ndim != 2 or p.shape != (y.size, k):
+        raise ValueError(f"probabilities must be {y.size} x {k} (one column per class), got shape {p.shape}")
+    if y.size and (y.min() < 0 or y.max() >= k):
+        raise ValueError(f"labels must be class indices 0 to {k - 1}")
+    if p.size and (not np.isfinite(p).all() or p.min() < 0 or p.max() > 1):
+        raise ValueError("probabilities must be finite and within [0, 1]")
+    return y, p
+
+
+def plot_class_roc_pr(
+    labels: ArrayLike, probabilities: ArrayLike, classes: Sequence[str], *, title: str | None = None
+) -> Figure:
+    """One-vs-rest ROC and precision-recall curves of every class of a K-class model, on one figure each.
+
+    Args:
+        labels: the true class index per image, in ``[0, K)``.
+        probabilities: N x K class probabilities (the ``p_<CLASS>`` columns), in label order.
+        classes: the K class names.
+        title: figure title.
+
+    Returns:
+        A figure with two panels (ROC, precision-recall), one curve per class (the class against all others, from its
+        own probability), AUC and average precision in the legends; a class without true images, or with only true
+        images, is named in the legend as undefined.
+    """
+    y, p = _class_inputs(labels, probabilities, classes)
+    fig = _figure(8.4, 3.9)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    roc_ax, pr_ax = fig.subplots(1, 2)
+    for ax, name, xlabel, ylabel in (
+        (roc_ax, "ROC, one class vs the rest", "false positive rate", "true positive rate (recall of the class)"),
+        (pr_ax, "Precision-recall, one class vs the rest", "recall of the class", "precision"),
+    ):
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_xlim(-0.02, 1.02)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_aspect("equal")
+        ax.grid(alpha=0.3)
+    roc_ax.plot((0, 1), (0, 1), color="0.6", linestyle="--", linewidth=1, label="chance")
+    colours = [f"C{index % 10}" for index in range(len(classes))]
+    for index, (name, colour) in enumerate(zip(classes, colours, strict=True)):
+        positive = (y == index).astype(np.int64)
+        if positive.min(initial=1) == positive.max(initial=0):  # one-class or empty: undefined
+            roc_ax.plot([], [], color=colour, label=f"{name}: undefined (needs both)")
+            continue
+        fpr, tpr, _ = roc_curve(positive, p[:, index])
+        roc_ax.plot(
+            fpr, tpr, color=colour, linewidth=1.6, label=f"{name}: AUC {roc_auc_score(positive, p[:, index]):.3f}"
+        )
+        precision, recall, _ = precision_recall_curve(positive, p[:, index])
+        ap = average_precision_score(positive, p[:, index])
+        pr_ax.plot(
+            recall, precision, color=colour, linewidth=1.6, drawstyle="steps-post",
+            label=f"{name}: AP {ap:.3f} (prevalence {positive.mean():.2f})",
+        )  # fmt: skip
+    roc_ax.legend(loc="lower right", fontsize=8)
+    if pr_ax.lines:
+        pr_ax.legend(loc="lower left", fontsize=8)
     return fig
 
 
@@ -574,23 +653,33 @@ def plot_run_files(
             threshold = run.threshold(split, tta)
             cm = evaluation.confusion()
             if cm is not None:
-                fig = plot_confusion(cm, title=heading)
+                fig = plot_confusion(cm, classes=evaluation.classes, title=heading)
                 written[f"confusion_{evaluation.key}"] = save_figure(
                     fig, out / _file_name("confusion", evaluation), dpi=dpi
                 )
             predictions = evaluation.predictions
             if predictions is None:
                 continue
-            y, p = predictions["label"].to_numpy(), predictions["probability"].to_numpy()
-            fig = plot_roc_pr(y, p, threshold, title=heading)
+            binary = evaluation
+            if evaluation.is_multiclass:
+                y = predictions["label"].to_numpy()
+                fig = plot_class_roc_pr(y, evaluation.class_probabilities(), evaluation.classes, title=heading)
+                # the reliability diagram reads P(PNEUMONIA): the pneumonia-vs-normal view, when there is one
+                binary = evaluation.pneumonia_view
+            else:
+                y, p = predictions["label"].to_numpy(), predictions["probability"].to_numpy()
+                fig = plot_roc_pr(y, p, threshold, title=heading)
             written[f"roc_pr_{evaluation.key}"] = save_figure(fig, out / _file_name("roc_pr", evaluation), dpi=dpi)
-            logits = evaluation.logits() if evaluation.metric("temperature") is not None else None
+            if binary is None or binary.predictions is None:
+                continue
+            y, p = binary.predictions["label"].to_numpy(), binary.predictions["probability"].to_numpy()
+            logits = binary.logits() if binary.metric("temperature") is not None else None
             fig = plot_reliability(
                 y,
                 p,
-                ece=evaluation.metric("ece"),
+                ece=binary.metric("ece"),
                 threshold=threshold,
-                title=heading,
+                title=heading + (", pneumonia vs normal" if binary is not evaluation else ""),
                 uncalibrated=None if logits is None else expit(logits),
             )
             written[f"reliability_{evaluation.key}"] = save_figure(
@@ -611,7 +700,9 @@ def plot_run(
 
     The training history comes from ``history.csv`` (best epoch from ``env.json``); per evaluated split and variant
     (``test``, ``test_tta``, ...) the confusion matrix comes from ``metrics/`` (else the saved decisions), the ROC,
-    precision-recall and reliability plots from ``predictions/``. A run with an input gate also gets the histogram of
+    precision-recall and reliability plots from ``predictions/``; for a K-class run the confusion matrix is K x K,
+    the ROC and precision-recall curves are one-vs-rest per class, and the reliability diagram is that of the
+    pneumonia-vs-normal view. A run with an input gate also gets the histogram of
     its gate scores (``gate/scores.csv``) and the risk-coverage curves of the variant it uses on validation and test
     (``predictions/``, the refusals of ``gate/scores.csv``, the band's point from ``metrics/selective.json``),
     whatever `splits` says. Missing files mean missing plots, not errors.

@@ -10,8 +10,10 @@ did. The HTML page embeds its images as data URIs and its CSS inline, so it make
 opened; the Markdown file links the same images, written under ``images/``.
 
 This module loads the runs and renders the templates; the parts come from `sections` (comparison table, errors by
-pneumonia kind, calibration, test results without overlapping images, plots), `cards` (the model cards), `gating`
-(the input gate and referral) and `_format` (the metric columns and how numbers are written).
+pneumonia kind, calibration, test results without overlapping images, plots), `multiclass` (for K-class runs: the
+K-class comparison table, per-class metrics, K x K confusion matrices, per-class curves and errors), `cards` (the
+model cards), `gating` (the input gate and referral) and `_format` (the metric columns and how numbers are written).
+A K-class run stands in the binary comparison columns, calibration and overlap parts by its pneumonia-vs-normal view.
 """
 
 from __future__ import annotations
@@ -32,21 +34,28 @@ from pneumolab.report._analyses import (
     FileHashes,
     used_test_evaluation,
 )
-from pneumolab.report._format import METRIC_COLUMNS, OVERLAP_METRICS
+from pneumolab.report._format import (
+    METRIC_COLUMNS,
+    MULTICLASS_COLUMNS,
+    OVERLAP_METRICS,
+    PER_CLASS_COLUMNS,
+    VIEW_COLUMNS,
+)
 from pneumolab.report._runfiles import RunFiles, read_run
 from pneumolab.report.cards import (
-    DATA_FACTS,
-    INTENDED_USE,
     RANDOM_INIT_TEXT,
     REFERENCES,
     card_metrics,
+    data_facts,
     describe_weights,
+    intended_use,
     limitations_of,
     machine_facts,
     training_facts,
     weights_source_of,
 )
 from pneumolab.report.gating import gating_section
+from pneumolab.report.multiclass import KIND_REFERENCE, class_errors, multiclass_rows, multiclass_section
 from pneumolab.report.plots import plot_run_files
 from pneumolab.report.sections import (
     calibration_block,
@@ -63,7 +72,9 @@ __all__ = ["RANDOM_INIT_TEXT", "build_report", "describe_weights"]
 def _run_section(run: RunFiles, slug: str, images: Path, hashes: FileHashes) -> dict[str, Any]:
     weights = describe_weights(weights_source_of(run), ensemble=run.ensemble)
     errors = [e for tta in (False, True) if (ev := run.evaluation("test", tta)) and (e := error_analysis(ev))]
+    by_class = [e for tta in (False, True) if (ev := run.evaluation("test", tta)) and (e := class_errors(ev))]
     used = used_test_evaluation(run)
+    class_bias = used is not None and used.is_multiclass and bool((run.variant_point(used.tta) or {}).get("class_bias"))
     written = plot_run_files(run, images / slug, splits=("test",))
     return {
         "name": run.name,
@@ -73,15 +84,19 @@ def _run_section(run: RunFiles, slug: str, images: Path, hashes: FileHashes) -> 
         "machine": machine_facts(run),
         "plots": plot_entries(run, slug, written),
         "errors": errors,
-        "calibration": calibration_block(used, (run.operating_point or {}).get("temperature_if_scaled"))
+        "class_errors": by_class,
+        "multiclass": multiclass_section(run, slug, written),
+        "calibration": calibration_block(
+            used, (run.operating_point or {}).get("temperature_if_scaled"), class_bias=class_bias
+        )
         if used is not None
         else None,
         "overlap": overlap_block(run, used, hashes) if used is not None else None,
         "gating": gating_section(run, slug, written),
         "evaluated_test": run.evaluation("test") is not None or run.evaluation("test", True) is not None,
         "card": {
-            "intended_use": INTENDED_USE,
-            "data": DATA_FACTS,
+            "intended_use": intended_use(run),
+            "data": data_facts(run),
             "training": training_facts(run, weights),
             "metrics": card_metrics(run),
             "limitations": limitations_of(run, weights),
@@ -149,6 +164,11 @@ def build_report(
         "version": __version__,
         "metric_columns": [{"key": k, "header": h, "unit": u} for k, h, u in METRIC_COLUMNS],
         "row_sets": comparison_rows(loaded),
+        "multiclass_rows": multiclass_rows(loaded),
+        "multiclass_columns": [{"key": k, "header": h, "unit": u} for k, h, u in MULTICLASS_COLUMNS],
+        "view_columns": [{"key": k, "header": h, "unit": u} for k, h, u in VIEW_COLUMNS],
+        "per_class_columns": [{"key": k, "header": h, "unit": u} for k, h, u in PER_CLASS_COLUMNS],
+        "kind_reference": KIND_REFERENCE,
         "references": REFERENCES,
         "overlap_columns": [
             {"header": h, "unit": u} for key in OVERLAP_METRICS for k, h, u in METRIC_COLUMNS if k == key

@@ -1,5 +1,10 @@
 """The comparison table and each run's analyses as the templates show them: errors by kind, calibration, test
-results without overlapping images, plots."""
+results without overlapping images, plots.
+
+A K-class run's row of the comparison table shows its pneumonia-vs-normal view in the binary columns
+(P(PNEUMONIA) = P(BACTERIAL) + P(VIRAL), at that view's validation threshold), and so do its calibration and overlap
+blocks; its own K-class parts are `pneumolab.report.multiclass`'s.
+"""
 
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ from pneumolab.report._format import (
     GATING_PLOTS,
     METRIC_COLUMNS,
     MISSING,
+    MULTICLASS_PLOTS,
     OVERLAP_METRICS,
     as_count,
     as_duration,
@@ -29,9 +35,10 @@ from pneumolab.report._format import (
     as_speed,
     metric_cell,
     nested_get,
+    pneumonia_sum,
 )
 from pneumolab.report._runfiles import Evaluation, RunFiles, finite
-from pneumolab.report.cards import describe_weights, weights_source_of
+from pneumolab.report.cards import describe_weights, threshold_rule, weights_source_of
 
 KIND_NAMES = {"bacteria": "bacterial pneumonia", "virus": "viral pneumonia"}
 
@@ -78,7 +85,13 @@ def val_test_gap(val: Evaluation | None, test: Evaluation, key: str, unit: str) 
     return f"{100 * difference:+.1f}" if unit == "%" else f"{difference:+.3f}"
 
 
+def pneumonia_view_text(classes: tuple[str, ...]) -> str:
+    """What the binary columns of a K-class row are: ``pneumonia vs normal: P(BACTERIAL) + P(VIRAL)``."""
+    return f"pneumonia vs normal: {pneumonia_sum(classes)}"
+
+
 def comparison_row(run: RunFiles, anchor: str, split: str, tta: bool, facts: dict[str, str]) -> dict[str, Any]:
+    """One row of the comparison table; a K-class variant's binary columns are its pneumonia-vs-normal view's."""
     evaluation = run.evaluation(split, tta)
     label = ("test" if split == "test" else "validation") + (" + TTA" if tta else "")
     row: dict[str, Any] = {
@@ -90,18 +103,26 @@ def comparison_row(run: RunFiles, anchor: str, split: str, tta: bool, facts: dic
         "chosen": run.chosen_tta is not None and run.chosen_tta == tta and evaluation is not None,
         "evaluated": evaluation is not None and evaluation.metrics is not None,
         "missing": "not evaluated" if evaluation is None else "no metrics file (predictions only)",
+        "view": "",
         **facts,
     }
     if not row["evaluated"]:
         return row
+    val = run.evaluation("val", tta)
+    method = str(evaluation.metrics.get("threshold_method") or "how chosen: not recorded")
+    if evaluation.is_multiclass:
+        row["view"] = pneumonia_view_text(evaluation.classes)
+        method = f"{threshold_rule(run)}, for this view; the model itself decides by {method}"
+        evaluation = evaluation.pneumonia_view or Evaluation(split, tta, {})
+        val = val.pneumonia_view if val is not None and val.is_multiclass else None
     temperature = evaluation.metric("temperature")
     row.update(
         n=as_count(evaluation.metric("n")),
         cells=[metric_cell(evaluation, key, unit) for key, _, unit in METRIC_COLUMNS],
-        gap_accuracy=val_test_gap(run.evaluation("val", tta), evaluation, "accuracy", "%") if split == "test" else "",
-        gap_auc=val_test_gap(run.evaluation("val", tta), evaluation, "roc_auc", "") if split == "test" else "",
+        gap_accuracy=val_test_gap(val, evaluation, "accuracy", "%") if split == "test" else "",
+        gap_auc=val_test_gap(val, evaluation, "roc_auc", "") if split == "test" else "",
         threshold=as_score(evaluation.metric("threshold")),
-        threshold_method=str(evaluation.metrics.get("threshold_method") or "how chosen: not recorded"),
+        threshold_method=method,
         temperature="none" if temperature is None else f"{temperature:.2f}",
         inference_speed=as_speed(evaluation.metric("inference_images_per_s")),
     )
@@ -123,9 +144,13 @@ def comparison_rows(runs: list[tuple[RunFiles, str]]) -> list[dict[str, Any]]:
 
 
 def error_analysis(evaluation: Evaluation, worst: int = 5) -> dict[str, Any] | None:
-    """False positives / negatives on one evaluated variant, recall by pneumonia kind, the most confident errors."""
+    """False positives / negatives on one evaluated variant, recall by pneumonia kind, the most confident errors.
+
+    None without predictions, and for a K-class evaluation: its per-class errors are
+    `pneumolab.report.multiclass.class_errors`.
+    """
     table = evaluation.predictions
-    if table is None:
+    if table is None or evaluation.is_multiclass:
         return None
     y, pred, p = table["label"].to_numpy(), table["prediction"].to_numpy(), table["probability"].to_numpy()
     names = [PurePath(path).name for path in table["path"]]
@@ -170,23 +195,36 @@ def error_analysis(evaluation: Evaluation, worst: int = 5) -> dict[str, Any] | N
     }
 
 
-def calibration_block(evaluation: Evaluation, temperature_if_scaled: float | None) -> dict[str, Any]:
-    """ECE and Brier score of the used test variant before and after temperature scaling, formatted."""
+def calibration_block(
+    evaluation: Evaluation, temperature_if_scaled: float | None, *, class_bias: bool = False
+) -> dict[str, Any]:
+    """ECE and Brier score of the used test variant before and after temperature scaling, formatted.
+
+    A K-class variant is measured on its pneumonia-vs-normal view (``view`` says so), `class_bias` saying whether
+    its probabilities also carry a class bias; ``skipped`` says why nothing is shown (no such view).
+    """
     found = calibration_before_after(evaluation, temperature_if_scaled)
+    view = f"on the pneumonia-vs-normal view, {pneumonia_sum(evaluation.classes)}" if found["view"] else None
+    if found["skipped"]:
+        return {"label": found["label"], "rows": [], "note": None, "view": view, "skipped": found["skipped"]}
+    scaling = "temperature scaling and class bias" if class_bias else "temperature scaling"
     rows = []
     if found["before"] is not None:
         if found["fitted_apart"]:
             before, fitted = "as saved (not temperature-scaled)", "fitted on validation; the model does not use it"
         else:
-            before, fitted = "before temperature scaling (T = 1)", "fitted on validation"
+            before = f"before {scaling} (T = 1{', no bias' if class_bias else ''})"
+            fitted = "fitted on validation"
         rows.append((before, found["before"]))
-        rows.append((f"after temperature scaling (T = {found['temperature']:.2f}, {fitted})", found["after"]))
+        rows.append((f"after {scaling} (T = {found['temperature']:.2f}, {fitted})", found["after"]))
     else:
         rows.append(("as saved", found["after"]))
     return {
         "label": found["label"],
         "rows": [{"name": name, "ece": as_score(v["ece"]), "brier": as_score(v["brier"])} for name, v in rows],
         "note": found["note"],
+        "view": view,
+        "skipped": None,
     }
 
 
@@ -199,6 +237,12 @@ def overlap_block(run: RunFiles, evaluation: Evaluation, hashes: FileHashes) -> 
         "note": found["note"],
         "facts": [],
         "rows": [],
+        "view": (
+            f"the pneumonia-vs-normal view, {pneumonia_sum(evaluation.classes)}, at that view's threshold fit on "
+            "validation"
+        )
+        if found["view"]
+        else None,
     }
     if found["note"]:
         return block
@@ -264,6 +308,22 @@ PLOT_TITLES = {
 }
 
 
+# a K-class run's reliability diagram is its pneumonia-vs-normal view's
+MULTICLASS_PLOT_TITLES = {
+    "reliability": (
+        "Calibration, pneumonia vs normal",
+        "The pneumonia-vs-normal view, P(PNEUMONIA) = 1 - P(NORMAL): observed pneumonia share per probability bin, "
+        "and how probabilities spread, at the view's threshold; where logits were saved, the dashed grey curve is "
+        "before temperature scaling and class bias (T = 1).",
+    ),
+}
+
+
+def plot_kind(key: str) -> str:
+    """The kind of a written plot: ``confusion`` for ``confusion_test_tta``."""
+    return key.partition("_test")[0]
+
+
 def plot_entry(run: RunFiles, slug: str, key: str, path: Path, title: str, caption: str) -> dict[str, str]:
     """A written plot as the templates show it: its Markdown link and its HTML data URI."""
     return {
@@ -283,9 +343,12 @@ def plot_entries(run: RunFiles, slug: str, written: dict[str, Path]) -> list[dic
     ]
     plots = []
     shown = [key for key in written if key not in GATING_PLOTS]
+    if run.is_multiclass:  # its confusion matrices and per-class curves are drawn in its K-class part
+        shown = [key for key in shown if plot_kind(key) not in MULTICLASS_PLOTS]
+    titles = {**PLOT_TITLES, **MULTICLASS_PLOT_TITLES} if run.is_multiclass else PLOT_TITLES
     for key in sorted(shown, key=lambda k: order.index(k) if k in order else len(order)):
         kind, _, variant = key.partition("_test")
-        title, caption = PLOT_TITLES.get(kind, (key, ""))
+        title, caption = titles.get(kind, (key, ""))
         if key != "history":
             title += " (test + TTA)" if variant == "_tta" else " (test)"
         plots.append(plot_entry(run, slug, key, written[key], title, caption))
