@@ -268,3 +268,28 @@ def test_cli_says_a_photo_is_not_a_chest_xray_and_no_gate_restores_a_label(tmp_p
     off = subprocess.run([*command, "--no-gate"], capture_output=True, text=True, timeout=300, check=True)
     result = json.loads(off.stdout)
     assert result["gate"].startswith("off") and result["predictions"][0]["label"] in ("NORMAL", "PNEUMONIA")
+
+
+def test_features_alone_stop_after_the_deepest_tapped_layer_and_equal_the_full_pass():
+    from pneumolab.gate import default_gate_layers
+    from tests.serve import tiny_trained
+
+    trained = tiny_trained()
+    layers = default_gate_layers(trained.model)
+    images = np.random.default_rng(0).integers(0, 256, (4, 64, 64), np.uint8)
+    ran: list[str] = []
+    hooks = [module.register_forward_hook(lambda m, i, o, n=name: ran.append(n))
+             for name, module in trained.model.named_modules() if name]  # fmt: skip
+    try:
+        alone = trained.features(images, layers)
+        deepest = ran.index(layers[-1])
+        assert "head" not in {name.split(".")[0] for name in ran} and ran[-1].startswith(layers[-1])
+        ran.clear()
+        _, full = trained.gate_features(images, layers)
+        assert any(name.startswith("head") for name in ran) and deepest < len(ran) - 1
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert len(alone) == len(layers)
+    for a, b in zip(alone, full, strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -41,6 +41,7 @@ from pneumolab.errors import SettingError
 __all__ = [
     "PROJECTION_MODALITIES",
     "FeatureGate",
+    "FeaturesTaken",
     "GateSet",
     "XrayMeta",
     "check_metadata",
@@ -78,16 +79,23 @@ def default_gate_layers(model: torch.nn.Module) -> tuple[str, ...]:
     return tuple(group.prefixes[-1] for group in groups)
 
 
+class FeaturesTaken(Exception):  # a signal that ends a forward pass early, not an error
+    """Raised by `tap_features(stop=True)` once the last tapped layer has run: the rest of the network is skipped."""
+
+
 @contextmanager
-def tap_features(model: torch.nn.Module, layers: Sequence[str]) -> Iterator[list[torch.Tensor]]:
+def tap_features(model: torch.nn.Module, layers: Sequence[str], *, stop: bool = False) -> Iterator[list[torch.Tensor]]:
     """While inside, every forward pass appends, per layer in order, the feature map's channel means and standard
     deviations (N x 2C, float32) to the yielded list; the hooks are gone on exit (so a traced or exported graph,
-    which runs the hooks, gets them as outputs)."""
+    which runs the hooks, gets them as outputs). With `stop`, the last layer's hook raises `FeaturesTaken`, so a
+    pass that needs the features alone (fitting the gate) does not run the deeper layers and the head."""
     taken: list[torch.Tensor] = []
 
     def hook(_module: torch.nn.Module, _inputs: Any, output: torch.Tensor) -> None:
         out = output.float()
         taken.append(torch.cat([out.mean(dim=(2, 3)), out.std(dim=(2, 3))], dim=1))
+        if stop and len(taken) % len(layers) == 0:
+            raise FeaturesTaken
 
     handles = [model.get_submodule(name).register_forward_hook(hook) for name in layers]
     try:

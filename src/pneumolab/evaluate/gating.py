@@ -51,7 +51,7 @@ def collect_gate_features(
     parts = []
     with progress_bar(len(images), label, enabled=progress) as advance:
         for start in range(0, len(images), 64):
-            parts.append(trained.gate_features(images[start : start + 64], layers)[1])
+            parts.append(trained.features(images[start : start + 64], layers))
             advance(min(64, len(images) - start))
     return [np.concatenate(layer) for layer in zip(*parts, strict=True)]
 

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Sequence
@@ -19,7 +20,7 @@ from pneumolab import CLASSES
 from pneumolab.config import load_config
 from pneumolab.data.preprocess import Preprocessing
 from pneumolab.errors import ArtefactError
-from pneumolab.gate import GateSet, tap_features
+from pneumolab.gate import FeaturesTaken, GateSet, tap_features
 from pneumolab.hardware import Precision, default_device, resolve_precision
 from pneumolab.inference.card import (
     GATE_FILE,
@@ -87,6 +88,12 @@ class TrainedModel(InferenceModel):
         with tap_features(self.model, layers) as taken:
             logits = self._network(batch)
         return logits, [t.cpu().numpy() for t in taken]
+
+    def _features(self, batch: torch.Tensor, layers: Sequence[str]) -> list:
+        # the same autocast and layout as a full pass, stopped after the deepest tapped layer
+        with tap_features(self.model, layers, stop=True) as taken, contextlib.suppress(FeaturesTaken):
+            self._network(batch)
+        return [t.cpu().numpy() for t in taken]
 
     def card(self) -> dict[str, Any]:
         """The facts a report or a service shows about this model."""

@@ -164,6 +164,15 @@ class InferenceModel:
             return torch.empty(0, len(self.classes)), []
         return torch.cat(logits), [np.concatenate(parts) for parts in zip(*features, strict=True)]
 
+    @torch.no_grad()
+    def features(self, images_u8: torch.Tensor | np.ndarray, layers: Sequence[str]) -> list[np.ndarray]:
+        """The gate's features at `layers` of uint8 images (plain view), without the logits (`_features`)."""
+        return self._features(self._preprocess(as_batch(images_u8)), layers)
+
+    def _features(self, batch: torch.Tensor, layers: Sequence[str]) -> list[np.ndarray]:
+        """A backend may skip what lies past the last tapped layer; by default the whole network runs."""
+        return self._network_and_features(batch, layers)[1]
+
     @property
     def gate_status(self) -> str:
         """What the input gate does for this model, for every output: on, metadata only, or off."""
