@@ -26,6 +26,8 @@ from pneumolab.inference.files import predict_files
 from pneumolab.inference.loader import load_backend
 from pneumolab.inference.pytorch import load_trained
 from pneumolab.pipeline import load_pipeline_config, run_pipeline
+from pneumolab.report._analyses import overlap_removed, used_test_evaluation
+from pneumolab.report._runfiles import read_run
 from pneumolab.train.api import train
 
 METRIC_KEYS = {
@@ -71,6 +73,14 @@ def test_evaluate_writes_predictions_metrics_and_operating_point(dataset, tmp_pa
     )
     trained = load_trained(run)
     assert trained.threshold == pytest.approx(point["threshold"]) and list(trained.tta) == point["tta"]
+    # the overlap analysis is written by evaluation, for the variant in use, and the report only reads it
+    overlap = json.loads((run / "metrics" / "overlap.json").read_text())
+    used = f"test{'_tta' if point['tta'] else ''}"
+    assert overlap["variant"] == used and overlap["rows"][0]["name"] == "all test images"
+    assert overlap["rows"][0]["metrics"]["accuracy"] == pytest.approx(results[used]["accuracy"])
+    files = read_run(run)
+    found = overlap_removed(files, used_test_evaluation(files))
+    assert found["from_file"] and found["rows"] == overlap["rows"] and found["threshold"] == point["threshold"]
 
     # a second evaluation reuses the files; the CLI prints the metric object
     mtime = (run / "metrics" / "test.json").stat().st_mtime

@@ -2,11 +2,16 @@
 
 For each variant (plain, and with TTA views when asked) the model runs once over the validation and test images
 of the run's own ``split.csv``; the temperature and the threshold are fit on validation only, then applied
-unchanged to test (EVALUATION.md rules 2-4). The variant used by the model afterwards (``operating_point.json``)
-is the one with the higher validation ROC-AUC. Files written::
+unchanged to test (EVALUATION.md rules 2-4). A K-class model decides by argmax after temperature scaling (and a
+per-class bias when cross-fitting on validation shows it helps); its binary views get their thresholds on validation
+(`pneumolab.evaluate.views`). The variant used by the model afterwards (``operating_point.json``) is the one with
+the higher validation ROC-AUC (macro for K classes). Files written::
 
-    RUN/predictions/{val,test}[_tta].csv   path, label, probability, prediction, logit
+    RUN/predictions/{val,test}[_tta].csv   path, label, probability, prediction, logit (K classes: path, label,
+                                           prediction, probability, p_<CLASS>..., logit_<CLASS>...)
     RUN/metrics/{val,test}[_tta].json      the metric object with 95 % bootstrap intervals
+    RUN/metrics/selective.json             what the input gate (and a binary model's referral band) did
+    RUN/metrics/overlap.json               the used test variant without films that overlap train/val
     RUN/operating_point.json               threshold, method, temperature, tta views, and ``evaluated_with``:
                                            the settings and checkpoint that made all of the above
 
@@ -61,6 +66,7 @@ from pneumolab.evaluate.multiclass import (
     multiclass_metrics,
     top_label_reliability,
 )
+from pneumolab.evaluate.overlap import OVERLAP_FILE, overlap_masks, overlap_rows
 from pneumolab.evaluate.views import derived_thresholds, view_metrics
 from pneumolab.fsutil import atomic_dir, atomic_path, file_sha256, write_json_atomic
 from pneumolab.inference.card import GATE_FILE, read_card
@@ -261,7 +267,7 @@ def evaluate_run(
     if root is None:
         raise SettingError(f"{run.path}: the run names no dataset; pass --data DIR")
     wanted = [run.path / "metrics" / f"{s}{v}.json" for v in variants for s in SPLITS]
-    wanted.append(run.path / "metrics" / SELECTIVE)
+    wanted.extend([run.path / "metrics" / SELECTIVE, run.path / "metrics" / OVERLAP_FILE])
     key = None
     if run.best.is_file():
         key = _evaluation_key(
@@ -275,6 +281,7 @@ def evaluate_run(
         saved = None if force else _saved_evaluation(run, wanted, key)
         if saved is not None:
             saved.pop(Path(SELECTIVE).stem)
+            saved.pop(Path(OVERLAP_FILE).stem)
             return saved
 
     trained = load_trained(run.path)
@@ -325,9 +332,38 @@ def evaluate_run(
         train_labels=all_labels[rows["train"]],
         progress=progress,
     )
+    used = calibrated[chosen]["test"]
+    overlap = _overlap(run, trained.classes, paths["test"], labels["test"], used, points[chosen], n_resamples)
+    overlap["variant"] = f"test{'_tta' if chosen == 'tta' else ''}"
+    write_json_atomic(run.path / "metrics" / OVERLAP_FILE, overlap)
     point = {**points[chosen], "chosen_on": "validation", "variants": points, **gating, "evaluated_with": key}
     write_json_atomic(run.operating_point, point)
     return results
+
+
+def _overlap(run: RunDir, classes, paths, labels, probabilities, point, n_resamples: int) -> dict[str, Any]:
+    """The used test variant's metrics without the films that overlap train/val (`pneumolab.evaluate.overlap`);
+    a K-class model's on its pneumonia-vs-normal view."""
+    view = None
+    if len(classes) > 2:
+        threshold = (point.get("derived_thresholds") or {}).get("pneumonia_vs_normal")
+        if classes[0] != "NORMAL" or threshold is None:
+            return {"note": "no pneumonia-vs-normal view for these classes", "rows": []}
+        view, labels, probabilities = "pneumonia_vs_normal", (labels != 0).astype(int), 1.0 - probabilities[:, 0]
+    else:
+        threshold = point["threshold"]
+    shared, duplicates, facts = overlap_masks(list(paths), read_split(run.split))
+    return {
+        "view": view,
+        "threshold": threshold,
+        "n": len(labels),
+        "shared_images": int(shared.sum()),
+        "shared_patients": facts.get("shared_patients", 0),
+        "duplicates": None if duplicates is None else int(duplicates.sum()),
+        "duplicates_only": None if duplicates is None else int((duplicates & ~shared).sum()),
+        "duplicates_facts": facts,
+        "rows": overlap_rows(labels, probabilities, threshold, shared, duplicates, n_resamples=n_resamples),
+    }
 
 
 def _task_cache(root, classes, *, size: int, cache_root=None, progress: bool = True):

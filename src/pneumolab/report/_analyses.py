@@ -37,7 +37,7 @@ from pneumolab import CLASSES
 from pneumolab.data.dataset import find_dataset_root, parse_name
 from pneumolab.errors import ArtefactError, PneumolabError
 from pneumolab.evaluate.calibration import expected_calibration_error, log_odds
-from pneumolab.evaluate.metrics import evaluate_predictions
+from pneumolab.evaluate.overlap import overlap_rows
 from pneumolab.fsutil import file_sha256
 from pneumolab.referral import ReferralBand
 from pneumolab.report._runfiles import SPLITS, Evaluation, RunFiles, finite, read_config, read_split_table
@@ -257,7 +257,9 @@ def overlap_removed(run: RunFiles, evaluation: Evaluation, hashes: FileHashes | 
     ensemble without one uses its members'). Exact duplicates: test images whose SHA-256 equals a train/val image's,
     read under the dataset root of ``config.yaml`` (``data.root``, relative to the current folder, as evaluation
     reads it); without that root they are not checked and ``duplicates_facts["note"]`` says why. Metrics are
-    `evaluate_predictions` at the variant's threshold with the metrics file's bootstrap settings.
+    `evaluate_predictions` at the variant's threshold with the metrics file's bootstrap settings. A run whose
+    evaluation wrote ``metrics/overlap.json`` for this variant is read from it (``from_file`` True); only older runs
+    and ensembles are computed here.
 
     Args:
         run: the run.
@@ -280,6 +282,12 @@ def overlap_removed(run: RunFiles, evaluation: Evaluation, hashes: FileHashes | 
     result: dict[str, Any] = {"label": evaluation.label, "n": len(table), "note": None, "rows": [], "view": view}
     if binary is None:
         result.update(threshold=None, note=NO_VIEW)
+        return result
+    saved = run.overlap or {}
+    if saved.get("variant") == evaluation.key and saved.get("rows"):
+        keys = ("threshold", "shared_images", "shared_patients", "duplicates", "duplicates_only", "duplicates_facts")
+        result.update({key: saved.get(key) for key in keys}, rows=saved["rows"], from_file=True)
+        result.update(split_files=[str(run.path / "split.csv")], members_split=False)
         return result
     evaluation, table = binary, binary.predictions
     threshold = run.threshold(evaluation.split, evaluation.tta)
@@ -316,22 +324,9 @@ def overlap_removed(run: RunFiles, evaluation: Evaluation, hashes: FileHashes | 
     n_resamples = int(finite(bootstrap.get("n_resamples")) or _DEFAULT_RESAMPLES)
     seed = int(finite(bootstrap.get("seed")) or _DEFAULT_SEED)
     probabilities = table["probability"].to_numpy()
-    subsets = [("all test images", np.ones(len(table), dtype=bool))]
-    if shared.any():
-        subsets.append(("without shared patients", ~shared))
-    if duplicates is not None and duplicates.any():
-        subsets.append(("without exact duplicates", ~duplicates))
-        if shared.any() and (duplicates & ~shared).any():
-            subsets.append(("without shared patients or exact duplicates", ~shared & ~duplicates))
-    for name, kept in subsets:
-        row: dict[str, Any] = {"name": name, "n": int(kept.sum()), "removed": int((~kept).sum()), "why": None}
-        try:
-            row["metrics"] = evaluate_predictions(
-                labels[kept], probabilities[kept], threshold, n_resamples=n_resamples, seed=seed
-            )
-        except PneumolabError as error:
-            row["metrics"], row["why"] = None, str(error)
-        result["rows"].append(row)
+    result["rows"] = overlap_rows(
+        labels, probabilities, threshold, shared, duplicates, n_resamples=n_resamples, seed=seed
+    )
     return result
 
 

@@ -211,6 +211,7 @@ class RunFiles:
     evaluations: dict[str, Evaluation] = field(default_factory=dict)
     gate_scores: pd.DataFrame | None = None
     selective: dict[str, Any] | None = None
+    overlap: dict[str, Any] | None = None  # metrics/overlap.json, as evaluation wrote it
 
     @property
     def name(self) -> str:
@@ -477,6 +478,7 @@ def read_run(run_dir: str | os.PathLike[str]) -> RunFiles:
         split_table=read_split_table(path / "split.csv"),
         gate_scores=read_gate_scores(path / "gate" / "scores.csv"),
         selective=_read_json(path / "metrics" / "selective.json"),
+        overlap=_read_json(path / "metrics" / "overlap.json"),
     )
     for split in SPLITS:
         for tta in (False, True):
