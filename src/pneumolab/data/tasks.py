@@ -57,13 +57,17 @@ class Task:
             return manifest.iloc[:0]
         return manifest[(manifest["label_name"] != "NORMAL") & ~manifest["kind"].isin(list(_KIND_OF_NAME))]
 
-    def relabel(self, manifest: pd.DataFrame, folder_classes: Sequence[str]) -> tuple[pd.DataFrame, tuple[str, ...]]:
+    def relabel(
+        self, manifest: pd.DataFrame, folders: Sequence[str] | None = None
+    ) -> tuple[pd.DataFrame, tuple[str, ...]]:
         """The manifest with ``label`` / ``label_name`` set to the task's labels, and the task's classes.
+
+        `folders` are the manifest's class folders in label order (default: the task's, else the manifest's own).
 
         Raises:
             DatasetLayoutError: a film the task cannot label (named, with how many more there are).
         """
-        classes = self.classes_for(folder_classes)
+        classes = self.classes_for(folders or self.folder_classes or folder_classes(manifest))
         if self.name != "kind":
             return manifest, classes
         bad = self.unlabelled(manifest)
@@ -109,7 +113,7 @@ def task_labels(manifest: pd.DataFrame, classes: Sequence[str]) -> np.ndarray:
             task cannot label).
     """
     task = task_for_classes(classes)
-    relabelled, found = task.relabel(manifest, task.folder_classes or folder_classes(manifest))
+    relabelled, found = task.relabel(manifest)
     if tuple(found) != tuple(classes):
         raise DatasetLayoutError(f"the dataset's classes {list(found)} are not the model's {list(classes)}")
     return relabelled["label"].to_numpy()

@@ -13,6 +13,7 @@ fails when the configuration is read, not after hours of training.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -199,16 +200,21 @@ class TemperatureScaler(BaseEstimator):
         self._check_settings()
         z = _margins(logits)
         y, _ = check_binary_inputs(labels, np.zeros(z.size), what="logits")  # label checks; zeros stand in for p
+        self.search(lambda t: _nll(z, y, t))
+        return self
+
+    def search(self, nll: Callable[[float], float]) -> float:
+        """Set ``temperature_`` to the ``T`` within `bounds` that minimises ``nll(T)`` (searched on ``log T``), and
+        ``nll_before_`` / ``nll_after_``; return it. The K-class scaler fits through this too."""
         result = minimize_scalar(
-            lambda log_t: _nll(z, y, math.exp(log_t)),
+            lambda log_t: nll(math.exp(log_t)),
             bounds=(math.log(self.bounds[0]), math.log(self.bounds[1])),
             method="bounded",
             options={"xatol": 1e-6},
         )
         self.temperature_ = float(math.exp(result.x))
-        self.nll_before_ = _nll(z, y, 1.0)
-        self.nll_after_ = _nll(z, y, self.temperature_)
-        return self
+        self.nll_before_, self.nll_after_ = nll(1.0), nll(self.temperature_)
+        return self.temperature_
 
     def transform(self, logits: ArrayLike) -> np.ndarray:
         """Calibrated PNEUMONIA probability per image."""

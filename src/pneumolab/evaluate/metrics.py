@@ -12,7 +12,7 @@ threshold; precision with no positive call is 0 (scikit-learn's ``zero_division=
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -205,6 +205,22 @@ def _resampled_metrics(
     return out
 
 
+def resample_weights(
+    labels: np.ndarray, n_resamples: int, seed: int, order: Sequence[int] = (1, 0)
+) -> Iterator[np.ndarray]:
+    """The stratified bootstrap as multiplicity matrices (`multiplicities`), in chunks that bound their memory.
+
+    Both the binary and the K-class bootstrap draw from this, so the same labels and seed give the same resamples.
+    """
+    if isinstance(n_resamples, bool) or not isinstance(n_resamples, int | np.integer) or n_resamples < 1:
+        raise SettingError(f"n_resamples must be a positive integer, got {n_resamples!r}")
+    rng = np.random.default_rng(seed)
+    chunk = max(1, _CHUNK_CELLS // labels.size)
+    for start in range(0, n_resamples, chunk):
+        indices = stratified_indices(labels, min(chunk, n_resamples - start), rng, order)
+        yield multiplicities(indices, labels.size)
+
+
 def bootstrap_distribution(
     labels: ArrayLike, probabilities: ArrayLike, threshold: float, *, n_resamples: int = 2000, seed: int = 0
 ) -> dict[str, np.ndarray]:
@@ -225,14 +241,7 @@ def bootstrap_distribution(
     """
     y, p = check_binary_inputs(labels, probabilities)
     threshold = _check_threshold(threshold)
-    if isinstance(n_resamples, bool) or not isinstance(n_resamples, int | np.integer) or n_resamples < 1:
-        raise SettingError(f"n_resamples must be a positive integer, got {n_resamples!r}")
-    rng = np.random.default_rng(seed)
-    chunk = max(1, _CHUNK_CELLS // y.size)
-    parts: list[dict[str, np.ndarray]] = []
-    for start in range(0, n_resamples, chunk):
-        indices = stratified_indices(y, min(chunk, n_resamples - start), rng)
-        parts.append(_resampled_metrics(y, p, threshold, multiplicities(indices, y.size)))
+    parts = [_resampled_metrics(y, p, threshold, weights) for weights in resample_weights(y, n_resamples, seed)]
     return {key: np.concatenate([part[key] for part in parts]) for key in CI_KEYS}
 
 

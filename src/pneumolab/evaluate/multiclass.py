@@ -29,9 +29,8 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike
-from scipy.optimize import minimize, minimize_scalar
+from scipy.optimize import minimize
 from scipy.special import log_softmax, softmax
-from sklearn.base import BaseEstimator
 from sklearn.metrics import (
     average_precision_score,
     confusion_matrix,
@@ -41,8 +40,8 @@ from sklearn.metrics import (
 from sklearn.utils.validation import check_is_fitted
 
 from pneumolab.errors import SettingError, did_you_mean
-from pneumolab.evaluate.calibration import expected_calibration_error, reliability_curve
-from pneumolab.evaluate.metrics import multiplicities, stratified_indices
+from pneumolab.evaluate.calibration import TemperatureScaler, expected_calibration_error, reliability_curve
+from pneumolab.evaluate.metrics import resample_weights
 
 __all__ = [
     "AGGREGATE_KEYS",
@@ -81,8 +80,6 @@ PER_CLASS_KEYS = ("precision", "recall", "f1", "roc_auc", "average_precision")
 _SUM_TOLERANCE = 1e-4
 # Bins of the ``ece`` key, the default of `calibration.expected_calibration_error`.
 _ECE_BINS = 15
-# Resamples are processed in chunks of at most this many (resample, film) cells, so memory stays bounded.
-_CHUNK_CELLS = 1 << 22
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -452,10 +449,10 @@ def multiclass_bootstrap_distribution(
     seed: int = 0,
     bias: ArrayLike | None = None,
 ) -> dict[str, np.ndarray]:
-    """Every `multiclass_metric_keys` metric on each of ``n_resamples`` stratified bootstrap n_resamples.
+    """Every `multiclass_metric_keys` metric on each of ``n_resamples`` stratified bootstrap resamples.
 
-    The n_resamples depend only on the labels and the seed, so two models scored on the same films with the same seed
-    see the same n_resamples: their distributions are paired and can be subtracted.
+    The resamples depend only on the labels and the seed, so two models scored on the same films with the same seed
+    see the same resamples: their distributions are paired and can be subtracted.
 
     Returns:
         ``{key: array of shape (n_resamples,)}``; all NaN for a metric undefined on the data.
@@ -463,14 +460,8 @@ def multiclass_bootstrap_distribution(
     names = _check_classes(classes)
     y, p = check_multiclass_inputs(labels, probabilities, names)
     decisions = _decide(p, _check_bias(bias, len(names)))
-    if isinstance(n_resamples, bool) or not isinstance(n_resamples, int | np.integer) or n_resamples < 1:
-        raise SettingError(f"n_resamples must be a positive integer, got {n_resamples!r}")
-    rng = np.random.default_rng(seed)
-    chunk = max(1, _CHUNK_CELLS // y.size)
-    parts: list[dict[str, np.ndarray]] = []
-    for start in range(0, n_resamples, chunk):
-        indices = stratified_indices(y, min(chunk, n_resamples - start), rng, order=range(len(names)))
-        parts.append(_resampled_metrics(y, p, decisions, names, multiplicities(indices, y.size)))
+    weights = resample_weights(y, n_resamples, seed, order=range(len(names)))
+    parts = [_resampled_metrics(y, p, decisions, names, w) for w in weights]
     return {key: np.concatenate([part[key] for part in parts]) for key in multiclass_metric_keys(names)}
 
 
@@ -493,7 +484,7 @@ def multiclass_bootstrap_ci(
         labels: class index per film, in ``[0, K)``.
         probabilities: ``N x K`` class probabilities, rows summing to 1.
         classes: the K class names.
-        n_resamples: how many n_resamples (EVALUATION.md asks for at least 1,000).
+        n_resamples: how many resamples (EVALUATION.md asks for at least 1,000).
         seed: seed of ``np.random.default_rng``.
         level: coverage of the interval, in (0, 1).
         bias: decision offsets, as in `multiclass_metrics`.
@@ -526,7 +517,7 @@ def _softmax_nll(logits: np.ndarray, labels: np.ndarray, temperature: float) -> 
     return float(-np.mean(log_softmax(logits / temperature, axis=1)[np.arange(labels.size), labels]))
 
 
-class MulticlassTemperature(BaseEstimator):
+class MulticlassTemperature(TemperatureScaler):
     """Temperature scaling (Guo et al., 2017) for K classes: probabilities ``softmax(z / T)``.
 
     ``T`` minimises the validation negative log-likelihood, searched on ``log T`` (bounded) so it stays positive,
@@ -542,34 +533,19 @@ class MulticlassTemperature(BaseEstimator):
         nll_after_: validation NLL at ``temperature_``.
     """
 
-    def __init__(self, bounds: tuple[float, float] = (0.01, 100.0)) -> None:
-        self.bounds = bounds
-        self._check_settings()
-
-    def _check_settings(self) -> None:
-        low, high = self.bounds
-        if not 0.0 < low < 1.0 < high or not math.isfinite(high):
-            raise SettingError(f"temperature bounds must satisfy 0 < low < 1 < high, got {self.bounds}")
-
     def fit(self, logits: ArrayLike, labels: ArrayLike) -> MulticlassTemperature:
         """Fit ``temperature_`` on validation logits (``N x K``) and labels (``[0, K)``); returns ``self``."""
         self._check_settings()
         z, y = _check_logits_labels(logits, labels)
-        result = minimize_scalar(
-            lambda log_t: _softmax_nll(z, y, math.exp(log_t)),
-            bounds=(math.log(self.bounds[0]), math.log(self.bounds[1])),
-            method="bounded",
-            options={"xatol": 1e-6},
-        )
-        self.temperature_ = float(math.exp(result.x))
-        self.nll_before_ = _softmax_nll(z, y, 1.0)
-        self.nll_after_ = _softmax_nll(z, y, self.temperature_)
+        self.search(lambda t: _softmax_nll(z, y, t))
         return self
 
     def predict_proba(self, logits: ArrayLike) -> np.ndarray:
         """Calibrated ``N x K`` probabilities."""
         check_is_fitted(self, "temperature_")
         return softmax(_check_logits(logits) / self.temperature_, axis=1)
+
+    transform = predict_proba  # the binary parent's transform reads logit margins
 
 
 def fit_class_bias(logits: ArrayLike, labels: ArrayLike, temperature: float = 1.0) -> np.ndarray:

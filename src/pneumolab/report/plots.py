@@ -230,6 +230,20 @@ def _operating_point(y: np.ndarray, p: np.ndarray, threshold: float) -> tuple[fl
     return fp / negatives, tp / positives, precision
 
 
+def _roc_pr_axes(fig: Figure, *panels: tuple[str, str, str]) -> list:
+    """Side-by-side square panels on [0, 1] with a grid, one per (title, x label, y label)."""
+    axes = fig.subplots(1, len(panels))
+    for ax, (name, xlabel, ylabel) in zip(axes, panels, strict=True):
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_xlim(-0.02, 1.02)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_aspect("equal")
+        ax.grid(alpha=0.3)
+    return list(axes)
+
+
 def plot_roc_pr(
     labels: ArrayLike, probabilities: ArrayLike, threshold: float | None, *, title: str | None = None
 ) -> Figure:
@@ -249,18 +263,11 @@ def plot_roc_pr(
     fig = _figure(8.4, 3.7)
     if title:
         fig.suptitle(title, fontsize=11)
-    roc_ax, pr_ax = fig.subplots(1, 2)
-    for ax, name, xlabel, ylabel in (
-        (roc_ax, "ROC", "false positive rate (1 - specificity)", "true positive rate (sensitivity)"),
-        (pr_ax, "Precision-recall", "recall (sensitivity)", "precision"),
-    ):
-        ax.set_title(name, fontsize=10)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
-        ax.set_xlim(-0.02, 1.02)
-        ax.set_ylim(-0.02, 1.02)
-        ax.set_aspect("equal")
-        ax.grid(alpha=0.3)
+    roc_ax, pr_ax = _roc_pr_axes(
+        fig,
+        ("ROC", "false positive rate (1 - specificity)", "true positive rate (sensitivity)"),
+        ("Precision-recall", "recall (sensitivity)", "precision"),
+    )
     if len(np.unique(y)) < 2:
         for ax in (roc_ax, pr_ax):
             _note(ax, "undefined: needs both classes")
@@ -318,18 +325,11 @@ def plot_class_roc_pr(
     fig = _figure(8.4, 3.9)
     if title:
         fig.suptitle(title, fontsize=11)
-    roc_ax, pr_ax = fig.subplots(1, 2)
-    for ax, name, xlabel, ylabel in (
-        (roc_ax, "ROC, one class vs the rest", "false positive rate", "true positive rate (recall of the class)"),
-        (pr_ax, "Precision-recall, one class vs the rest", "recall of the class", "precision"),
-    ):
-        ax.set_title(name, fontsize=10)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
-        ax.set_xlim(-0.02, 1.02)
-        ax.set_ylim(-0.02, 1.02)
-        ax.set_aspect("equal")
-        ax.grid(alpha=0.3)
+    roc_ax, pr_ax = _roc_pr_axes(
+        fig,
+        ("ROC, one class vs the rest", "false positive rate", "true positive rate (recall of the class)"),
+        ("Precision-recall, one class vs the rest", "recall of the class", "precision"),
+    )
     roc_ax.plot((0, 1), (0, 1), color="0.6", linestyle="--", linewidth=1, label="chance")
     colours = [f"C{index % 10}" for index in range(len(classes))]
     for index, (name, colour) in enumerate(zip(classes, colours, strict=True)):

@@ -15,7 +15,6 @@ from torch.utils.data import DistributedSampler, WeightedRandomSampler
 
 from pneumolab.config import TrainConfig
 from pneumolab.data.cache import DatasetCache, prepare_cache
-from pneumolab.data.dataset import folder_classes
 from pneumolab.data.splits import carve_validation, read_split, write_split
 from pneumolab.data.tasks import get_task
 from pneumolab.errors import DatasetLayoutError, SettingError
@@ -57,7 +56,7 @@ def load_run_data(config: TrainConfig, run: RunDir, *, write: bool = True, progr
         progress=progress,
         classes=task.folder_classes,
     )
-    manifest, classes = task.relabel(cache.manifest, task.folder_classes or folder_classes(cache.manifest))
+    manifest, classes = task.relabel(cache.manifest)
     if run.split.is_file():
         table = read_split(run.split)
         by_path = dict(zip(table["path"], table["split"], strict=True))
