@@ -26,8 +26,9 @@ from pneumolab.inference.files import predict_files
 from pneumolab.inference.loader import load_backend
 from pneumolab.inference.pytorch import load_trained
 from pneumolab.pipeline import load_pipeline_config, run_pipeline
-from pneumolab.report._analyses import overlap_removed, used_test_evaluation
+from pneumolab.report._analyses import FileHashes, overlap_removed, used_test_evaluation
 from pneumolab.report._runfiles import read_run
+from pneumolab.report.sections import overlap_block
 from pneumolab.train.api import train
 
 METRIC_KEYS = {
@@ -81,6 +82,7 @@ def test_evaluate_writes_predictions_metrics_and_operating_point(dataset, tmp_pa
     files = read_run(run)
     found = overlap_removed(files, used_test_evaluation(files))
     assert found["from_file"] and found["rows"] == overlap["rows"] and found["threshold"] == point["threshold"]
+    assert overlap_block(files, used_test_evaluation(files), FileHashes())["facts"]  # the report words it
 
     # a second evaluation reuses the files; the CLI prints the metric object
     mtime = (run / "metrics" / "test.json").stat().st_mtime

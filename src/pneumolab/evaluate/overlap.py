@@ -40,7 +40,13 @@ def overlap_masks(test_paths: list[str], split: pd.DataFrame) -> tuple[np.ndarra
         return np.zeros(len(test_paths), bool), None, {"note": f"{len(missing):,} test films not in split.csv"}
     patients = by_path.loc[test_paths, "patient_id"].astype(str)
     shared = (patients.isin(set(train["patient_id"].astype(str))) & ~patients.str.startswith("file:")).to_numpy()
-    facts: dict[str, Any] = {"n_train": len(train), "shared_patients": int(patients[shared].nunique())}
+    # the report's words for where the hashes came from: recorded in split.csv (no dataset root read)
+    facts: dict[str, Any] = {
+        "root": None,
+        "n_train_hashed": len(train),
+        "n_test_hashed": len(test_paths),
+        "shared_patients": int(patients[shared].nunique()),
+    }
     if "sha256" not in by_path.columns or by_path["sha256"].isna().any():
         return shared, None, {**facts, "note": "split.csv records no SHA-256: exact duplicates not checked"}
     duplicates = by_path.loc[test_paths, "sha256"].isin(set(train["sha256"])).to_numpy()
