@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 DATA   ?= data/chest_xray
-EXTRAS := dicom,download,serve,weights,onnx,explain,dev
+EXTRAS := dicom,download,serve,weights,onnx,explain,sweep,dev
 STAMP  := $(VENV)/.installed
 
 .PHONY: run test lint format install browser clean

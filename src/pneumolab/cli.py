@@ -63,6 +63,16 @@ NoGateFlag = Annotated[
 ]
 
 
+StudyOption = Annotated[str | None, typer.Option(help="Optuna study name (workers with the same one share it).")]
+StorageOption = Annotated[
+    str | None,
+    typer.Option(
+        help="Where the study lives: a journal file (default OUT/study.journal; shared file systems too) or an RDB "
+        "URL such as postgresql://user@host/db for a cluster."
+    ),
+]
+
+
 def _print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2) + "\n")
 
@@ -171,14 +181,18 @@ def data_split(
     out: Annotated[Path, typer.Option(help="Where to write the split CSV.")] = Path("split.csv"),
     val_fraction: Annotated[float, typer.Option(help="Share of train (per label) carved out for validation.")] = 0.1,
     seed: Annotated[int, typer.Option(help="Seed of the patient choice.")] = 0,
+    design: Annotated[
+        str, typer.Option(help="Which patients: random (by seed), or by patient number (latest, earliest).")
+    ] = "random",
     json_out: JsonFlag = False,
 ) -> None:
     """Carve the patient-grouped, label-stratified validation split from train and write split.csv."""
     from pneumolab.data.dataset import build_manifest, find_dataset_root
-    from pneumolab.data.splits import carve_validation, write_split
+    from pneumolab.data.splits import carve_validation, check_design, write_split
 
+    check_design(design)
     manifest = build_manifest(find_dataset_root(data))
-    splits = carve_validation(manifest, fraction=val_fraction, seed=seed)
+    splits = carve_validation(manifest, fraction=val_fraction, seed=seed, design=design)
     write_split(manifest, splits, out)
     counts = manifest.groupby([splits, "label_name"]).size().unstack(fill_value=0)
     summary = {"split_csv": str(out), "counts": {s: row.to_dict() for s, row in counts.iterrows()}}
@@ -465,17 +479,167 @@ def run_command(
             "evaluated in --out (checkpoints not needed) join the ensemble and report."
         ),
     ] = None,
+    study: StudyOption = None,
+    storage: StorageOption = None,
     json_out: JsonFlag = False,
     quiet: QuietFlag = False,
 ) -> None:
-    """The main job: prepare -> train each model -> evaluate (with and without TTA) -> ensemble -> report."""
+    """The main job: prepare -> train each model -> evaluate (with and without TTA) -> ensemble -> report.
+
+    With --study, the models are spread over every worker started with the same study and storage (each model
+    trained once, into the shared --out); each worker then writes the ensemble and report from what is there."""
     from pneumolab.pipeline import load_pipeline_config, run_pipeline
 
-    summary = run_pipeline(load_pipeline_config(config), out, data=data, only=only, progress=not quiet and not json_out)
+    pipeline = load_pipeline_config(config)
+    progress = not quiet and not json_out
+    if study is not None:
+        from pneumolab.sweep.spread import spread_pipeline
+
+        spread_pipeline(pipeline, out, study=study, storage=storage, data=data, only=only, progress=progress)
+    summary = run_pipeline(pipeline, out, data=data, only=only, progress=progress)
     if json_out:
         _print_json(summary)
     else:
         stdout.print(f"report: {summary['report']} ({summary['wall_seconds']} s)")
+
+
+@app.command("cv")
+def cv_command(
+    config: Annotated[Path, typer.Option(help="Pipeline config (each model, or --only, is cross-validated).")] = Path(
+        "configs/default.yaml"
+    ),
+    folds: Annotated[int, typer.Option(help="Number of patient-grouped, label-stratified folds over train/.")] = 5,
+    out: Annotated[Path, typer.Option(help="Output folder: OUT/<model>/fold-<k>/, oof.csv, cv.json.")] = Path(
+        "runs/cv"
+    ),
+    data: Annotated[
+        Path | None, typer.Option(help="Dataset folder (default: the config's, else data/chest_xray).")
+    ] = None,
+    design: Annotated[
+        str, typer.Option(help="Which patients make a fold: random, or by patient number (latest, earliest).")
+    ] = "random",
+    only: Annotated[list[str] | None, typer.Option(help="Cross-validate only this model (repeatable).")] = None,
+    fold: Annotated[
+        list[int] | None, typer.Option(help="Train only this fold (repeatable; the summary waits for all).")
+    ] = None,
+    study: StudyOption = None,
+    storage: StorageOption = None,
+    json_out: JsonFlag = False,
+    quiet: QuietFlag = False,
+) -> None:
+    """Cross-validate: one run per fold, the out-of-fold predictions of all of train/, per-metric mean and spread,
+    and the CV ensemble (the fold models' mean, operating point fit out of fold) evaluated once on test.
+
+    With --study, the folds are spread over every worker started with the same study and storage."""
+    from pneumolab.cv import run_cv
+    from pneumolab.pipeline import load_pipeline_config
+
+    pipeline = load_pipeline_config(config)
+    if study is not None:
+        from pneumolab.sweep.spread import spread_cv
+
+        spread_cv(pipeline, out, study=study, folds=folds, design=design, storage=storage, data=data, only=only,
+                  progress=not quiet and not json_out)  # fmt: skip
+    summaries = run_cv(
+        pipeline,
+        out,
+        folds=folds,
+        design=design,
+        data=data,
+        only=only,
+        folds_to_run=fold,
+        progress=not quiet and not json_out,
+    )
+    if json_out:
+        _print_json(summaries)
+        return
+    for model, summary in summaries.items():
+        if summary is None:
+            stdout.print(f"{model}: folds still missing; the summary is written once all {folds} are evaluated")
+            continue
+        stdout.print(f"{model}: {folds}-fold CV ({summary['design']}), {out / model / 'cv.json'}")
+        for key, spread in summary["per_fold"]["val"].items():
+            test = summary["per_fold"]["test"][key]
+            stdout.print(
+                f"  {key:<18} val {_mean_std(spread)}   test {_mean_std(test)}   "
+                f"out-of-fold {_number(summary['out_of_fold'][key])}   CV ensemble test "
+                f"{_number(summary['cv_ensemble_test'][key])}"
+            )
+
+
+def _number(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def _mean_std(spread: dict[str, Any]) -> str:
+    return f"{_number(spread['mean'])} +- {_number(spread['std'])}"
+
+
+@app.command("sweep")
+def sweep_command(
+    study: Annotated[str, typer.Option(help="Optuna study name (workers with the same one share it).")],
+    config: Annotated[Path, typer.Option(help="Pipeline config: its data, evaluation and the model swept.")] = Path(
+        "configs/default.yaml"
+    ),
+    space: Annotated[Path | None, typer.Option(help="Search space YAML (keys of a training config).")] = None,
+    storage: StorageOption = None,
+    trials: Annotated[int, typer.Option(min=1, help="Finished trials the study aims for (all workers together).")] = 20,
+    out: Annotated[Path, typer.Option(help="Output folder: OUT/trials/trial-<n>/, the study page.")] = Path(
+        "runs/sweep"
+    ),
+    model: Annotated[str | None, typer.Option(help="The config's model to start from (when it has several).")] = None,
+    folds: Annotated[
+        int | None, typer.Option(min=2, help="Objective: the mean over this many CV folds (each trial trains all).")
+    ] = None,
+    data: Annotated[
+        Path | None, typer.Option(help="Dataset folder (default: the config's, else data/chest_xray).")
+    ] = None,
+    show: Annotated[
+        bool, typer.Option("--show", help="Write the study's page and best config (OUT/sweep-<study>/); no training.")
+    ] = False,
+    json_out: JsonFlag = False,
+    quiet: QuietFlag = False,
+) -> None:
+    """Search training settings with Optuna on validation only (TPE, median pruning); start the same command on
+    more machines, or more times on one, with the same --study and --storage to add workers."""
+    if show:
+        from pneumolab.sweep.show import show_study
+
+        summary = show_study(study, storage=storage, out=out)
+        if json_out:
+            _print_json(summary)
+            return
+        stdout.print(f"study {study}: {summary['states']}; page {summary['page']}")
+        for trial in summary["best"]:
+            stdout.print(f"  trial {trial['number']}: {summary['objective']} {trial['value']:.5g}  {trial['params']}")
+        if "best_config" in summary:
+            stdout.print(f"best config: {summary['best_config']}")
+        return
+    if space is None:
+        raise SettingError("--space SPACE.yaml is needed to run a sweep (or pass --show to read one back)")
+    from pneumolab.pipeline import load_pipeline_config
+    from pneumolab.sweep.search import run_sweep
+    from pneumolab.sweep.space import load_space
+
+    summary = run_sweep(
+        load_pipeline_config(config),
+        load_space(space),
+        study_name=study,
+        out=out,
+        storage=storage,
+        trials=trials,
+        model=model,
+        folds=folds,
+        data=data,
+        progress=not quiet and not json_out,
+    )
+    if json_out:
+        _print_json(summary)
+    else:
+        stdout.print(
+            f"study {study}: this worker finished {summary['trials_by_this_worker']} trials; "
+            f"pneumolab sweep --study {study} --show --out {out} writes the page and best config"
+        )
 
 
 @app.command("predict")

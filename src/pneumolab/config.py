@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pneumolab.data.augment import get_preset
+from pneumolab.data.splits import check_design
 from pneumolab.data.tasks import get_task
 from pneumolab.errors import PneumolabError, SettingError
 from pneumolab.fsutil import write_text_atomic
@@ -65,12 +66,38 @@ class DataConfig(StrictModel):
     cache_dir: Path | None = None
     val_fraction: float = Field(0.1, gt=0, lt=1)
     split_seed: int = 0
+    split_design: str = Field("random", description="random, latest or earliest: which patients validation holds")
+    folds: int | None = Field(None, ge=2, description="cross-validation: validation is fold `fold` of `folds`")
+    fold: int | None = Field(None, ge=0)
 
     @field_validator("task")
     @classmethod
     def _known_task(cls, task: str) -> str:
         check_setting(get_task, task)
         return task
+
+    @field_validator("split_design")
+    @classmethod
+    def _known_design(cls, design: str) -> str:
+        check_setting(check_design, design)
+        return design
+
+    @model_validator(mode="after")
+    def _fold_in_range(self) -> DataConfig:
+        if (self.folds is None) != (self.fold is None):
+            raise ValueError("folds and fold go together (validation is fold `fold` of `folds`)")
+        if self.folds is not None and self.fold >= self.folds:
+            raise ValueError(f"fold must be in 0 .. {self.folds - 1} with {self.folds} folds, got {self.fold}")
+        return self
+
+    def carve_settings(self) -> dict[str, Any]:
+        """The keyword arguments of `carve_validation` that reproduce this config's split (recorded in cards)."""
+        settings: dict[str, Any] = {"fraction": self.val_fraction, "seed": self.split_seed}
+        if self.split_design != "random":
+            settings["design"] = self.split_design
+        if self.folds is not None:
+            settings.update(folds=self.folds, fold=self.fold)
+        return settings
 
 
 class ModelConfig(StrictModel):

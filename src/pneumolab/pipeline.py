@@ -11,8 +11,9 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import Field, field_validator, model_validator
 
@@ -26,7 +27,21 @@ from pneumolab.fsutil import write_json_atomic
 from pneumolab.progress import stderr_console
 from pneumolab.runs import RunDir
 
-__all__ = ["PipelineConfig", "load_pipeline_config", "run_pipeline"]
+if TYPE_CHECKING:
+    from pneumolab.train.callbacks import Callback
+
+__all__ = [
+    "EvaluateSettings",
+    "ModelRun",
+    "PipelineConfig",
+    "dataset_root",
+    "load_pipeline_config",
+    "model_train_config",
+    "prepare_data",
+    "run_evaluated",
+    "run_pipeline",
+    "train_and_evaluate",
+]
 
 DEFAULT_DATA = Path("data/chest_xray")
 
@@ -76,6 +91,14 @@ class PipelineConfig(StrictModel):
     evaluate: EvaluateSettings = Field(default_factory=EvaluateSettings)
     ensemble: EnsembleSettings | None = None
 
+    def model_names(self, only: list[str] | None = None) -> list[str]:
+        """Every model's name; `only` (e.g. ``--only``) must name models of this config."""
+        names = [m.name for m in self.models]
+        unknown = sorted(set(only or []) - set(names))
+        if unknown:
+            raise SettingError(f"--only: {unknown} are not models of this config ({', '.join(names)})")
+        return names
+
     @model_validator(mode="after")
     def _members_are_models(self) -> PipelineConfig:
         names = [m.name for m in self.models]
@@ -102,7 +125,7 @@ def _run_finished(run: RunDir) -> bool:
     return run.best.is_file() and _trained(run)
 
 
-def _run_evaluated(run: RunDir) -> bool:
+def run_evaluated(run: RunDir) -> bool:
     """Trained and evaluated: enough to join the ensemble and report, which read only saved predictions. A run
     brought back from another machine without its checkpoints (too large to carry) counts."""
     return _trained(run) and run.operating_point.is_file()
@@ -110,6 +133,72 @@ def _run_evaluated(run: RunDir) -> bool:
 
 def _log(message: str) -> None:
     stderr_console.print(f"[bold]run[/bold] {message}", highlight=False)
+
+
+def model_train_config(model: ModelRun, data: DataConfig, **data_updates: Any) -> TrainConfig:
+    """A model's training config under the pipeline's data settings (with `data.root` set), except what the model's
+    own data block sets (e.g. a larger cache_size); `data_updates` (a fold, say) override both."""
+    own = model.train.data.model_dump(exclude_unset=True)
+    return model.train.model_copy(update={"data": data.model_copy(update={**own, "root": data.root, **data_updates})})
+
+
+def train_and_evaluate(
+    config: TrainConfig,
+    run: RunDir,
+    settings: EvaluateSettings,
+    *,
+    progress: bool = True,
+    callbacks: Sequence[Callback] = (),
+) -> dict[str, dict[str, Any]]:
+    """Train `run` (reused when finished, resumed when interrupted), then evaluate it (reused when its saved
+    evaluation was made with these settings). Returns the evaluation's metric objects."""
+    from pneumolab.evaluate.runner import evaluate_run
+    from pneumolab.train.api import train
+
+    if _run_finished(run):
+        _log(f"{run.path.name}: trained already, reusing {run.path}")
+    else:
+        resume = run.last.is_file()
+        _log(f"{run.path.name}: {'resuming' if resume else 'training'} {config.model.name}")
+        train(config, run.path, resume=resume, progress=progress, callbacks=callbacks)
+    _log(f"{run.path.name}: evaluating")
+    return evaluate_run(
+        run.path,
+        data=config.data.root,
+        tta=settings.tta,
+        threshold_method=settings.threshold,
+        target_sensitivity=settings.target_sensitivity,
+        n_resamples=settings.resamples,
+        progress=progress,
+    )
+
+
+def dataset_root(config: PipelineConfig, data: str | os.PathLike[str] | None) -> Path:
+    """The dataset a pipeline runs on (`data`, else the config's, else data/chest_xray); a missing one is an error
+    that says how to get it."""
+    root = Path(data) if data else (config.data.root or DEFAULT_DATA)
+    if not root.exists():
+        raise DatasetLayoutError(
+            f"{root}: no dataset here; get it with `pneumolab data download --to {root.parent}` "
+            "or pass --data DIR (or make run DATA=DIR)"
+        )
+    return root
+
+
+def prepare_data(config: PipelineConfig, root: Path, *, progress: bool = True) -> DataConfig:
+    """Decode the dataset into the cache once (every run then reads it); the pipeline's data settings at `root`."""
+    from pneumolab.data.cache import prepare_cache
+
+    data_config = config.data.model_copy(update={"root": root})
+    _log(f"preparing the cache of {root}")
+    prepare_cache(
+        root,
+        size=data_config.cache_size,
+        cache_root=data_config.cache_dir,
+        progress=progress,
+        classes=get_task(data_config.task).folder_classes,
+    )
+    return data_config
 
 
 def run_pipeline(
@@ -126,64 +215,25 @@ def run_pipeline(
         only: train and evaluate just these models (e.g. to split a comparison across machines); the others
             join the ensemble and the report when their runs are already finished and evaluated in `out`.
     """
-    from pneumolab.data.cache import prepare_cache
-    from pneumolab.evaluate.runner import ensemble_runs, evaluate_run
+    from pneumolab.evaluate.runner import ensemble_runs
     from pneumolab.report import build_report
-    from pneumolab.train.api import train
 
     started = time.perf_counter()
     out = Path(out)
-    names = [m.name for m in config.models]
-    unknown = sorted(set(only or []) - set(names))
-    if unknown:
-        raise SettingError(f"--only: {unknown} are not models of this config ({', '.join(names)})")
-    root = Path(data) if data else (config.data.root or DEFAULT_DATA)
-    if not root.exists():
-        raise DatasetLayoutError(
-            f"{root}: no dataset here; get it with `pneumolab data download --to {root.parent}` "
-            "or pass --data DIR (or make run DATA=DIR)"
-        )
-    data_config = config.data.model_copy(update={"root": root})
-    _log(f"preparing the cache of {root}")
-    task = get_task(data_config.task)
-    prepare_cache(
-        root,
-        size=data_config.cache_size,
-        cache_root=data_config.cache_dir,
-        progress=progress,
-        classes=task.folder_classes,
-    )
+    names = config.model_names(only)
+    data_config = prepare_data(config, dataset_root(config, data), progress=progress)
 
     timings: dict[str, float] = {}
     run_dirs = []
     for model in config.models:
         run = RunDir(out / model.name)
         if only and model.name not in only:
-            if _run_evaluated(run):
+            if run_evaluated(run):
                 run_dirs.append(run.path)
             continue
         run_dirs.append(run.path)
-        # the pipeline's data settings, except what the model's own data block sets (e.g. a larger cache_size)
-        own = model.train.data.model_dump(exclude_unset=True)
-        train_data = data_config.model_copy(update={**own, "root": root})
-        train_config = model.train.model_copy(update={"data": train_data})
         step_started = time.perf_counter()
-        if _run_finished(run):
-            _log(f"{model.name}: trained already, reusing {run.path}")
-        else:
-            resume = run.last.is_file()
-            _log(f"{model.name}: {'resuming' if resume else 'training'} {train_config.model.name}")
-            train(train_config, run.path, resume=resume, progress=progress)
-        _log(f"{model.name}: evaluating")
-        evaluate_run(
-            run.path,
-            data=root,
-            tta=config.evaluate.tta,
-            threshold_method=config.evaluate.threshold,
-            target_sensitivity=config.evaluate.target_sensitivity,
-            n_resamples=config.evaluate.resamples,
-            progress=progress,
-        )
+        train_and_evaluate(model_train_config(model, data_config), run, config.evaluate, progress=progress)
         timings[model.name] = round(time.perf_counter() - step_started, 1)
 
     report_runs = list(run_dirs)

@@ -6,7 +6,8 @@ import pandas as pd
 import pytest
 
 from pneumolab.data.dataset import build_manifest
-from pneumolab.data.splits import carve_validation, read_split, write_split
+from pneumolab.data.splits import assign_folds, carve_validation, read_split, write_split
+from pneumolab.errors import DatasetLayoutError, SettingError
 from pneumolab.fsutil import file_sha256
 
 
@@ -60,3 +61,49 @@ def test_bad_fraction_is_refused(make_dataset):
     manifest = build_manifest(make_dataset())
     with pytest.raises(ValueError, match="fraction"):
         carve_validation(manifest, fraction=1.5)
+
+
+@pytest.fixture(scope="module")
+def shared_manifest(shared_data):
+    return build_manifest(shared_data)
+
+
+@pytest.mark.parametrize("design", ["random", "latest"])
+def test_folds_put_every_patient_in_exactly_one_validation_fold(shared_manifest, design):
+    manifest = shared_manifest
+    fold = assign_folds(manifest, folds=5, design=design)
+    train = manifest["split"] != "test"
+    assert (fold[~train] == -1).all() and set(fold[train]) == set(range(5))
+    assert (manifest[train].groupby("patient_id").apply(lambda rows: fold[rows.index].nunique()) == 1).all()
+    # stratified: each fold holds about a fifth of each label's films
+    for label in (0, 1):
+        counts = fold[train & (manifest["label"] == label)].value_counts()
+        assert counts.max() - counts.min() <= 0.02 * counts.sum()
+    # the carve of fold k is exactly that fold, and the folds cover train once
+    carved = [carve_validation(manifest, folds=5, fold=k, design=design) for k in range(5)]
+    assert sum((c == "val").to_numpy().astype(int) for c in carved).tolist() == train.astype(int).tolist()
+    assert all((c[~train] == "test").all() for c in carved)
+
+
+def test_time_ordered_designs_hold_out_the_latest_or_earliest_patients(shared_manifest):
+    manifest = shared_manifest
+    number = manifest["patient_id"].str.extract(r"(\d+)$")[0].astype(float)
+    pneumonia = (manifest["split"] != "test") & (manifest["label"] == 1)  # one series: person<N>
+    latest = carve_validation(manifest, design="latest")
+    earliest = carve_validation(manifest, design="earliest")
+    assert number[pneumonia & (latest == "val")].min() > number[pneumonia & (latest == "train")].max()
+    assert number[pneumonia & (earliest == "val")].max() < number[pneumonia & (earliest == "train")].min()
+    # the random design with its default settings is the carve every run so far used
+    assert (carve_validation(manifest, design="random") == carve_validation(manifest)).all()
+
+
+def test_bad_fold_settings_are_refused_with_one_line(make_dataset):
+    manifest = build_manifest(make_dataset(per_class=16))
+    with pytest.raises(SettingError, match=r"fold must be in 0 \.\. 2"):
+        carve_validation(manifest, folds=3, fold=3)
+    with pytest.raises(SettingError, match="unknown split design 'newest'"):
+        carve_validation(manifest, design="newest")
+    with pytest.raises(SettingError, match="at least 2 folds"):
+        assign_folds(manifest, folds=1)
+    with pytest.raises(DatasetLayoutError, match="patients cannot fill 20 folds"):
+        assign_folds(manifest, folds=20)

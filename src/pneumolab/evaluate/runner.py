@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 import torch
 from scipy.special import softmax
+from sklearn.metrics import brier_score_loss, log_loss
 
 from pneumolab.config import load_config
 from pneumolab.data.cache import prepare_cache
@@ -75,7 +76,21 @@ from pneumolab.inference.pytorch import TrainedModel, load_trained
 from pneumolab.progress import progress_bar
 from pneumolab.runs import RunDir
 
-__all__ = ["ensemble_runs", "evaluate_artefact", "evaluate_run", "gate_artefact", "metrics_for", "write_predictions"]
+__all__ = [
+    "aligned_member_predictions",
+    "ensemble_runs",
+    "evaluate_artefact",
+    "evaluate_run",
+    "gate_artefact",
+    "member_classes",
+    "member_predictions",
+    "metrics_for",
+    "saved_metrics",
+    "stack_probabilities",
+    "used_suffix",
+    "write_ensemble",
+    "write_predictions",
+]
 
 SPLITS = ("val", "test")
 SELECTIVE = "selective.json"  # metrics/selective.json: what the gate and the referral band did to val and test
@@ -107,9 +122,12 @@ def metrics_for(
     n_resamples: int,
     **extra: Any,
 ) -> dict[str, Any]:
-    """The metric object plus calibration error and the facts a report needs."""
+    """The metric object plus the proper scoring rules (log loss, Brier score of P(PNEUMONIA): they keep ranking
+    models after ROC-AUC saturates near 1), calibration error and the facts a report needs."""
     metrics = evaluate_predictions(labels, probabilities, threshold, n_resamples=n_resamples)
     metrics.update(
+        log_loss=float(log_loss(labels, probabilities, labels=[0, 1])),
+        brier=float(brier_score_loss(labels, probabilities, pos_label=1)),
         threshold_method=threshold_method,
         temperature=temperature,
         ece=expected_calibration_error(labels, probabilities),
@@ -202,7 +220,7 @@ def _rows(run: RunDir, manifest: pd.DataFrame) -> dict[str, np.ndarray]:
 
 
 # bump when evaluate_run writes different files or figures from the same settings, so older results are redone
-EVALUATION_FORMAT = 1
+EVALUATION_FORMAT = 2  # 2: binary metrics carry log loss and Brier score
 
 
 def _evaluation_key(run: RunDir, root: Path | None, variants: dict[str, tuple[str, ...]], **settings: Any) -> dict:
@@ -588,7 +606,7 @@ def _artefact_splits(trained: TrainedModel, data, progress: bool):
     settings = trained.validation_split
     assigned = manifest["split"].to_numpy().astype(object)
     if settings is not None:
-        carved = carve_validation(manifest, fraction=settings["fraction"], seed=settings["seed"]).to_numpy()
+        carved = carve_validation(manifest, **settings).to_numpy()
         assigned = np.where(assigned == "test", "test", carved)
     return cache, assigned, labels
 
@@ -640,13 +658,21 @@ def gate_artefact(
     return card
 
 
-def _member_predictions(run: RunDir, split: str) -> pd.DataFrame:
-    """A member's predictions for `split`, in the variant its operating point chose (plain or TTA)."""
-    point_file = run.operating_point
-    if not point_file.is_file():
+def used_suffix(run: RunDir) -> str:
+    """``"_tta"`` when the run's operating point uses its TTA variant, else ``""`` (the plain one)."""
+    if not run.operating_point.is_file():
         raise ArtefactError(f"{run.path}: not evaluated yet (no operating_point.json); run pneumolab evaluate first")
-    suffix = "_tta" if json.loads(point_file.read_text()).get("tta") else ""
-    return pd.read_csv(run.path / "predictions" / f"{split}{suffix}.csv")
+    return "_tta" if json.loads(run.operating_point.read_text()).get("tta") else ""
+
+
+def member_predictions(run: RunDir, split: str) -> pd.DataFrame:
+    """A run's predictions for `split`, in the variant its operating point chose (plain or TTA)."""
+    return pd.read_csv(run.path / "predictions" / f"{split}{used_suffix(run)}.csv")
+
+
+def saved_metrics(run: RunDir, split: str) -> dict[str, Any]:
+    """A run's metric object for `split`, in the variant its operating point chose."""
+    return json.loads((run.path / "metrics" / f"{split}{used_suffix(run)}.json").read_text())
 
 
 def ensemble_runs(
@@ -669,27 +695,73 @@ def ensemble_runs(
     if len(runs) < 2:
         raise SettingError("an ensemble needs at least two runs")
     members = [RunDir(r) for r in runs]
+    tables = {s: aligned_member_predictions(members, s) for s in SPLITS}
+    classes = member_classes(members, tables["val"])
+    labels = {s: tables[s][0]["label"].to_numpy() for s in SPLITS}
+    stacked = {s: stack_probabilities(tables[s], classes) for s in SPLITS}
+    combiner = EnsembleCombiner(method).fit(stacked["val"], labels["val"])
+    probabilities = {s: combiner.predict_proba(stacked[s]) for s in SPLITS}
+    paths = {s: tables[s][0]["path"] for s in SPLITS}
+    return write_ensemble(
+        members,
+        out,
+        paths,
+        labels,
+        probabilities,
+        classes,
+        combiner.describe(),
+        ThresholdSelector(threshold_method, target_sensitivity=target_sensitivity),
+        n_resamples,
+    )
+
+
+def aligned_member_predictions(members: list[RunDir], split: str) -> list[pd.DataFrame]:
+    """Each member's predictions of `split` (its used variant), checked to cover the same images in one order."""
+    frames = [member_predictions(m, split) for m in members]
+    reference = frames[0]["path"].tolist()
+    for member, frame in zip(members[1:], frames[1:], strict=True):
+        if frame["path"].tolist() != reference:
+            raise ArtefactError(f"{member.path}: its {split} images differ from {members[0].path}'s (other split?)")
+    return frames
+
+
+def member_classes(members: list[RunDir], frames: list[pd.DataFrame]) -> tuple[str, ...] | None:
+    """The members' classes from their ``p_<CLASS>`` columns (None: binary), refused when they differ."""
+    columns = [[c for c in f if c.startswith("p_")] for f in frames]
+    if any(columns[0] != other for other in columns[1:]):  # binary with K-class, or other classes
+        raise SettingError(f"{members[0].path.name} and the other members predict different classes")
+    return tuple(c.removeprefix("p_") for c in columns[0]) or None
+
+
+def stack_probabilities(frames: list[pd.DataFrame], classes: tuple[str, ...] | None) -> np.ndarray:
+    """members x N (binary: P(PNEUMONIA)) or members x N x K (K classes) from prediction tables."""
+    if classes is None:
+        return np.stack([f["probability"].to_numpy() for f in frames])
+    return np.stack([f[[f"p_{c}" for c in classes]].to_numpy(dtype=np.float64) for f in frames])
+
+
+def write_ensemble(
+    members: list[RunDir],
+    out: str | os.PathLike[str],
+    paths: dict[str, Any],
+    labels: dict[str, np.ndarray],
+    probabilities: dict[str, np.ndarray],
+    classes: tuple[str, ...] | None,
+    combiner: dict[str, Any],
+    selector: ThresholdSelector,
+    n_resamples: int,
+    **facts: Any,
+) -> dict[str, dict[str, Any]]:
+    """Write an ensemble's folder from its combined probabilities per split (binary: P(PNEUMONIA); K classes: N x K):
+    predictions, metrics, the operating point fit on its ``val`` probabilities, and ``env.json`` naming the members
+    and the `combiner` (its `describe()`), plus `facts`. Built beside `out`, which it replaces when complete."""
     target = RunDir(out)
     # `out` is replaced whole: never a member's folder, nor any trained run
     if target.path.resolve() in {m.path.resolve() for m in members} or target.config.is_file():
         raise SettingError(f"{target.path}: a trained run folder; write the ensemble to a new folder (--out)")
-    tables = {s: [_member_predictions(m, s) for m in members] for s in SPLITS}
-    columns = [[c for c in f if c.startswith("p_")] for f in tables["val"]]
-    if any(columns[0] != other for other in columns[1:]):  # binary with K-class, or other classes
-        raise SettingError(f"{members[0].path.name} and the other members predict different classes")
-    for split, frames in tables.items():
-        reference = frames[0]["path"].tolist()
-        for member, frame in zip(members[1:], frames[1:], strict=True):
-            if frame["path"].tolist() != reference:
-                raise ArtefactError(f"{member.path}: its {split} images differ from {members[0].path}'s (other split?)")
-    labels = {s: tables[s][0]["label"].to_numpy() for s in SPLITS}
-    selector = ThresholdSelector(threshold_method, target_sensitivity=target_sensitivity)
-    if columns[0]:
-        classes = tuple(c.removeprefix("p_") for c in columns[0])
-        return _ensemble_classes(members, target, tables, labels, classes, method, selector, n_resamples)
-    stacked = {s: np.stack([f["probability"].to_numpy() for f in tables[s]]) for s in SPLITS}
-    combiner = EnsembleCombiner(method).fit(stacked["val"], labels["val"])
-    probabilities = {s: combiner.predict_proba(stacked[s]) for s in SPLITS}
+    if classes is not None:
+        return _ensemble_classes(members, target, paths, labels, probabilities, classes, combiner, selector,
+                                 n_resamples, facts)  # fmt: skip
     threshold = float(selector.fit(labels["val"], probabilities["val"]).threshold_)
     results = {}
     with atomic_dir(target.path) as building:
@@ -698,7 +770,7 @@ def ensemble_runs(
             results[split] = _write_split(
                 run,
                 split,
-                tables[split][0]["path"],
+                paths[split],
                 labels[split],
                 probabilities[split],
                 threshold,
@@ -723,32 +795,28 @@ def ensemble_runs(
             "temperature_if_scaled": temperature_if_scaled,
         }
         write_json_atomic(run.operating_point, {**point, "chosen_on": "validation", "referral": band.describe()})
-        members_text = [str(m.path) for m in members]
-        write_json_atomic(
-            run.env, {"ensemble": {**combiner.describe(), "members": members_text}, "weights_source": "ensemble"}
-        )
+        _write_ensemble_env(run, members, combiner, facts)
     return results
 
 
-def _ensemble_classes(members, target, tables, labels, classes, method, selector, n_resamples):
-    """`ensemble_runs` of K-class runs: the combiner on their class probabilities, the decision the argmax, the
-    binary views' thresholds fit on validation; no band (as for a K-class model)."""
-    from pneumolab.evaluate.ensemble import EnsembleCombiner
+def _write_ensemble_env(run: RunDir, members: list[RunDir], combiner: dict[str, Any], facts: dict[str, Any]) -> None:
+    members_text = [str(m.path) for m in members]
+    env = {"ensemble": {**combiner, "members": members_text}, "weights_source": "ensemble", **facts}
+    write_json_atomic(run.env, env)
 
-    columns = [f"p_{c}" for c in classes]
-    stacked = {s: np.stack([f[columns].to_numpy(dtype=np.float64) for f in tables[s]]) for s in SPLITS}
-    combiner = EnsembleCombiner(method).fit(stacked["val"], labels["val"])
-    probabilities = {s: combiner.predict_proba(stacked[s]) for s in SPLITS}
+
+def _ensemble_classes(members, target, paths, labels, probabilities, classes, combiner, selector, n_resamples, facts):
+    """`write_ensemble` of K-class runs: the decision the argmax of the combination, the binary views' thresholds
+    fit on validation; no band (as for a K-class model)."""
     thresholds = derived_thresholds(labels["val"], probabilities["val"], classes, selector)
-    decision = f"argmax of the {method} combination"
+    decision = f"argmax of the {combiner['method']} combination"
     results = {}
     with atomic_dir(target.path) as building:
         run = RunDir(building)
         for split in SPLITS:
-            paths = tables[split][0]["path"]
-            no_logits = np.full((len(paths), len(classes)), np.nan)
+            no_logits = np.full((len(paths[split]), len(classes)), np.nan)
             dest = run.path / "predictions" / f"{split}.csv"
-            write_class_predictions(dest, paths, labels[split], probabilities[split], classes, no_logits)
+            write_class_predictions(dest, paths[split], labels[split], probabilities[split], classes, no_logits)
             results[split] = multiclass_metrics_for(
                 labels[split],
                 probabilities[split],
@@ -773,8 +841,5 @@ def _ensemble_classes(members, target, tables, labels, classes, method, selector
             "referral": None,
         }
         write_json_atomic(run.operating_point, point)
-        members_text = [str(m.path) for m in members]
-        write_json_atomic(
-            run.env, {"ensemble": {**combiner.describe(), "members": members_text}, "weights_source": "ensemble"}
-        )
+        _write_ensemble_env(run, members, combiner, facts)
     return results

@@ -53,7 +53,7 @@ class TrainedModel(InferenceModel):
     temperature: float = 1.0
     threshold_method: str = "fixed 0.5"
     tta: tuple[str, ...] = ()
-    validation_split: dict[str, Any] | None = None  # {"fraction", "seed"} of the carve the model was tuned on
+    validation_split: dict[str, Any] | None = None  # carve_validation keywords of its validation split
     gates: GateSet | None = None  # the content gate per precision, fit on the training split (None: not fitted)
     band: ReferralBand | None = None  # the referral band, fit on validation (None: not fitted)
     gate_enabled: bool = True  # False: research use, every file answered (--no-gate)
@@ -200,5 +200,5 @@ def load_trained(path: str | os.PathLike[str] | None = None, *, device: torch.de
     config = path / "config.yaml" if path.is_dir() else None
     if config is not None and config.is_file():
         data = load_config(config).data
-        trained.validation_split = {"fraction": data.val_fraction, "seed": data.split_seed}
+        trained.validation_split = data.carve_settings()
     return trained

@@ -17,6 +17,8 @@ METRIC_COLUMNS = (
     ("f1", "F1", "%"),
     ("roc_auc", "ROC-AUC", ""),
     ("average_precision", "Average precision", ""),
+    ("log_loss", "Log loss", ""),  # the proper scoring rules: they keep ranking after ROC-AUC saturates
+    ("brier", "Brier score", ""),
     ("accuracy_at_0.5", "Accuracy at 0.5", "%"),
     ("ece", "ECE", ""),
 )

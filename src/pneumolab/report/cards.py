@@ -262,13 +262,13 @@ def training_facts(run: RunFiles, weights: str) -> list[tuple[str, str]]:
         ("Precision", str(nested_get(run.env, "precision") or setting("precision"))),
     ]
     fraction = finite(nested_get(config, "data", "val_fraction"))
-    if fraction is not None:
-        facts.append(
-            (
-                "Validation split",
-                f"{100 * fraction:.0f} % of train/, grouped by patient (seed {setting('data', 'split_seed')})",
-            )
-        )
+    folds, design = nested_get(config, "data", "folds"), nested_get(config, "data", "split_design") or "random"
+    order = f"seed {setting('data', 'split_seed')}" if design == "random" else f"{design} patients by number"
+    if folds:
+        share = f"fold {int(nested_get(config, 'data', 'fold')) + 1} of {folds} of train/"
+        facts.append(("Validation split", f"{share}, grouped by patient ({order})"))
+    elif fraction is not None:
+        facts.append(("Validation split", f"{100 * fraction:.0f} % of train/, grouped by patient ({order})"))
     return facts
 
 

@@ -67,7 +67,7 @@ def load_run_data(config: TrainConfig, run: RunDir, *, write: bool = True, progr
             )
         splits = manifest["path"].map(by_path)
     else:
-        splits = carve_validation(manifest, fraction=config.data.val_fraction, seed=config.data.split_seed)
+        splits = carve_validation(manifest, **config.data.carve_settings())
         if write:
             write_split(manifest, splits, run.split)
     split_array = splits.to_numpy()

@@ -299,8 +299,12 @@ def validation_metrics(logits: torch.Tensor, labels: np.ndarray) -> dict[str, fl
     else:
         scores, decided = probabilities, probabilities.argmax(1)
     every_class = len(set(labels.tolist())) == k
+    onehot = np.eye(k)[labels]
+    # Brier score as the evaluation reports it: binary on P(classes[1]), K classes summed over the classes
+    brier = np.mean((probabilities[:, 1] - labels) ** 2) if k == 2 else np.mean(((probabilities - onehot) ** 2).sum(1))
     return {
         "val_loss": float(F.cross_entropy(logits.float(), torch.from_numpy(labels))),
+        "val_brier": float(brier),
         "val_accuracy": float((decided == labels).mean()),
         "val_roc_auc": float(roc_auc_score(labels, scores, multi_class="ovr")) if every_class else float("nan"),
         "val_balanced_accuracy": float(balanced_accuracy_score(labels, decided)),

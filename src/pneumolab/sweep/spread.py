@@ -1,0 +1,85 @@
+"""Spread a comparison or a cross-validation over workers: each model (or model and fold) one point of a grid study.
+
+``pneumolab run --study NAME`` and ``pneumolab cv --study NAME`` call these first: every worker started with the
+same study and storage takes waiting points (`pneumolab.sweep.study.run_grid`) and trains and evaluates them into
+the shared ``--out`` folder, exactly as the plain command would. When no point is left, the plain command runs and
+finds everything done: it trains nothing, and writes the ensemble, the report or the CV summary (whichever worker
+gets there last writes the complete one; writes are atomic). The value of a point is its validation log loss.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from pneumolab.cv import fold_run
+from pneumolab.evaluate.runner import saved_metrics
+from pneumolab.pipeline import PipelineConfig, dataset_root, model_train_config, prepare_data, train_and_evaluate
+from pneumolab.runs import RunDir
+from pneumolab.sweep.study import open_storage, run_grid
+
+__all__ = ["spread_cv", "spread_pipeline"]
+
+
+def _definition(kind: str, config: PipelineConfig, out: str | os.PathLike[str], **facts: Any) -> dict[str, Any]:
+    return {
+        "kind": kind,
+        "config": config.model_dump(mode="json", exclude={"data": {"root", "cache_dir"}}),
+        "out": str(Path(out).resolve()),
+        **facts,
+    }
+
+
+def spread_pipeline(
+    config: PipelineConfig,
+    out: str | os.PathLike[str],
+    *,
+    study: str,
+    storage: str | None = None,
+    data: str | os.PathLike[str] | None = None,
+    only: list[str] | None = None,
+    progress: bool = True,
+) -> int:
+    """Work on the comparison's grid (one point per model) until none is waiting; return how many this worker did."""
+    names = config.model_names(only)
+    data_config = prepare_data(config, dataset_root(config, data), progress=progress)
+    models = {m.name: m for m in config.models}
+
+    def work(point: dict[str, Any]) -> float:
+        run = RunDir(Path(out) / point["model"])
+        train_and_evaluate(model_train_config(models[point["model"]], data_config), run, config.evaluate,
+                           progress=progress)  # fmt: skip
+        return float(saved_metrics(run, "val")["log_loss"])
+
+    points = [{"model": name} for name in names if not only or name in only]
+    return run_grid(study, open_storage(storage, out), points, work, definition=_definition("run", config, out))
+
+
+def spread_cv(
+    config: PipelineConfig,
+    out: str | os.PathLike[str],
+    *,
+    study: str,
+    folds: int,
+    design: str = "random",
+    storage: str | None = None,
+    data: str | os.PathLike[str] | None = None,
+    only: list[str] | None = None,
+    progress: bool = True,
+) -> int:
+    """Work on the cross-validation's grid (one point per model and fold) until none is waiting."""
+    names = config.model_names(only)
+    data_config = prepare_data(config, dataset_root(config, data), progress=progress)
+    models = {m.name: m for m in config.models}
+
+    def work(point: dict[str, Any]) -> float:
+        model, k = point["model"], int(point["fold"])
+        train_config = model_train_config(models[model], data_config, folds=folds, fold=k, split_design=design)
+        run = fold_run(out, model, k)
+        train_and_evaluate(train_config, run, config.evaluate, progress=progress)
+        return float(saved_metrics(run, "val")["log_loss"])
+
+    points = [{"model": name, "fold": k} for name in names if not only or name in only for k in range(folds)]
+    definition = _definition("cv", config, out, folds=folds, design=design)
+    return run_grid(study, open_storage(storage, out), points, work, definition=definition)
