@@ -91,3 +91,21 @@ def test_missing_bundled_model_is_one_clear_error(tmp_path):
     with pytest.raises(Exception, match="no bundled model 'nope'"):
         bundled_model_dir("nope")
     assert Path(bundled_model_dir()).is_dir()
+
+
+def test_the_bundled_three_class_model_loads_by_name_and_predicts_every_class(shared_data):
+    card = json.loads((bundled_model_dir("three-class") / "card.json").read_text())
+    assert (bundled_model_dir("three-class") / "model.safetensors").stat().st_size <= 25 * 2**20
+    assert card["weights_source"].startswith("imagenet") and card["classes"] == ["NORMAL", "BACTERIAL", "VIRAL"]
+    trained = load_trained("three-class")  # the SHA-256 of the weights checked against the card
+    assert trained.classes == ("NORMAL", "BACTERIAL", "VIRAL") and trained.class_bias is not None
+    films = [next((shared_data / "test" / folder).glob(pattern)) for folder, pattern in
+             (("NORMAL", "*.jpeg"), ("PNEUMONIA", "*_bacteria_*"), ("PNEUMONIA", "*_virus_*"))]  # fmt: skip
+    result = subprocess.run([*CLI, "predict", *map(str, films), "--model", "three-class", "--json"],
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)["predictions"]
+    for row in rows:
+        assert set(row["probabilities"]) == {"NORMAL", "BACTERIAL", "VIRAL"}
+        assert sum(row["probabilities"].values()) == pytest.approx(1, abs=1e-6)
+        assert row["probability"] == pytest.approx(1 - row["probabilities"]["NORMAL"], abs=1e-6)

@@ -101,8 +101,8 @@ def test_a_worker_killed_mid_trial_leaves_a_usable_study(make_dataset, tmp_path)
     config, space = _files(tmp_path)
     out = tmp_path / "sweep"
     slow = tmp_path / "slow.yaml"  # longer trials, so the kill lands inside one
-    slow.write_text(config.read_text().replace("epochs: 2", "epochs: 30").replace("max_batches: 2", "max_batches: 4"))
-    first = _worker(slow, space, out, root, trials=3)
+    slow.write_text(config.read_text().replace("epochs: 2", "epochs: 10").replace("max_batches: 2", "max_batches: 4"))
+    first = _worker(slow, space, out, root, trials=2)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         if (out / "study.journal").is_file() and any(t.state == TrialState.RUNNING for t in _study(out).trials):
@@ -114,13 +114,13 @@ def test_a_worker_killed_mid_trial_leaves_a_usable_study(make_dataset, tmp_path)
     first.send_signal(signal.SIGKILL)
     first.wait(timeout=30)
     # a new worker (same host: the dead process is noticed at once) fails the orphan and finishes the study
-    second = _worker(slow, space, out, root, trials=3)
+    second = _worker(slow, space, out, root, trials=2)
     _, err = second.communicate(timeout=280)
     assert second.returncode == 0, err
     assert f"trial {killed} failed: its worker is gone" in err
     trials = _study(out).trials
     assert trials[killed].state == TrialState.FAIL
-    assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials) == 3
+    assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials) == 2
 
 
 def test_pruning_stops_a_weak_trial_after_the_epoch_the_pruner_rejects(make_dataset, tmp_path):
