@@ -103,7 +103,6 @@ def run_sweep(
         "base": base.model_dump(mode="json", exclude={"data": {"root", "cache_dir"}}),
         "space": space.model_dump(mode="json"),
         "folds": folds,
-        "out": str(Path(out).resolve()),
         # what `--show` needs to write the best config as a pipeline `pneumolab run` accepts
         "pipeline": {
             "title": config.title,

@@ -22,11 +22,11 @@ from pneumolab.sweep.study import open_storage, run_grid
 __all__ = ["spread_cv", "spread_pipeline"]
 
 
-def _definition(kind: str, config: PipelineConfig, out: str | os.PathLike[str], **facts: Any) -> dict[str, Any]:
+def _definition(kind: str, config: PipelineConfig, **facts: Any) -> dict[str, Any]:
+    """What the grid's workers must agree on (not where each machine mounts the data or the output)."""
     return {
         "kind": kind,
         "config": config.model_dump(mode="json", exclude={"data": {"root", "cache_dir"}}),
-        "out": str(Path(out).resolve()),
         **facts,
     }
 
@@ -53,7 +53,7 @@ def spread_pipeline(
         return float(saved_metrics(run, "val")["log_loss"])
 
     points = [{"model": name} for name in names if not only or name in only]
-    return run_grid(study, open_storage(storage, out), points, work, definition=_definition("run", config, out))
+    return run_grid(study, open_storage(storage, out), points, work, definition=_definition("run", config))
 
 
 def spread_cv(
@@ -81,5 +81,5 @@ def spread_cv(
         return float(saved_metrics(run, "val")["log_loss"])
 
     points = [{"model": name, "fold": k} for name in names if not only or name in only for k in range(folds)]
-    definition = _definition("cv", config, out, folds=folds, design=design)
+    definition = _definition("cv", config, folds=folds, design=design)
     return run_grid(study, open_storage(storage, out), points, work, definition=definition)
