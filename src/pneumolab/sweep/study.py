@@ -176,7 +176,8 @@ def run_worker(
 ) -> int:
     """Take trials from `study` until it is done; return how many this worker finished.
 
-    Done: for a search, `trials` finished (complete or pruned) trials, counting those other workers are running;
+    Done: for a search, `trials` finished (complete or pruned) trials, counting those other workers are running
+    (two workers counting at the same instant may each start one more: at most one extra trial per extra worker);
     for a grid, no waiting point left. A trial that raises a pneumolab error is marked failed and the worker goes on;
     any other error (a bug, an interrupt) fails the trial and stops the worker.
     """
