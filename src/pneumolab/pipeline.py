@@ -11,9 +11,8 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
@@ -26,9 +25,6 @@ from pneumolab.evaluate.ensemble import EnsembleCombiner
 from pneumolab.fsutil import write_json_atomic
 from pneumolab.progress import stderr_console
 from pneumolab.runs import RunDir
-
-if TYPE_CHECKING:
-    from pneumolab.train.callbacks import Callback
 
 __all__ = [
     "EvaluateSettings",
@@ -148,7 +144,6 @@ def train_and_evaluate(
     settings: EvaluateSettings,
     *,
     progress: bool = True,
-    callbacks: Sequence[Callback] = (),
 ) -> dict[str, dict[str, Any]]:
     """Train `run` (reused when finished, resumed when interrupted), then evaluate it (reused when its saved
     evaluation was made with these settings). Returns the evaluation's metric objects."""
@@ -160,7 +155,7 @@ def train_and_evaluate(
     else:
         resume = run.last.is_file()
         _log(f"{run.path.name}: {'resuming' if resume else 'training'} {config.model.name}")
-        train(config, run.path, resume=resume, progress=progress, callbacks=callbacks)
+        train(config, run.path, resume=resume, progress=progress)
     _log(f"{run.path.name}: evaluating")
     return evaluate_run(
         run.path,

@@ -15,6 +15,7 @@ Checkpoints hold only tensors and plain Python values, so they load with ``torch
 from __future__ import annotations
 
 import csv
+import json
 import os
 import platform
 import subprocess
@@ -57,6 +58,13 @@ class RunDir:
     def operating_point(self) -> Path:
         """Threshold, temperature and TTA fit on validation (written by evaluation, read by export and predict)."""
         return self.path / "operating_point.json"
+
+    def used_suffix(self) -> str | None:
+        """``"_tta"`` when the operating point uses the TTA variant, ``""`` for the plain one, None before
+        evaluation: the suffix of the predictions and metrics files the model stands by."""
+        if not self.operating_point.is_file():
+            return None
+        return "_tta" if json.loads(self.operating_point.read_text()).get("tta") else ""
 
     @property
     def gate(self) -> Path:

@@ -80,11 +80,13 @@ def cv_ensemble(
     threshold_method: str = "balanced_accuracy",
     target_sensitivity: float | None = None,
     n_resamples: int = 2000,
+    oof: pd.DataFrame | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Write the CV ensemble's folder (an ensemble folder like ``pneumolab run``'s, servable the same way): the
-    mean of the fold models on test, its operating point fit on the out-of-fold predictions, which are its ``val``.
+    mean of the fold models on test, its operating point fit on the out-of-fold predictions, which are its ``val``
+    (`oof`, when the caller has read them already).
     """
-    oof = out_of_fold_predictions(fold_runs)
+    oof = out_of_fold_predictions(fold_runs) if oof is None else oof
     tests = aligned_member_predictions(fold_runs, "test")
     classes = member_classes(fold_runs, tests)
     k = len(fold_runs)
@@ -117,14 +119,16 @@ def summarise_cv(
     """Write ``out/oof.csv``, the CV ensemble (``out/cv-ensemble/``) and ``out/cv.json`` (the fold summary, the
     pooled out-of-fold metrics and the CV ensemble's test metrics, plus `facts`); return what cv.json holds."""
     out = Path(out)
+    oof = out_of_fold_predictions(fold_runs)
     with atomic_path(out / OOF_FILE) as tmp:
-        out_of_fold_predictions(fold_runs).to_csv(tmp, index=False, float_format="%.7g")
+        oof.to_csv(tmp, index=False, float_format="%.7g")
     ensemble = cv_ensemble(
         fold_runs,
         out / "cv-ensemble",
         threshold_method=threshold_method,
         target_sensitivity=target_sensitivity,
         n_resamples=n_resamples,
+        oof=oof,
     )
     summary = fold_summary(fold_runs)
     keys = list(summary["val"])

@@ -659,10 +659,11 @@ def gate_artefact(
 
 
 def used_suffix(run: RunDir) -> str:
-    """``"_tta"`` when the run's operating point uses its TTA variant, else ``""`` (the plain one)."""
-    if not run.operating_point.is_file():
+    """`RunDir.used_suffix`, with a clear error for a run not evaluated yet."""
+    suffix = run.used_suffix()
+    if suffix is None:
         raise ArtefactError(f"{run.path}: not evaluated yet (no operating_point.json); run pneumolab evaluate first")
-    return "_tta" if json.loads(run.operating_point.read_text()).get("tta") else ""
+    return suffix
 
 
 def member_predictions(run: RunDir, split: str) -> pd.DataFrame:

@@ -42,8 +42,7 @@ def _run_facts(source: Path) -> dict[str, Any]:
     env = source / "env.json"
     if env.is_file():
         facts["data_fingerprint"] = json.loads(env.read_text()).get("data_fingerprint")
-    point = RunDir(source).operating_point
-    suffix = "_tta" if point.is_file() and json.loads(point.read_text()).get("tta") else ""
+    suffix = RunDir(source).used_suffix() or ""
     metrics = {}
     for split in ("val", "test"):
         path = source / "metrics" / f"{split}{suffix}.json"

@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 import optuna
 from optuna.trial import Trial
 
+from pneumolab.config import apply_overrides
 from pneumolab.errors import SettingError
 from pneumolab.pipeline import PipelineConfig, dataset_root, model_train_config, prepare_data
 from pneumolab.runs import RunDir
@@ -122,7 +123,7 @@ def run_sweep(
 
     def objective(trial: Trial) -> float:
         values = {key: param.suggest(trial, key) for key, param in space.params.items()}
-        trial_config = space.config_for(base, values)
+        trial_config = apply_overrides(base, values)
         root = trial_dir(out, trial.number)
         trial.set_user_attr("run", str(root))
         if folds is None:
@@ -133,9 +134,7 @@ def run_sweep(
             return _best_value(RunDir(root), space.objective, space.maximize)
         fold_values = []
         for k in range(folds):
-            fold_config = trial_config.model_copy(
-                update={"data": trial_config.data.model_copy(update={"folds": folds, "fold": k})}
-            )
+            fold_config = apply_overrides(trial_config, {"data.folds": folds, "data.fold": k})
             run = RunDir(root / f"fold-{k}")
             train(fold_config, run.path, resume=run.last.is_file(), progress=progress)
             fold_values.append(_best_value(run, space.objective, space.maximize))

@@ -122,10 +122,6 @@ class SweepSpace(StrictModel):
                 except SettingError as error:
                     raise SettingError(f"{self._source}: params.{key} = {value!r}: {error}") from None
 
-    def config_for(self, base: TrainConfig, values: dict[str, Any]) -> TrainConfig:
-        """`base` with a trial's values set."""
-        return apply_overrides(base, values)
-
 
 def load_space(path: str | os.PathLike[str], base: TrainConfig | None = None) -> SweepSpace:
     """Read and check a space file (and, given `base`, every range against it); one-line errors name the file."""

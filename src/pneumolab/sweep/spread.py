@@ -13,9 +13,17 @@ import os
 from pathlib import Path
 from typing import Any
 
+from pneumolab.config import TrainConfig
 from pneumolab.cv import fold_run
 from pneumolab.evaluate.runner import saved_metrics
-from pneumolab.pipeline import PipelineConfig, dataset_root, model_train_config, prepare_data, train_and_evaluate
+from pneumolab.pipeline import (
+    EvaluateSettings,
+    PipelineConfig,
+    dataset_root,
+    model_train_config,
+    prepare_data,
+    train_and_evaluate,
+)
 from pneumolab.runs import RunDir
 from pneumolab.sweep.study import open_storage, run_grid
 
@@ -29,6 +37,12 @@ def _definition(kind: str, config: PipelineConfig, **facts: Any) -> dict[str, An
         "config": config.model_dump(mode="json", exclude={"data": {"root", "cache_dir"}}),
         **facts,
     }
+
+
+def _point_value(config: TrainConfig, run: RunDir, settings: EvaluateSettings, progress: bool) -> float:
+    """Train and evaluate one grid point's run as the plain command would; its value is the validation log loss."""
+    train_and_evaluate(config, run, settings, progress=progress)
+    return float(saved_metrics(run, "val")["log_loss"])
 
 
 def spread_pipeline(
@@ -47,10 +61,8 @@ def spread_pipeline(
     models = {m.name: m for m in config.models}
 
     def work(point: dict[str, Any]) -> float:
-        run = RunDir(Path(out) / point["model"])
-        train_and_evaluate(model_train_config(models[point["model"]], data_config), run, config.evaluate,
-                           progress=progress)  # fmt: skip
-        return float(saved_metrics(run, "val")["log_loss"])
+        train_config = model_train_config(models[point["model"]], data_config)
+        return _point_value(train_config, RunDir(Path(out) / point["model"]), config.evaluate, progress)
 
     points = [{"model": name} for name in names if not only or name in only]
     return run_grid(study, open_storage(storage, out), points, work, definition=_definition("run", config))
@@ -76,9 +88,7 @@ def spread_cv(
     def work(point: dict[str, Any]) -> float:
         model, k = point["model"], int(point["fold"])
         train_config = model_train_config(models[model], data_config, folds=folds, fold=k, split_design=design)
-        run = fold_run(out, model, k)
-        train_and_evaluate(train_config, run, config.evaluate, progress=progress)
-        return float(saved_metrics(run, "val")["log_loss"])
+        return _point_value(train_config, fold_run(out, model, k), config.evaluate, progress)
 
     points = [{"model": name, "fold": k} for name in names if not only or name in only for k in range(folds)]
     definition = _definition("cv", config, folds=folds, design=design)
