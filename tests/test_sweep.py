@@ -18,8 +18,8 @@ from optuna.trial import TrialState
 from pneumolab.config import TrainConfig, apply_overrides
 from pneumolab.errors import SettingError
 from pneumolab.pipeline import load_pipeline_config
-from pneumolab.sweep.search import PruningCallback
-from pneumolab.sweep.space import load_space
+from pneumolab.sweep.search import PruningCallback, run_sweep
+from pneumolab.sweep.space import SweepSpace, load_space
 from pneumolab.sweep.study import open_storage
 from pneumolab.train.api import train
 
@@ -55,6 +55,12 @@ def _worker(config: Path, space: Path, out: Path, root: Path, trials: int, **env
                str(trials), "--out", str(out), "--data", str(root), "--quiet"]  # fmt: skip
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, **env})  # fmt: skip
+
+
+def _space(tmp_path: Path, space: dict) -> SweepSpace:
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(space))
+    return load_space(path)
 
 
 def _study(out: Path) -> optuna.Study:
@@ -114,13 +120,13 @@ def test_a_worker_killed_mid_trial_leaves_a_usable_study(make_dataset, tmp_path)
     first.send_signal(signal.SIGKILL)
     first.wait(timeout=30)
     # a new worker (same host: the dead process is noticed at once) fails the orphan and finishes the study
-    second = _worker(slow, space, out, root, trials=2)
+    second = _worker(slow, space, out, root, trials=1)
     _, err = second.communicate(timeout=280)
     assert second.returncode == 0, err
     assert f"trial {killed} failed: its worker is gone" in err
     trials = _study(out).trials
     assert trials[killed].state == TrialState.FAIL
-    assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials) == 2
+    assert [t.state for t in trials if t.number != killed] == [TrialState.COMPLETE]  # the failed one not counted
 
 
 def test_pruning_stops_a_weak_trial_after_the_epoch_the_pruner_rejects(make_dataset, tmp_path):
@@ -156,6 +162,24 @@ def test_a_comparison_spread_over_two_workers_trains_each_model_once(make_datase
     assert (out / "report" / "report.html").is_file()
 
 
+def test_points_over_the_compute_budget_are_skipped_untrained_and_not_counted(make_dataset, tmp_path):
+    root = make_dataset(per_class=12)
+    config, _ = _files(tmp_path)
+    # base: 2 epochs at 64 px; a budget of 0.5 leaves 1 epoch (0.5) and refuses 2 or 3 epochs (1.0, 1.5)
+    space = _space(tmp_path, {"objective": "val_loss", "sampler": "random", "budget": 0.5,
+                                       "params": {"epochs": {"type": "int", "low": 1, "high": 3}}})  # fmt: skip
+    out = tmp_path / "sweep"
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    run_sweep(load_pipeline_config(config), space, study_name="s", out=out, trials=2, data=root, progress=False)
+    trials = _study(out).trials
+    skipped = [t for t in trials if t.user_attrs.get("over_budget")]
+    trained = [t for t in trials if not t.user_attrs.get("over_budget")]
+    assert len(trained) == 2 and all(t.state == TrialState.COMPLETE for t in trained)  # the skipped do not count
+    assert all(t.params["epochs"] == 1 and t.user_attrs["compute"] == 0.5 for t in trained)
+    assert all(t.state == TrialState.PRUNED and t.params["epochs"] > 1 for t in skipped)
+    assert sorted(p.name for p in (out / "trials").iterdir()) == [f"trial-{t.number:04d}" for t in trained]
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
@@ -168,6 +192,7 @@ def test_a_comparison_spread_over_two_workers_trains_each_model_once(make_datase
         ),
         ({"params": {"data.val_fraction": {"type": "float", "low": 0.1, "high": 0.2}}}, "the study's, not a trial's"),
         ({"objective": "val_auc"}, "unknown objective 'val_auc'"),
+        ({"budget": 0.5}, "budget 0.5: no point of the space fits it (the cheapest needs 1.00"),
     ],
 )
 def test_a_bad_space_fails_at_once_with_one_line(tmp_path, change, message):

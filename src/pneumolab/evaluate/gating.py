@@ -9,6 +9,7 @@ Files a run gets (`write_gate_scores`): ``gate/scores.csv`` with one row per sco
 
 from __future__ import annotations
 
+import functools
 import io
 from collections.abc import Sequence
 from typing import Any
@@ -100,6 +101,19 @@ def ood_corpus(cache_size: int, test_films: np.ndarray | None = None) -> dict[st
     check lets through (the others are refused before the content gate sees them: ``far-ood-metadata``, counted
     apart); ``near-<kind>``: made from `test_films` when given.
     """
+    names, images, refused_by_metadata = _far_ood(cache_size)
+    groups = {"far-ood": (list(names), images.copy())}  # the cached array stays read-only
+    groups["far-ood-metadata"] = (list(refused_by_metadata), np.empty((0, cache_size, cache_size), np.uint8))
+    if test_films is not None and len(test_films):
+        for kind in NEAR_KINDS:
+            groups[f"near-{kind}"] = ([f"test-{i}" for i in range(len(test_films))], near_ood(test_films, kind))
+    return groups
+
+
+@functools.cache
+def _far_ood(cache_size: int) -> tuple[tuple[str, ...], np.ndarray, tuple[str, ...]]:
+    """The far out-of-distribution images at `cache_size` (read-only), and the DICOM files the metadata check
+    refuses: the same for every evaluation of a process, so read once (the DICOM files take seconds)."""
     names, images = [], []
     for name, pixels in far_ood_pictures():
         buffer = io.BytesIO()
@@ -117,12 +131,9 @@ def ood_corpus(cache_size: int, test_films: np.ndarray | None = None) -> dict[st
             continue
         names.append(f"dicom-{modality or 'none'}-{path.name}")
         images.append(image)
-    groups = {"far-ood": (names, np.stack(images))}
-    groups["far-ood-metadata"] = (refused_by_metadata, np.empty((0, cache_size, cache_size), np.uint8))
-    if test_films is not None and len(test_films):
-        for kind in NEAR_KINDS:
-            groups[f"near-{kind}"] = ([f"test-{i}" for i in range(len(test_films))], near_ood(test_films, kind))
-    return groups
+    stacked = np.stack(images)
+    stacked.flags.writeable = False
+    return tuple(names), stacked, tuple(refused_by_metadata)
 
 
 def score_groups(

@@ -24,8 +24,9 @@ from pneumolab.config import apply_overrides
 from pneumolab.errors import SettingError
 from pneumolab.pipeline import PipelineConfig, dataset_root, model_train_config, prepare_data
 from pneumolab.runs import RunDir
+from pneumolab.sweep.compute import relative_compute
 from pneumolab.sweep.space import SweepSpace
-from pneumolab.sweep.study import open_storage, open_study, run_worker
+from pneumolab.sweep.study import OVER_BUDGET, open_storage, open_study, run_worker
 from pneumolab.train.callbacks import Callback, TrainerState
 
 __all__ = ["PruningCallback", "base_model", "run_sweep", "trial_dir"]
@@ -62,6 +63,13 @@ def trial_dir(out: str | os.PathLike[str], number: int) -> Path:
     return Path(out) / "trials" / f"trial-{number:04d}"
 
 
+def _budget_constraint(budget: float | None):
+    """TPE's constraints_func: a trial is feasible when its compute share is within `budget` (<= 0 is feasible)."""
+    if budget is None:
+        return None
+    return lambda trial: (trial.user_attrs.get("compute", 0.0) - budget,)
+
+
 def _best_value(run: RunDir, objective: str, maximize: bool) -> float:
     """The objective at the run's best epoch (the one ``best.pt`` holds), from its history."""
     summary = json.loads(run.env.read_text())["train_summary"]
@@ -93,7 +101,11 @@ def run_sweep(
     base = model_train_config(chosen, config.data.model_copy(update={"root": root}))
     space.check_against(base)  # every range against the base, before any work
     prepare_data(config, root, progress=progress)
-    sampler = optuna.samplers.TPESampler(seed=None) if space.sampler == "tpe" else optuna.samplers.RandomSampler()
+    sampler = (
+        optuna.samplers.TPESampler(constraints_func=_budget_constraint(space.budget))
+        if space.sampler == "tpe"
+        else optuna.samplers.RandomSampler()
+    )
     pruner = (
         optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
         if space.pruner == "median"
@@ -124,6 +136,11 @@ def run_sweep(
     def objective(trial: Trial) -> float:
         values = {key: param.suggest(trial, key) for key, param in space.params.items()}
         trial_config = apply_overrides(base, values)
+        compute = relative_compute(trial_config, base)
+        trial.set_user_attr("compute", round(compute, 4))
+        if space.budget is not None and compute > space.budget:
+            trial.set_user_attr(OVER_BUDGET, True)
+            raise optuna.TrialPruned()  # not trained, not counted towards `trials`
         root = trial_dir(out, trial.number)
         trial.set_user_attr("run", str(root))
         if folds is None:

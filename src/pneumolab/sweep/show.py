@@ -23,7 +23,7 @@ from optuna.trial import TrialState
 from pneumolab.config import TrainConfig, apply_overrides
 from pneumolab.errors import SettingError
 from pneumolab.fsutil import atomic_dir, write_json_atomic
-from pneumolab.sweep.study import load_study, open_storage, trial_summary
+from pneumolab.sweep.study import OVER_BUDGET, load_study, open_storage, trial_summary
 
 __all__ = ["best_pipeline", "show_study"]
 
@@ -84,10 +84,12 @@ def _importances(study: optuna.Study) -> dict[str, float] | None:
 
 
 def _table(rows: list[dict[str, Any]], keys: list[str]) -> list[list[str]]:
-    return [[_cell(row, key) for key in ["number", "state", "value", "minutes", *keys]] for row in rows]
+    return [[_cell(row, key) for key in ["number", "state", "value", "minutes", "compute", *keys]] for row in rows]
 
 
 def _cell(row: dict[str, Any], key: str) -> str:
+    if key == "state" and row.get(OVER_BUDGET):
+        return "over budget (not trained)"
     value = row.get(key, row["params"].get(key))
     if isinstance(value, float):
         return f"{value:.4g}"
@@ -145,12 +147,16 @@ def show_study(study_name: str, *, storage: str | None, out: str | os.PathLike[s
             summary["best_config"] = str(target / "best.yaml")
             (building / "best.yaml").write_text(yaml.safe_dump(best_pipeline(study), sort_keys=False))
         keys = sorted({k for t in trials for k in t["params"]})
-        header = ["trial", "state", objective, "minutes", *keys]
+        header = ["trial", "state", objective, "minutes", "compute (x base)", *keys]
         rows = _table(ranked + [t for t in trials if t not in ranked], keys)
         facts = [
             f"{len(trials)} trials: " + ", ".join(f"{n} {s.lower()}" for s, n in summary["states"].items()),
             f"objective: {objective} ({summary['direction']}), on validation only",
         ]
+        budget = (definition.get("space") or {}).get("budget")
+        if budget is not None:
+            skipped = sum(t[OVER_BUDGET] for t in trials)
+            facts.append(f"budget: {budget} of the base config's training compute; {skipped} points over it skipped")
         if summary["importances"]:
             shares = ", ".join(f"{k} {v:.2f}" for k, v in summary["importances"].items())
             facts.append(f"importances (fANOVA): {shares}")

@@ -6,10 +6,15 @@ A space file (YAML) names dotted keys of a training config (``optim.lr``, ``epoc
     objective: val_loss          # validation log loss of the trial's best epoch (lower is better; the default)
     sampler: tpe                 # tpe (default) or random
     pruner: median               # median (stop a trial whose epoch is worse than the median so far) or none
+    budget: 0.5                  # optional: at most half the base config's training compute (sweep.compute)
     params:
       optim.lr: {type: float, low: 1.0e-4, high: 1.0e-3, log: true}
       epochs: {type: int, low: 2, high: 4}
       augment.preset: {type: categorical, choices: [plan, cxr]}
+
+With a ``budget``, a point whose training compute (epochs x forward FLOPs at its image size and backbone) exceeds
+that share of the base config's is not trained: the trial is pruned at once and marked ``over_budget``, it does not
+count towards ``--trials``, and TPE learns the region is infeasible (its ``constraints_func``).
 
 The file is checked whole when it is read, before any trial starts: an unknown key (with a "did you mean"), a
 bad range, or a value the training config refuses (an unknown preset, a negative rate) is one line naming it.
@@ -89,6 +94,7 @@ class SweepSpace(StrictModel):
     objective: str = "val_loss"
     sampler: Literal["tpe", "random"] = "tpe"
     pruner: Literal["median", "none"] = "median"
+    budget: float | None = Field(None, gt=0, description="most training compute of a trial, as a share of the base")
     params: dict[str, Param] = Field(min_length=1)
     _source: str = PrivateAttr("space")  # the file it was read from, for error lines
 
@@ -114,13 +120,33 @@ class SweepSpace(StrictModel):
         return OBJECTIVES[self.objective]
 
     def check_against(self, base: TrainConfig) -> None:
-        """Every end of every range (each choice) must make a valid training config from `base`."""
+        """Every end of every range (each choice) must make a valid training config from `base`, and some point
+        must fit the budget."""
         for key, param in self.params.items():
             for value in param.extremes():
                 try:
                     apply_overrides(base, {key: value})
                 except SettingError as error:
                     raise SettingError(f"{self._source}: params.{key} = {value!r}: {error}") from None
+        if self.budget is not None:
+            self._check_budget(base)
+
+    def _check_budget(self, base: TrainConfig) -> None:
+        """Some point must fit the budget: the space's cheapest corner (fewest epochs, smallest images, cheapest
+        backbone and head) is checked."""
+        from pneumolab.sweep.compute import relative_compute  # builds models: torch only when a budget is set
+
+        cheapest = base
+        for key in ("epochs", "image_size", "model.name", "model.head"):
+            if key in self.params:
+                options = [apply_overrides(cheapest, {key: v}) for v in self.params[key].extremes()]
+                cheapest = min(options, key=lambda config: relative_compute(config, base))
+        share = relative_compute(cheapest, base)
+        if share > self.budget:
+            raise SettingError(
+                f"{self._source}: budget {self.budget}: no point of the space fits it (the cheapest needs "
+                f"{share:.2f} of the base config's training compute)"
+            )
 
 
 def load_space(path: str | os.PathLike[str], base: TrainConfig | None = None) -> SweepSpace:

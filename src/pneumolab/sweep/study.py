@@ -4,7 +4,7 @@ A worker is one process running `run_worker`: the same command started on N mach
 same storage joins one study. Two kinds of study:
 
 - a search (`pneumolab sweep`): the sampler proposes each trial's settings; the study ends when it holds `trials`
-  finished (complete or pruned) trials;
+  finished (complete or pruned) trials, not counting points skipped as over the compute budget;
 - a grid (``pneumolab cv`` / ``pneumolab run`` with ``--storage``): every point (a fold, a model of a comparison)
   is enqueued once, and workers take the waiting points until none is left. Enqueued trials are popped by one
   worker each (Optuna's storage does that atomically), so no two workers train the same run folder.
@@ -39,6 +39,7 @@ from pneumolab.progress import stderr_console
 __all__ = [
     "GRID_ATTR",
     "JOURNAL_FILE",
+    "OVER_BUDGET",
     "fail_stale_trials",
     "load_study",
     "open_storage",
@@ -50,6 +51,7 @@ __all__ = [
 
 JOURNAL_FILE = "study.journal"
 GRID_ATTR = "grid_point"  # a grid trial's fixed point, as a user attribute
+OVER_BUDGET = "over_budget"  # a search trial skipped untrained: its point exceeds the space's compute budget
 WORKER_ATTR = "worker"
 HEARTBEAT_ATTR = "heartbeat"
 HEARTBEAT_SECONDS = float(os.environ.get("PNEUMOLAB_HEARTBEAT_SECONDS", "30"))
@@ -167,6 +169,12 @@ def _count(study: optuna.Study, *states: TrialState) -> int:
     return len(study.get_trials(deepcopy=False, states=states))
 
 
+def _counted(study: optuna.Study) -> int:
+    """Trials that count towards a search's size: finished or running, not skipped as over the compute budget."""
+    states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+    return sum(not t.user_attrs.get(OVER_BUDGET) for t in study.get_trials(deepcopy=False, states=states))
+
+
 def run_worker(
     study: optuna.Study,
     objective: Callable[[Trial], float],
@@ -176,8 +184,9 @@ def run_worker(
 ) -> int:
     """Take trials from `study` until it is done; return how many this worker finished.
 
-    Done: for a search, `trials` finished (complete or pruned) trials, counting those other workers are running
-    (two workers counting at the same instant may each start one more: at most one extra trial per extra worker);
+    Done: for a search, `trials` finished (complete or pruned) trials, counting those other workers are running and
+    not those skipped as over budget (two workers counting at the same instant may each start one more: at most one
+    extra trial per extra worker);
     for a grid, no waiting point left. A trial that raises a pneumolab error is marked failed and the worker goes on;
     any other error (a bug, an interrupt) fails the trial and stops the worker.
     """
@@ -187,7 +196,7 @@ def run_worker(
         if grid:
             if not _count(study, TrialState.WAITING):
                 return finished
-        elif trials is not None and _count(study, TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING) >= trials:
+        elif trials is not None and _counted(study) >= trials:
             return finished
         trial = study.ask()
         if grid and GRID_ATTR not in trial.user_attrs:  # another worker took the last point meanwhile
@@ -244,7 +253,7 @@ def run_grid(
 
 
 def trial_summary(trial: FrozenTrial) -> dict[str, Any]:
-    """A trial as plain data: number, state, value, parameters, run folder, minutes."""
+    """A trial as plain data: number, state, value, parameters, run folder, minutes, compute share."""
     minutes = None
     if trial.datetime_start and trial.datetime_complete:
         minutes = round((trial.datetime_complete - trial.datetime_start).total_seconds() / 60, 2)
@@ -255,4 +264,6 @@ def trial_summary(trial: FrozenTrial) -> dict[str, Any]:
         "params": trial.params,
         "run": trial.user_attrs.get("run"),
         "minutes": minutes,
+        "compute": trial.user_attrs.get("compute"),  # share of the base config's training compute
+        OVER_BUDGET: bool(trial.user_attrs.get(OVER_BUDGET)),
     }
