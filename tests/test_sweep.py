@@ -177,6 +177,7 @@ def test_points_over_the_compute_budget_are_skipped_untrained_and_not_counted(ma
     assert len(trained) == 2 and all(t.state == TrialState.COMPLETE for t in trained)  # the skipped do not count
     assert all(t.params["epochs"] == 1 and t.user_attrs["compute"] == 0.5 for t in trained)
     assert all(t.state == TrialState.PRUNED and t.params["epochs"] > 1 for t in skipped)
+    assert all(t.constraints["compute"] > 0 for t in skipped) and all(t.constraints["compute"] <= 0 for t in trained)
     assert sorted(p.name for p in (out / "trials").iterdir()) == [f"trial-{t.number:04d}" for t in trained]
 
 

@@ -63,13 +63,6 @@ def trial_dir(out: str | os.PathLike[str], number: int) -> Path:
     return Path(out) / "trials" / f"trial-{number:04d}"
 
 
-def _budget_constraint(budget: float | None):
-    """TPE's constraints_func: a trial is feasible when its compute share is within `budget` (<= 0 is feasible)."""
-    if budget is None:
-        return None
-    return lambda trial: (trial.user_attrs.get("compute", 0.0) - budget,)
-
-
 def _best_value(run: RunDir, objective: str, maximize: bool) -> float:
     """The objective at the run's best epoch (the one ``best.pt`` holds), from its history."""
     summary = json.loads(run.env.read_text())["train_summary"]
@@ -101,11 +94,7 @@ def run_sweep(
     base = model_train_config(chosen, config.data.model_copy(update={"root": root}))
     space.check_against(base)  # every range against the base, before any work
     prepare_data(config, root, progress=progress)
-    sampler = (
-        optuna.samplers.TPESampler(constraints_func=_budget_constraint(space.budget))
-        if space.sampler == "tpe"
-        else optuna.samplers.RandomSampler()
-    )
+    sampler = optuna.samplers.TPESampler() if space.sampler == "tpe" else optuna.samplers.RandomSampler()
     pruner = (
         optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
         if space.pruner == "median"
@@ -138,9 +127,11 @@ def run_sweep(
         trial_config = apply_overrides(base, values)
         compute = relative_compute(trial_config, base)
         trial.set_user_attr("compute", round(compute, 4))
-        if space.budget is not None and compute > space.budget:
-            trial.set_user_attr(OVER_BUDGET, True)
-            raise optuna.TrialPruned()  # not trained, not counted towards `trials`
+        if space.budget is not None:
+            trial.set_constraint("compute", compute - space.budget)  # > 0 infeasible: TPE learns to avoid it
+            if compute > space.budget:
+                trial.set_user_attr(OVER_BUDGET, True)
+                raise optuna.TrialPruned()  # not trained, not counted towards `trials`
         root = trial_dir(out, trial.number)
         trial.set_user_attr("run", str(root))
         if folds is None:

@@ -14,7 +14,7 @@ A space file (YAML) names dotted keys of a training config (``optim.lr``, ``epoc
 
 With a ``budget``, a point whose training compute (epochs x forward FLOPs at its image size and backbone) exceeds
 that share of the base config's is not trained: the trial is pruned at once and marked ``over_budget``, it does not
-count towards ``--trials``, and TPE learns the region is infeasible (its ``constraints_func``).
+count towards ``--trials``, and TPE learns the region is infeasible (Optuna's trial constraints).
 
 The file is checked whole when it is read, before any trial starts: an unknown key (with a "did you mean"), a
 bad range, or a value the training config refuses (an unknown preset, a negative rate) is one line naming it.
