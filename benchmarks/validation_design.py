@@ -29,17 +29,31 @@ def run_row(path: Path) -> dict:
     data = load_config(run.config).data
     val, test = saved_metrics(run, "val"), saved_metrics(run, "test")
     row = {"run": str(path), "design": data.split_design, "fold": data.fold, "folds": data.folds, "n_val": val["n"]}
+    row["held_out"] = held_out(data.split_design, data.fold, data.folds)
     for key in METRICS:
         row[f"val_{key}"], row[f"test_{key}"] = val[key], test[key]
         row[f"gap_{key}"] = test[key] - val[key]
     return row
 
 
+def held_out(design: str, fold: int | None, folds: int | None) -> str:
+    """Which patients a run's validation holds: a time-ordered fold is a block of consecutive patient numbers."""
+    if fold is None:
+        return f"{design} carve"
+    if design == "random":
+        return f"random fold {fold + 1} of {folds}"
+    rank = fold if design == "latest" else folds - 1 - fold  # 0: the latest-numbered block
+    if rank in (0, folds - 1):
+        return "latest-numbered" if rank == 0 else "earliest-numbered"
+    return f"block {rank + 1} of {folds} from the latest"
+
+
 def design_summary(rows: list[dict]) -> dict:
-    """Per design: the mean gap of each metric and the largest absolute gap."""
+    """Per kind of held-out patients (random folds together): the mean gap of each metric and the largest one."""
     summary = {}
-    for design in dict.fromkeys(r["design"] for r in rows):
-        own = [r for r in rows if r["design"] == design]
+    kinds = [r["design"] if r["design"] == "random" else r["held_out"] for r in rows]
+    for design in dict.fromkeys(kinds):
+        own = [r for r, kind in zip(rows, kinds, strict=True) if kind == design]
         summary[design] = {"runs": len(own)}
         for key in METRICS:
             gaps = [r[f"gap_{key}"] for r in own]
@@ -53,12 +67,12 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     rows = [run_row(path) for path in args.runs]
-    print("| design | fold | val n | accuracy val / test / gap | sensitivity val / test | specificity val / test / "
+    print("| held out | val n | accuracy val / test / gap | sensitivity val / test | specificity val / test / "
           "gap | log loss val / test / ratio |")  # fmt: skip
-    print("|---|--:|--:|--:|--:|--:|--:|")
+    print("|---|--:|--:|--:|--:|--:|")
     for r in rows:
         print(
-            f"| {r['design']} | {r['fold']} | {r['n_val']} "
+            f"| {r['held_out']} | {r['n_val']} "
             f"| {100 * r['val_accuracy']:.1f} / {100 * r['test_accuracy']:.1f} / {100 * r['gap_accuracy']:+.1f} "
             f"| {100 * r['val_recall']:.1f} / {100 * r['test_recall']:.1f} "
             f"| {100 * r['val_specificity']:.1f} / {100 * r['test_specificity']:.1f} / "
