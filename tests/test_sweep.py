@@ -193,6 +193,7 @@ def test_points_over_the_compute_budget_are_skipped_untrained_and_not_counted(ma
         ),
         ({"params": {"data.val_fraction": {"type": "float", "low": 0.1, "high": 0.2}}}, "the study's, not a trial's"),
         ({"objective": "val_auc"}, "unknown objective 'val_auc'"),
+        ({"prune_from": 0}, "prune_from: Input should be greater than or equal to 1"),
         ({"budget": 0.5}, "budget 0.5: no point of the space fits it (the cheapest needs 1.00"),
     ],
 )

@@ -96,7 +96,7 @@ def run_sweep(
     prepare_data(config, root, progress=progress)
     sampler = optuna.samplers.TPESampler() if space.sampler == "tpe" else optuna.samplers.RandomSampler()
     pruner = (
-        optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
+        optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=space.prune_from)
         if space.pruner == "median"
         else optuna.pruners.NopPruner()
     )
@@ -146,7 +146,7 @@ def run_sweep(
             run = RunDir(root / f"fold-{k}")
             train(fold_config, run.path, resume=run.last.is_file(), progress=progress)
             fold_values.append(_best_value(run, space.objective, space.maximize))
-            trial.report(sum(fold_values) / len(fold_values), k)
+            trial.report(sum(fold_values) / len(fold_values), k + 1)  # steps count from 1, like epochs
             if trial.should_prune():
                 raise optuna.TrialPruned()
         trial.set_user_attr("fold_values", fold_values)

@@ -6,6 +6,7 @@ A space file (YAML) names dotted keys of a training config (``optim.lr``, ``epoc
     objective: val_loss          # validation log loss of the trial's best epoch (lower is better; the default)
     sampler: tpe                 # tpe (default) or random
     pruner: median               # median (stop a trial whose epoch is worse than the median so far) or none
+    prune_from: 1                # the first epoch (or fold, with --folds) after which a trial may be stopped
     budget: 0.5                  # optional: at most half the base config's training compute (sweep.compute)
     params:
       optim.lr: {type: float, low: 1.0e-4, high: 1.0e-3, log: true}
@@ -94,6 +95,8 @@ class SweepSpace(StrictModel):
     objective: str = "val_loss"
     sampler: Literal["tpe", "random"] = "tpe"
     pruner: Literal["median", "none"] = "median"
+    # an EMA of the weights lags most in the first epoch, so a slow EMA looks weak there: start pruning later
+    prune_from: int = Field(1, ge=1, description="first epoch (or fold) after which the pruner may stop a trial")
     budget: float | None = Field(None, gt=0, description="most training compute of a trial, as a share of the base")
     params: dict[str, Param] = Field(min_length=1)
     _source: str = PrivateAttr("space")  # the file it was read from, for error lines
