@@ -214,3 +214,33 @@ def test_the_cli_refuses_a_bad_space_before_any_work(make_dataset, tmp_path):
                             capture_output=True, text=True, timeout=120)  # fmt: skip
     assert failed.returncode == 2 and "params.epochs = 0" in failed.stderr
     assert len(failed.stderr.strip().splitlines()) == 1 and not (out / "study.journal").exists()
+
+
+def test_a_study_resumes_after_an_upgrade_adds_a_setting_but_not_after_a_change(make_dataset, tmp_path):
+    root = make_dataset(per_class=8)
+    config, _ = _files(tmp_path)
+    space, out = _space(tmp_path, {**SPACE, "sampler": "random"}), tmp_path / "sweep"
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    run_sweep(load_pipeline_config(config), space, study_name="s", out=out, trials=1, data=root, progress=False)
+    # as an older pneumolab recorded it: without `prune_from` (added since) in the space, nor `tensorboard` in the base
+    study = _study(out)
+    old = json.loads(json.dumps(study.user_attrs["definition"]))
+    del old["space"]["prune_from"], old["base"]["tensorboard"]
+    study.set_user_attr("definition", old)
+    run_sweep(load_pipeline_config(config), space, study_name="s", out=out, trials=2, data=root, progress=False)
+    assert len(_study(out).get_trials(states=(TrialState.COMPLETE,))) == 2
+
+    changed = _space(tmp_path, {**SPACE, "sampler": "random", "prune_from": 2})
+    with pytest.raises(SettingError, match="study 's' was started with other settings"):
+        run_sweep(load_pipeline_config(config), changed, study_name="s", out=out, trials=3, data=root, progress=False)
+
+
+def test_a_grid_study_recorded_before_a_setting_existed_reads_as_today(tmp_path):
+    from pneumolab.sweep.spread import _definition, _recorded_today
+
+    today = _definition("cv", load_pipeline_config(_files(tmp_path)[0]), folds=5, design="random")
+    old = json.loads(json.dumps(today))
+    del old["config"]["evaluate"]["target_sensitivity"]  # recorded before the setting existed: at its default
+    assert _recorded_today(old) == today
+    old["config"]["evaluate"]["resamples"] = 300  # a setting changed since: a different study
+    assert _recorded_today(old) != today

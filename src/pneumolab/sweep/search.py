@@ -20,13 +20,13 @@ from typing import Any, ClassVar
 import optuna
 from optuna.trial import Trial
 
-from pneumolab.config import apply_overrides
+from pneumolab.config import DataConfig, TrainConfig, apply_overrides
 from pneumolab.errors import SettingError
-from pneumolab.pipeline import PipelineConfig, dataset_root, model_train_config, prepare_data
+from pneumolab.pipeline import EvaluateSettings, PipelineConfig, dataset_root, model_train_config, prepare_data
 from pneumolab.runs import RunDir
 from pneumolab.sweep.compute import relative_compute
 from pneumolab.sweep.space import SweepSpace
-from pneumolab.sweep.study import OVER_BUDGET, open_storage, open_study, run_worker
+from pneumolab.sweep.study import MACHINE_LOCAL, OVER_BUDGET, open_storage, open_study, run_worker
 from pneumolab.train.callbacks import Callback, TrainerState
 
 __all__ = ["PruningCallback", "base_model", "run_sweep", "trial_dir"]
@@ -57,6 +57,33 @@ def base_model(config: PipelineConfig, model: str | None) -> Any:
         return config.models[0]
     config.model_names([model])
     return next(m for m in config.models if m.name == model)
+
+
+def _definition(base: TrainConfig, space: SweepSpace, folds: int | None, pipeline: dict[str, Any]) -> dict[str, Any]:
+    """What a search's workers must agree on: the base config, the space, the folds, the pipeline around them."""
+    return {
+        "kind": "search",
+        "base": base.model_dump(mode="json", exclude={"data": MACHINE_LOCAL}),
+        "space": space.model_dump(mode="json"),
+        "folds": folds,
+        "pipeline": pipeline,
+    }
+
+
+def _recorded_today(recorded: dict[str, Any]) -> dict[str, Any]:
+    """A recorded definition read through today's settings models, so that a setting added to pneumolab since the
+    study began (recorded nowhere, so at its default) is no change and the study resumes."""
+    pipeline = recorded["pipeline"]
+    return _definition(
+        TrainConfig.model_validate(recorded["base"]),
+        SweepSpace.model_validate(recorded["space"]),
+        recorded["folds"],
+        {
+            **pipeline,
+            "data": DataConfig.model_validate(pipeline["data"]).model_dump(mode="json", exclude=MACHINE_LOCAL),
+            "evaluate": EvaluateSettings.model_validate(pipeline["evaluate"]).model_dump(mode="json"),
+        },
+    )
 
 
 def trial_dir(out: str | os.PathLike[str], number: int) -> Path:
@@ -100,19 +127,18 @@ def run_sweep(
         if space.pruner == "median"
         else optuna.pruners.NopPruner()
     )
-    definition = {
-        "kind": "search",
-        "base": base.model_dump(mode="json", exclude={"data": {"root", "cache_dir"}}),
-        "space": space.model_dump(mode="json"),
-        "folds": folds,
+    definition = _definition(
+        base,
+        space,
+        folds,
         # what `--show` needs to write the best config as a pipeline `pneumolab run` accepts
-        "pipeline": {
+        {
             "title": config.title,
-            "data": config.data.model_dump(mode="json", exclude={"root", "cache_dir"}),
+            "data": config.data.model_dump(mode="json", exclude=MACHINE_LOCAL),
             "evaluate": config.evaluate.model_dump(mode="json"),
             "model": chosen.name,
         },
-    }
+    )
     study = open_study(
         study_name,
         open_storage(storage, out),
@@ -120,6 +146,7 @@ def run_sweep(
         sampler=sampler,
         pruner=pruner,
         definition=definition,
+        read_recorded=_recorded_today,
     )
 
     def objective(trial: Trial) -> float:

@@ -25,18 +25,23 @@ from pneumolab.pipeline import (
     train_and_evaluate,
 )
 from pneumolab.runs import RunDir
-from pneumolab.sweep.study import open_storage, run_grid
+from pneumolab.sweep.study import MACHINE_LOCAL, open_storage, run_grid
 
 __all__ = ["spread_cv", "spread_pipeline"]
 
 
+def _shared(config: PipelineConfig) -> dict[str, Any]:
+    return config.model_dump(mode="json", exclude={"data": MACHINE_LOCAL})
+
+
 def _definition(kind: str, config: PipelineConfig, **facts: Any) -> dict[str, Any]:
     """What the grid's workers must agree on (not where each machine mounts the data or the output)."""
-    return {
-        "kind": kind,
-        "config": config.model_dump(mode="json", exclude={"data": {"root", "cache_dir"}}),
-        **facts,
-    }
+    return {"kind": kind, "config": _shared(config), **facts}
+
+
+def _recorded_today(recorded: dict[str, Any]) -> dict[str, Any]:
+    """A recorded definition read through today's settings models (settings added since are at their defaults)."""
+    return {**recorded, "config": _shared(PipelineConfig.model_validate(recorded["config"]))}
 
 
 def _point_value(config: TrainConfig, run: RunDir, settings: EvaluateSettings, progress: bool) -> float:
@@ -65,7 +70,14 @@ def spread_pipeline(
         return _point_value(train_config, RunDir(Path(out) / point["model"]), config.evaluate, progress)
 
     points = [{"model": name} for name in names if not only or name in only]
-    return run_grid(study, open_storage(storage, out), points, work, definition=_definition("run", config))
+    return run_grid(
+        study,
+        open_storage(storage, out),
+        points,
+        work,
+        definition=_definition("run", config),
+        read_recorded=_recorded_today,
+    )
 
 
 def spread_cv(
@@ -92,4 +104,6 @@ def spread_cv(
 
     points = [{"model": name, "fold": k} for name in names if not only or name in only for k in range(folds)]
     definition = _definition("cv", config, folds=folds, design=design)
-    return run_grid(study, open_storage(storage, out), points, work, definition=definition)
+    return run_grid(
+        study, open_storage(storage, out), points, work, definition=definition, read_recorded=_recorded_today
+    )

@@ -39,6 +39,7 @@ from pneumolab.progress import stderr_console
 __all__ = [
     "GRID_ATTR",
     "JOURNAL_FILE",
+    "MACHINE_LOCAL",
     "OVER_BUDGET",
     "fail_stale_trials",
     "load_study",
@@ -72,6 +73,11 @@ def open_storage(storage: str | os.PathLike[str] | None, out: str | os.PathLike[
     return JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))
 
 
+# The data settings each machine sets for itself (where it mounts the data, where it keeps the cache): the workers
+# of one study need not agree on these.
+MACHINE_LOCAL: set[str] = {"root", "cache_dir"}
+
+
 def open_study(
     name: str,
     storage: BaseStorage,
@@ -80,9 +86,12 @@ def open_study(
     sampler: optuna.samplers.BaseSampler | None = None,
     pruner: optuna.pruners.BasePruner | None = None,
     definition: dict[str, Any] | None = None,
+    read_recorded: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
 ) -> optuna.Study:
     """Create the study or join it. `definition` (what the study searches: base config, space) is recorded by the
-    first worker; a worker that brings a different one is refused, so one study never mixes two searches."""
+    first worker; a worker that brings a different one is refused, so one study never mixes two searches.
+    `read_recorded` brings a recorded definition to today's form (settings added since, at their defaults) first;
+    one it cannot read is a different one."""
     study = optuna.create_study(
         study_name=name,
         storage=storage,
@@ -95,12 +104,19 @@ def open_study(
         recorded = study.user_attrs.get("definition")
         if recorded is None:
             study.set_user_attr("definition", definition)
-        elif recorded != definition:
+        elif _read(recorded, read_recorded) != definition:
             raise SettingError(
                 f"study {name!r} was started with other settings (config, space or folds); give this one "
                 "another --study name"
             )
     return study
+
+
+def _read(recorded: dict[str, Any], read_recorded: Callable[[dict[str, Any]], dict[str, Any]] | None) -> Any:
+    try:
+        return read_recorded(recorded) if read_recorded else recorded
+    except (KeyError, TypeError, ValueError):  # pydantic's ValidationError is a ValueError
+        return None
 
 
 def load_study(name: str, storage: BaseStorage) -> optuna.Study:
@@ -233,10 +249,11 @@ def run_grid(
     work: Callable[[dict[str, Any]], float],
     *,
     definition: dict[str, Any] | None = None,
+    read_recorded: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
 ) -> int:
     """Spread `points` over the workers of study `name`: each is enqueued once (by whichever worker comes first;
     later ones skip what exists) and done by the worker that takes it (`work(point)` returns its value)."""
-    study = open_study(name, storage, definition=definition)
+    study = open_study(name, storage, definition=definition, read_recorded=read_recorded)
     for point in points:
         study.enqueue_trial(point, user_attrs={GRID_ATTR: point}, skip_if_exists=True)
 
