@@ -1,12 +1,12 @@
 """A finished sweep's throughput, per session of workers: trials per hour, and trained compute per hour.
 
-    python benchmarks/sweep_throughput.py --study NAME --out DIR [--storage URL] [--json OUT.json]
+    python benchmarks/sweep_throughput.py --study NAME --out DIR [--storage URL] [--first-trial N] [--json OUT.json]
 
 Workers whose spans (first trial started to last trial finished) overlap form one session; a study resumed later by
 other workers has several. Trials per hour depend on which points the sampler proposed (a pruned trial is short),
 so each session also gives the compute it trained per hour, in units of the base config's whole training (the
 `compute` share each trial records, times the share of its epochs it trained), which is comparable across
-sessions whose trials differ.
+sessions whose trials differ. `--first-trial` leaves out earlier trials (one that shared the machine, say).
 """
 
 from __future__ import annotations
@@ -74,9 +74,11 @@ def main() -> None:
     parser.add_argument("--study", required=True)
     parser.add_argument("--out", required=True, help="the sweep's --out (its journal, unless --storage)")
     parser.add_argument("--storage")
+    parser.add_argument("--first-trial", type=int, default=0, help="leave out the trials numbered below this")
     parser.add_argument("--json")
     args = parser.parse_args()
-    rows = summarise(load_study(args.study, open_storage(args.storage, args.out)).trials)
+    trials = load_study(args.study, open_storage(args.storage, args.out)).trials
+    rows = summarise([t for t in trials if t.number >= args.first_trial])
     print("| Workers | Counted (complete / pruned) | Skipped | Wall (h) | Trials per hour | Base trainings per hour |")
     print("|--:|---|--:|--:|--:|--:|")
     for r in rows:
