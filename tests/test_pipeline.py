@@ -72,6 +72,10 @@ def test_evaluate_writes_predictions_metrics_and_operating_point(dataset, tmp_pa
     assert point["chosen_on"] == "validation" and point["threshold"] == pytest.approx(
         results["val_tta" if point["tta"] else "val"]["threshold"]
     )
+    # the variant in use is the one with the lower validation log loss (a tie keeps plain)
+    losses = {name: results[f"val{suffix}"]["log_loss"] for name, suffix in (("plain", ""), ("tta", "_tta"))}
+    assert point["chosen_by"] == "log_loss" and bool(point["tta"]) == (losses["tta"] < losses["plain"])
+    assert point["variants"]["tta"]["val_log_loss"] == pytest.approx(losses["tta"])
     trained = load_trained(run)
     assert trained.threshold == pytest.approx(point["threshold"]) and list(trained.tta) == point["tta"]
     # the overlap analysis is written by evaluation, for the variant in use, and the report only reads it
@@ -115,6 +119,15 @@ def test_evaluate_writes_predictions_metrics_and_operating_point(dataset, tmp_pa
     assert again["evaluated_with"]["threshold_method"] == "youden" and again["method"] != point["method"]
     assert (run / "metrics" / "test.json").stat().st_mtime > mtime
     assert point["evaluated_with"]["checkpoint_sha256"] == again["evaluated_with"]["checkpoint_sha256"]
+
+    # choosing the variant by another validation metric is another evaluation, and follows that metric
+    by_auc = evaluate_run(run, tta="plan", choose_by="roc_auc", n_resamples=200, progress=False)
+    third = json.loads((run / "operating_point.json").read_text())
+    aucs = {name: by_auc[f"val{suffix}"]["roc_auc"] for name, suffix in (("plain", ""), ("tta", "_tta"))}
+    assert third["chosen_by"] == third["evaluated_with"]["choose_by"] == "roc_auc"
+    assert bool(third["tta"]) == (aucs["tta"] > aucs["plain"])
+    with pytest.raises(SettingError, match="choose_by"):
+        evaluate_run(run, tta="plan", choose_by="accuracy", progress=False)
 
 
 def test_ensemble_of_two_runs(dataset, tmp_path):

@@ -244,3 +244,9 @@ def test_a_grid_study_recorded_before_a_setting_existed_reads_as_today(tmp_path)
     assert _recorded_today(old) == today
     old["config"]["evaluate"]["resamples"] = 300  # a setting changed since: a different study
     assert _recorded_today(old) != today
+
+    # a study recorded before `choose_by` existed chose TTA on ROC-AUC: it is not today's default (log loss)
+    del old["config"]["evaluate"]["choose_by"]
+    old["config"]["evaluate"]["resamples"] = today["config"]["evaluate"]["resamples"]
+    assert today["config"]["evaluate"]["choose_by"] == "log_loss" and _recorded_today(old) != today
+    assert _recorded_today(old)["config"]["evaluate"] == {**today["config"]["evaluate"], "choose_by": "roc_auc"}

@@ -342,6 +342,9 @@ def evaluate_command(
         ),
     ] = "balanced_accuracy",
     target_sensitivity: Annotated[float | None, typer.Option(help="With --threshold target_sensitivity.")] = None,
+    choose_by: Annotated[
+        str, typer.Option(help="Validation metric that chooses TTA or plain: log_loss, brier, roc_auc.")
+    ] = "log_loss",
     resamples: Annotated[int, typer.Option(help="Bootstrap resamples for the 95 % intervals.")] = 2000,
     force: Annotated[bool, typer.Option(help="Evaluate again even if the run's metrics are up to date.")] = False,
     no_gate: Annotated[
@@ -384,6 +387,7 @@ def evaluate_command(
         tta=tta_views,
         threshold_method=threshold,
         target_sensitivity=target_sensitivity,
+        choose_by=choose_by,
         n_resamples=resamples,
         force=force,
         progress=not quiet and not json_out,

@@ -12,7 +12,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -50,12 +50,19 @@ class ModelRun(StrictModel):
 
 
 class EvaluateSettings(StrictModel):
-    """How every model is evaluated: TTA views (a preset or comma-separated views), the threshold rule."""
+    """How every model is evaluated: TTA views (a preset or comma-separated views), the threshold rule, and the
+    validation metric that chooses between TTA and plain (a proper scoring rule by default)."""
 
     tta: str | None = "cxr"
     threshold: str = "balanced_accuracy"
     target_sensitivity: float | None = None
+    choose_by: Literal["log_loss", "brier", "roc_auc"] = "log_loss"
     resamples: int = Field(2000, ge=100)
+
+    @classmethod
+    def from_record(cls, recorded: dict[str, Any]) -> EvaluateSettings:
+        """Settings recorded by an earlier pneumolab: one from before `choose_by` existed chose on ROC-AUC."""
+        return cls.model_validate({"choose_by": "roc_auc", **recorded})
 
     @model_validator(mode="after")
     def _checked(self) -> EvaluateSettings:
@@ -163,6 +170,7 @@ def train_and_evaluate(
         tta=settings.tta,
         threshold_method=settings.threshold,
         target_sensitivity=settings.target_sensitivity,
+        choose_by=settings.choose_by,
         n_resamples=settings.resamples,
         progress=progress,
     )

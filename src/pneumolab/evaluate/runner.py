@@ -4,8 +4,9 @@ For each variant (plain, and with TTA views when asked) the model runs once over
 of the run's own ``split.csv``; the temperature and the threshold are fit on validation only, then applied
 unchanged to test (EVALUATION.md rules 2-4). A K-class model decides by argmax after temperature scaling (and a
 per-class bias when cross-fitting on validation shows it helps); its binary views get their thresholds on validation
-(`pneumolab.evaluate.views`). The variant used by the model afterwards (``operating_point.json``) is the one with
-the higher validation ROC-AUC (macro for K classes). Files written::
+(`pneumolab.evaluate.views`). The variant used by the model afterwards (``operating_point.json``) is the one best on
+validation by ``choose_by``: log loss by default (or Brier score, or ROC-AUC, macro for K classes), because
+validation ROC-AUC saturates near 1 and stops telling variants apart. Files written::
 
     RUN/predictions/{val,test}[_tta].csv   path, label, probability, prediction, logit (K classes: path, label,
                                            prediction, probability, p_<CLASS>..., logit_<CLASS>...)
@@ -16,7 +17,8 @@ the higher validation ROC-AUC (macro for K classes). Files written::
                                            the settings and checkpoint that made all of the above
 
 A finished evaluation is reused only when ``evaluated_with`` equals what a new one would be made with (the
-checkpoint's SHA-256, the dataset, TTA views, threshold rule, bootstrap resamples, gate and band settings), so a
+checkpoint's SHA-256, the dataset, TTA views, threshold rule, variant rule, bootstrap resamples, gate and band
+settings), so a
 changed setting recomputes and an unchanged re-run costs one hash of ``best.pt``.
 """
 
@@ -222,6 +224,13 @@ def _rows(run: RunDir, manifest: pd.DataFrame) -> dict[str, np.ndarray]:
 # bump when evaluate_run writes different files or figures from the same settings, so older results are redone
 EVALUATION_FORMAT = 2  # 2: binary metrics carry log loss and Brier score
 
+# How `choose_by` ranks the variants on validation: the metric file's key (binary, K classes) and whether higher wins.
+VARIANT_RULES = {
+    "log_loss": ("log_loss", "log_loss", False),
+    "brier": ("brier", "brier", False),
+    "roc_auc": ("roc_auc", "macro_roc_auc", True),
+}
+
 
 def _evaluation_key(run: RunDir, root: Path | None, variants: dict[str, tuple[str, ...]], **settings: Any) -> dict:
     """What an evaluation of `run` is made from: the key its saved results are reused on."""
@@ -267,14 +276,18 @@ def evaluate_run(
     tta: str | None = "cxr",
     threshold_method: str = "balanced_accuracy",
     target_sensitivity: float | None = None,
+    choose_by: str = "log_loss",
     n_resamples: int = 2000,
     force: bool = False,
     progress: bool = True,
 ) -> dict[str, dict[str, Any]]:
     """Evaluate a run on its validation and test images; return ``{"val": m, "test": m, "val_tta": ...}``.
 
+    `choose_by` (``log_loss``, ``brier`` or ``roc_auc``) picks the variant the model uses, on validation.
     A finished evaluation made with the same checkpoint, data and settings is reused unless `force` (module doc).
     """
+    if choose_by not in VARIANT_RULES:
+        raise SettingError(f"choose_by must be one of {', '.join(VARIANT_RULES)}, not {choose_by!r}")
     run = RunDir(run_dir)
     variants = {"": ("identity",)}
     if tta:
@@ -294,6 +307,7 @@ def evaluate_run(
             variants,
             threshold_method=threshold_method,
             target_sensitivity=target_sensitivity,
+            choose_by=choose_by,
             n_resamples=n_resamples,
         )
         saved = None if force else _saved_evaluation(run, wanted, key)
@@ -336,9 +350,9 @@ def evaluate_run(
             )
             write_json_atomic(run.path / "metrics" / f"{split}{suffix}.json", per_split[split])
             results[f"{split}{suffix}"] = per_split[split]
-        points[name]["val_roc_auc"] = per_split["val"]["roc_auc" if variant is _binary_variant else "macro_roc_auc"]
-    # which variant the model uses from now on: chosen on validation (a tie keeps the cheaper plain one)
-    chosen = max(points, key=lambda k: (points[k]["val_roc_auc"], k == "plain"))
+        for rule, (binary_key, multiclass_key, _) in VARIANT_RULES.items():
+            points[name][f"val_{rule}"] = per_split["val"][binary_key if variant is _binary_variant else multiclass_key]
+    chosen = _chosen_variant(points, choose_by)
     gating = _fit_gating(
         run,
         trained,
@@ -354,9 +368,24 @@ def evaluate_run(
     overlap = _overlap(run, trained.classes, paths["test"], labels["test"], used, points[chosen], n_resamples)
     overlap["variant"] = f"test{'_tta' if chosen == 'tta' else ''}"
     write_json_atomic(run.path / "metrics" / OVERLAP_FILE, overlap)
-    point = {**points[chosen], "chosen_on": "validation", "variants": points, **gating, "evaluated_with": key}
+    point = {
+        **points[chosen],
+        "chosen_on": "validation",
+        "chosen_by": choose_by,
+        "variants": points,
+        **gating,
+        "evaluated_with": key,
+    }
     write_json_atomic(run.operating_point, point)
     return results
+
+
+def _chosen_variant(points: dict[str, dict[str, Any]], choose_by: str) -> str:
+    """The variant the model uses from now on: the best on validation by `choose_by`; a tie keeps the cheaper
+    plain one."""
+    higher_wins = VARIANT_RULES[choose_by][2]
+    sign = -1.0 if higher_wins else 1.0
+    return min(points, key=lambda k: (sign * points[k][f"val_{choose_by}"], k != "plain"))
 
 
 def _overlap(run: RunDir, classes, paths, labels, probabilities, point, n_resamples: int) -> dict[str, Any]:

@@ -81,7 +81,7 @@ def _recorded_today(recorded: dict[str, Any]) -> dict[str, Any]:
         {
             **pipeline,
             "data": DataConfig.model_validate(pipeline["data"]).model_dump(mode="json", exclude=MACHINE_LOCAL),
-            "evaluate": EvaluateSettings.model_validate(pipeline["evaluate"]).model_dump(mode="json"),
+            "evaluate": EvaluateSettings.from_record(pipeline["evaluate"]).model_dump(mode="json"),
         },
     )
 

@@ -40,8 +40,11 @@ def _definition(kind: str, config: PipelineConfig, **facts: Any) -> dict[str, An
 
 
 def _recorded_today(recorded: dict[str, Any]) -> dict[str, Any]:
-    """A recorded definition read through today's settings models (settings added since are at their defaults)."""
-    return {**recorded, "config": _shared(PipelineConfig.model_validate(recorded["config"]))}
+    """A recorded definition read through today's settings models (settings added since are at their defaults,
+    except where `EvaluateSettings.from_record` knows what an earlier pneumolab did)."""
+    config = recorded["config"]
+    evaluate = EvaluateSettings.from_record(config.get("evaluate", {}))
+    return {**recorded, "config": _shared(PipelineConfig.model_validate({**config, "evaluate": evaluate}))}
 
 
 def _point_value(config: TrainConfig, run: RunDir, settings: EvaluateSettings, progress: bool) -> float:
