@@ -18,8 +18,7 @@ validation ROC-AUC saturates near 1 and stops telling variants apart. Files writ
 
 A finished evaluation is reused only when ``evaluated_with`` equals what a new one would be made with (the
 checkpoint's SHA-256, the dataset, TTA views, threshold rule, variant rule, bootstrap resamples, gate and band
-settings), so a
-changed setting recomputes and an unchanged re-run costs one hash of ``best.pt``.
+settings), so a changed setting recomputes and an unchanged re-run costs one hash of ``best.pt``.
 """
 
 from __future__ import annotations
@@ -383,7 +382,7 @@ def evaluate_run(
 def _chosen_variant(points: dict[str, dict[str, Any]], choose_by: str) -> str:
     """The variant the model uses from now on: the best on validation by `choose_by`; a tie keeps the cheaper
     plain one."""
-    higher_wins = VARIANT_RULES[choose_by][2]
+    _, _, higher_wins = VARIANT_RULES[choose_by]
     sign = -1.0 if higher_wins else 1.0
     return min(points, key=lambda k: (sign * points[k][f"val_{choose_by}"], k != "plain"))
 
