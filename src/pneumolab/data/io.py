@@ -40,6 +40,8 @@ from __future__ import annotations
 
 import io
 import os
+import re
+import struct
 import threading
 import warnings
 from dataclasses import dataclass
@@ -77,6 +79,10 @@ _NOT_AN_IMAGE = "not a JPEG, PNG or DICOM image"
 _DICOM_EXTRA = 'pip install "pneumolab[dicom]"'
 _LOW_SPAN = 1 / 8  # warn when values span less than this fraction of their range
 _LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R 601, as Pillow's convert("L")
+# A DICOM header value quoted by pydicom in a warning or an error (a patient's name, an id): never repeated
+_QUOTED = re.compile(r"""b?'[^']*'|b?"[^"]*\"""")
+# JPEG frame headers (SOF0-15 but DHT, JPG and DAC) and JPEG-LS's SOF55: where the declared size is
+_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC} | {0xF7}
 # catch_warnings swaps process-wide state: DICOM reads that record pydicom's warnings take turns
 _DICOM_WARNINGS_LOCK = threading.Lock()
 
@@ -285,8 +291,13 @@ def _one_line(error: BaseException, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _redacted(text: str) -> str:
+    """`text` with every quoted value replaced: pydicom quotes header values (names, ids) in its messages."""
+    return _QUOTED.sub("<value>", text)
+
+
 def _corrupt(label: str, error: BaseException) -> ImageReadError:
-    return ImageReadError(label, f"truncated or corrupt image data: {_one_line(error)}")
+    return ImageReadError(label, f"truncated or corrupt image data: {_redacted(_one_line(error))}")
 
 
 def _check_pixels(label: str, width: int, height: int, max_pixels: int) -> None:
@@ -425,14 +436,14 @@ def _read_dicom(src: _Source, max_pixels: int, issues: list[str]) -> tuple[np.nd
         warnings.simplefilter("always")
         try:
             image, ds = _decode_dicom(pydicom, src, max_pixels, issues)
+            tags = {  # read inside: pydicom validates a value when it is first read, and warns quoting it
+                "modality": _tag(ds, "Modality"),
+                "body_part": _tag(ds, "BodyPartExamined"),
+                "view_position": _tag(ds, "ViewPosition"),
+                "frames": _frame_count(ds),
+            }
         finally:
-            issues.extend(dict.fromkeys(_one_line(w.message) for w in caught))  # each message once
-    tags = {
-        "modality": _tag(ds, "Modality"),
-        "body_part": _tag(ds, "BodyPartExamined"),
-        "view_position": _tag(ds, "ViewPosition"),
-        "frames": _frame_count(ds),
-    }
+            issues.extend(dict.fromkeys(_redacted(_one_line(w.message)) for w in caught))  # each message once
     return image, tags
 
 
@@ -449,7 +460,7 @@ def _decode_dicom(pydicom: ModuleType, src: _Source, max_pixels: int, issues: li
     frames = _frame_count(ds)
     if frames > 1:
         issues.append(f"multi-frame DICOM ({frames} frames): using the first")
-    pixels = _decode_first_frame(pydicom, ds, src.label)
+    pixels = _decode_first_frame(pydicom, ds, src.label, max_pixels)
 
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
     try:
@@ -467,6 +478,7 @@ def _decode_dicom(pydicom: ModuleType, src: _Source, max_pixels: int, issues: li
 def _import_pydicom(label: str) -> ModuleType:
     try:
         import pydicom
+        import pydicom.encaps
         import pydicom.pixels
     except ImportError as e:
         raise ImageReadError(label, f"reading DICOM needs pydicom: {_DICOM_EXTRA}") from e
@@ -511,7 +523,57 @@ def _frame_count(ds: Any) -> int:
         return 1
 
 
-def _decode_first_frame(pydicom: ModuleType, ds: Any, label: str) -> np.ndarray:
+def _check_codestream(pydicom: ModuleType, ds: Any, label: str, max_pixels: int) -> None:
+    """Check the size the compressed first frame declares before a decoder allocates for it.
+
+    The header's Rows x Columns is checked first (`_decode_dicom`), but a JPEG or JPEG 2000 decoder allocates what
+    its own codestream says: a 5 KB file whose header says 512 x 512 and whose J2K data says 50000 x 50000 made
+    openjpeg allocate 3.7 GB. A frame that declares another size than the header is refused as corrupt; RLE carries
+    no size of its own (its decoder uses the header's).
+    """
+    try:
+        frame = next(pydicom.encaps.generate_frames(ds.PixelData, number_of_frames=_frame_count(ds)))
+    except Exception as e:  # no item tag, a fragment that overruns the data ...
+        raise _corrupt(label, e) from e
+    declared = _declared_size(frame)
+    if declared is None:
+        if ds.file_meta.TransferSyntaxUID == pydicom.uid.RLELossless:
+            return
+        raise ImageReadError(label, "truncated or corrupt image data: the compressed frame has no readable header")
+    width, height = declared
+    _check_pixels(label, width, height, max_pixels)
+    rows, columns = int(ds.Rows), int(ds.Columns)
+    if (width, height) != (columns, rows):
+        raise ImageReadError(
+            label,
+            f"corrupt DICOM: the compressed frame declares {width} x {height} pixels but the header {columns} x {rows}",
+        )
+
+
+def _declared_size(codestream: bytes) -> tuple[int, int] | None:
+    """(width, height) from a JPEG 2000 SIZ segment (bare or in a JP2 box) or a JPEG / JPEG-LS frame header."""
+    start = codestream.find(b"\xff\x4f\xff\x51", 0, 4096)  # SOC then SIZ
+    if start >= 0 and len(codestream) >= start + 24:
+        x, y, x0, y0 = struct.unpack(">4I", codestream[start + 8 : start + 24])  # after Lsiz and Rsiz
+        return max(0, x - x0), max(0, y - y0)
+    if codestream[:2] != b"\xff\xd8":
+        return None
+    offset = 2
+    while offset + 9 <= len(codestream):
+        if codestream[offset] != 0xFF:
+            return None
+        marker = codestream[offset + 1]
+        if marker == 0xFF:  # a fill byte before a marker
+            offset += 1
+            continue
+        if marker in _JPEG_SOF:
+            height, width = struct.unpack(">HH", codestream[offset + 5 : offset + 9])
+            return width, height
+        offset += 2 + struct.unpack(">H", codestream[offset + 2 : offset + 4])[0]
+    return None
+
+
+def _decode_first_frame(pydicom: ModuleType, ds: Any, label: str, max_pixels: int) -> np.ndarray:
     syntax = ds.file_meta.TransferSyntaxUID
     try:
         decoder = pydicom.pixels.get_decoder(syntax)
@@ -522,6 +584,8 @@ def _decode_first_frame(pydicom: ModuleType, ds: Any, label: str) -> np.ndarray:
             label,
             f"no decoder installed for DICOM transfer syntax {syntax.name}; install one: {_DICOM_EXTRA}",
         )
+    if syntax.is_encapsulated:
+        _check_codestream(pydicom, ds, label, max_pixels)
     try:
         return pydicom.pixels.pixel_array(ds, index=0)
     except Exception as e:  # short pixel data, a broken codestream, bad attributes ...
