@@ -7,8 +7,15 @@ with several ``--max-batch`` values, each backend is served once per value (1: m
 ``--gate on off``, once with the input gate and once with ``--no-gate``. A film the gate refuses gets HTTP 422 by
 design: it is counted as refused, not as a failure; failures are every other answer that is not 200.
 
+With ``--explains K``, each server is measured twice per repeat (``--repeats``), without and then with K
+/v1/explain requests always in flight (K client threads, each posting the next film as soon as its answer comes):
+the medians over the repeats of predict's p50 and p99, and the timeouts (HTTP 504 or no answer within
+``--timeout``), with and without them; explains are served in their own lane, so predict's p99 should stay within 2x.
+
     python benchmarks/load.py --model default --data ../shared/data/chest_xray/test \
         --requests 500 --concurrency 16 [--backend pytorch onnx] [--max-batch 1 16] [--gate on off]
+    python benchmarks/load.py --model default --data ../shared/data/chest_xray/test \
+        --requests 100 --concurrency 4 --backend pytorch --explains 2 --repeats 3
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -55,6 +63,9 @@ def main() -> None:
     parser.add_argument("--backend", choices=BACKENDS, nargs="+", default=list(BACKENDS))
     parser.add_argument("--max-batch", type=int, nargs="+", default=[16], help="serve's --max-batch values")
     parser.add_argument("--gate", choices=("on", "off"), nargs="+", default=["on"], help="serve with or --no-gate")
+    parser.add_argument("--explains", type=int, default=0, help="K explain requests kept in flight (0: none)")
+    parser.add_argument("--repeats", type=int, default=1, help="with --explains: measurements without and with")
+    parser.add_argument("--timeout", type=float, default=120, help="client time limit per request (s)")
     args = parser.parse_args()
 
     files, _ = collect_image_paths([args.data])
@@ -87,22 +98,13 @@ def _load(
     command += ["--backend", backend, "--max-batch", str(max_batch), *(["--no-gate"] if gate == "off" else [])]
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_until_up(url)
+        wait_until_up(url, 600)  # a busy shared machine can take minutes to load torch
         limits = httpx.Limits(max_connections=args.concurrency)
-        with httpx.Client(base_url=url, timeout=120, limits=limits) as client:
-
-            def post(index: int) -> tuple[float, int | str]:
-                name, body = payloads[index % len(payloads)]
-                started = time.perf_counter()
-                response = client.post("/v1/predict", files={"file": (name, body, "image/jpeg")})
-                refused = response.status_code == 422 and response.json().get("status") == "refused"
-                return time.perf_counter() - started, "refused" if refused else response.status_code
-
-            post(0)  # warm-up, not counted
-            started = time.perf_counter()
-            with ThreadPoolExecutor(args.concurrency) as pool:
-                results = list(pool.map(post, range(args.requests)))
-            wall = time.perf_counter() - started
+        with httpx.Client(base_url=url, timeout=args.timeout, limits=limits) as client:
+            _post(client, payloads, 0)  # warm-up, not counted
+            if args.explains:
+                return _with_and_without_explains(args, url, client, payloads)
+            results, wall = _measure(args, client, payloads)
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -115,6 +117,77 @@ def _load(
     summary += f", p95 {np.percentile(latencies, 95):.0f} ms, p99 {np.percentile(latencies, 99):.0f} ms"
     print(f"{summary}; refused by the gate {refused}; failures {failures}")
     return args.requests / wall
+
+
+def _post(
+    client: httpx.Client, payloads: list[tuple[str, bytes]], index: int, path: str = "/v1/predict"
+) -> tuple[float, int | str]:
+    """One upload; (seconds, status) with status "refused" for the gate's 422 and "timeout" for no answer in time."""
+    name, body = payloads[index % len(payloads)]
+    started = time.perf_counter()
+    try:
+        response = client.post(path, files={"file": (name, body, "image/jpeg")})
+    except httpx.TimeoutException:
+        return time.perf_counter() - started, "timeout"
+    refused = response.status_code == 422 and response.json().get("status") == "refused"
+    return time.perf_counter() - started, "refused" if refused else response.status_code
+
+
+def _measure(
+    args: argparse.Namespace, client: httpx.Client, payloads: list[tuple[str, bytes]]
+) -> tuple[list[tuple[float, int | str]], float]:
+    started = time.perf_counter()
+    with ThreadPoolExecutor(args.concurrency) as pool:
+        results = list(pool.map(lambda i: _post(client, payloads, i), range(args.requests)))
+    return results, time.perf_counter() - started
+
+
+def _with_and_without_explains(
+    args: argparse.Namespace, url: str, client: httpx.Client, payloads: list[tuple[str, bytes]]
+) -> float:
+    """Predict's latency without, then with, `args.explains` explain requests always in flight; medians over
+    `args.repeats`. Returns predict's throughput with them."""
+    figures: dict[str, list[tuple[float, float, int, float]]] = {"without": [], "with": []}
+    explained: list[int | str] = []
+    for _ in range(args.repeats):
+        for mode in ("without", "with"):
+            stop = threading.Event()
+
+            def explain_loop(seed: int, stop: threading.Event) -> None:
+                with httpx.Client(base_url=url, timeout=args.timeout) as own:
+                    index = seed
+                    while not stop.is_set():
+                        explained.append(_post(own, payloads, index, "/v1/explain?panel=overlay")[1])
+                        index += args.explains
+
+            loops = [
+                threading.Thread(target=explain_loop, args=(k, stop))
+                for k in range(args.explains if mode == "with" else 0)
+            ]
+            for loop in loops:
+                loop.start()
+            time.sleep(1.0 if loops else 0)  # the explains reach the server before predict's load starts
+            results, wall = _measure(args, client, payloads)
+            stop.set()
+            for loop in loops:
+                loop.join()
+            latencies = np.array([seconds for seconds, _ in results]) * 1000
+            timeouts = sum(status in (504, "timeout") for _, status in results)
+            p50, p99 = statistics.median(latencies), float(np.percentile(latencies, 99))
+            figures[mode].append((p50, p99, timeouts, args.requests / wall))
+            print(f"  {mode} {args.explains} explains: predict p50 {p50:.0f} ms, p99 {p99:.0f} ms, timeouts "
+                  f"{timeouts}, failures {sum(s not in (200, 'refused') for _, s in results)}")  # fmt: skip
+    medians = {
+        mode: [statistics.median(values) for values in zip(*rows, strict=True)] for mode, rows in figures.items()
+    }
+    answered = sum(status == 200 for status in explained)
+    print(f"{args.requests} predict requests, {args.concurrency} at a time, {args.repeats} repeats (medians):")
+    for mode, (p50, p99, timeouts, rate) in medians.items():
+        print(f"predict {mode} {args.explains} explains in flight: p50 {p50:.0f} ms, p99 {p99:.0f} ms, "
+              f"timeouts {timeouts:.0f}, throughput {rate:.1f} req/s")  # fmt: skip
+    print(f"p99 with / without = {medians['with'][1] / medians['without'][1]:.2f}x; explains answered {answered}, "
+          f"other explain answers {sorted({str(s) for s in explained if s != 200})}")  # fmt: skip
+    return medians["with"][3]
 
 
 if __name__ == "__main__":

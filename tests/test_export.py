@@ -10,6 +10,7 @@ import pytest
 from pneumolab.config import TrainConfig, apply_overrides
 from pneumolab.errors import ArtefactError, PneumolabError
 from pneumolab.evaluate.runner import evaluate_run
+from pneumolab.fsutil import file_sha256
 from pneumolab.inference.card import CARD_FORMAT
 from pneumolab.inference.export import export_artefact, export_onnx
 from pneumolab.inference.pytorch import load_trained
@@ -47,7 +48,11 @@ def test_artefact_reproduces_the_run_and_refuses_a_mismatched_card(evaluated_run
     (artefact / "card.json").write_text(json.dumps(card))
     with pytest.raises(ArtefactError, match="does not match its card"):  # the specific error, not just the base
         load_trained(artefact)
-    card["weights_sha256"], card["architecture"] = None, "resnet18"
+    card["weights_sha256"] = None  # a card must record its weights' SHA-256
+    (artefact / "card.json").write_text(json.dumps(card))
+    with pytest.raises(ArtefactError, match=r"its card records no SHA-256 \(weights_sha256\)"):
+        load_trained(artefact)
+    card["weights_sha256"], card["architecture"] = file_sha256(artefact / "model.safetensors"), "resnet18"
     (artefact / "card.json").write_text(json.dumps(card))
     with pytest.raises(PneumolabError, match="do not fit the card's resnet18"):
         load_trained(artefact)

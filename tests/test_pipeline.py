@@ -17,8 +17,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from pneumolab import CLASSES
 from pneumolab.config import TrainConfig, apply_overrides
+from pneumolab.constants import CLASSES
 from pneumolab.errors import PneumolabError, SettingError
 from pneumolab.evaluate.runner import ensemble_runs, evaluate_artefact, evaluate_run
 from pneumolab.inference.export import export_artefact
@@ -126,6 +126,13 @@ def test_evaluate_writes_predictions_metrics_and_operating_point(dataset, tmp_pa
     aucs = {name: by_auc[f"val{suffix}"]["roc_auc"] for name, suffix in (("plain", ""), ("tta", "_tta"))}
     assert third["chosen_by"] == third["evaluated_with"]["choose_by"] == "roc_auc"
     assert bool(third["tta"]) == (aucs["tta"] > aucs["plain"])
+    # the framing rule's objective: log loss over the clean and the perturbed validation films, per variant
+    evaluate_run(run, tta="plan", choose_by="stress_log_loss", n_resamples=200, progress=False)
+    fourth = json.loads((run / "operating_point.json").read_text())
+    stressed = {name: fourth["variants"][name]["val_stress_log_loss"] for name in ("plain", "tta")}
+    assert fourth["chosen_by"] == "stress_log_loss"
+    assert bool(fourth["tta"]) == (stressed["tta"] < stressed["plain"])
+    assert all(v > 0 for v in stressed.values())
     with pytest.raises(SettingError, match="choose_by"):
         evaluate_run(run, tta="plan", choose_by="accuracy", progress=False)
 
@@ -141,7 +148,7 @@ def test_ensemble_of_two_runs(dataset, tmp_path):
     assert results["test"]["n"] == 32
     env = json.loads((tmp_path / "ens" / "env.json").read_text())
     assert env["ensemble"]["method"] == "stacking" and len(env["ensemble"]["members"]) == 2
-    assert results["test"]["model"] == "ens" and not list(tmp_path.glob(".ens.*"))  # no temporary folder left
+    assert results["test"]["model"] == "ens" and not list(tmp_path.glob(".pneumolab-*"))  # no temporary left
     with pytest.raises(Exception, match="at least two"):
         ensemble_runs(runs[:1], tmp_path / "ens1")
     _check_ensemble_is_servable(tmp_path / "ens", dataset, tmp_path)

@@ -1,13 +1,59 @@
-"""pneumolab: chest X-ray pneumonia classification (NORMAL vs PNEUMONIA)."""
+"""pneumolab: chest X-ray pneumonia classification, from the dataset to a served model.
 
-from importlib.metadata import PackageNotFoundError, version
+The public API lives in `pneumolab.api` and is re-exported here lazily (PEP 562): ``import pneumolab`` loads no
+deep-learning library; ``pneumolab.load_model`` imports what it needs on first use. No module of the package imports
+this root (shared constants are in `pneumolab.constants`).
+"""
 
-try:
-    __version__ = version("pneumolab")
-except PackageNotFoundError:  # running from a source tree that was not installed
-    __version__ = "0.0.0"
+from __future__ import annotations
 
-CLASSES: tuple[str, str] = ("NORMAL", "PNEUMONIA")
-"""Class names in label order: index 1, PNEUMONIA, is the positive class."""
+import importlib
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["CLASSES", "__version__"]
+from pneumolab.constants import __version__
+
+if TYPE_CHECKING:
+    from pneumolab.api import (
+        Model,
+        Prediction,
+        Predictions,
+        evaluate_model,
+        list_bundled,
+        list_models,
+        list_recipes,
+        load_model,
+        run,
+        train_model,
+        training_config,
+    )
+
+__all__ = [
+    "Model",
+    "Prediction",
+    "Predictions",
+    "__version__",
+    "evaluate_model",
+    "list_bundled",
+    "list_models",
+    "list_recipes",
+    "load_model",
+    "run",
+    "train_model",
+    "training_config",
+]
+
+_LAZY = frozenset(__all__) - {"__version__"}
+
+
+def __getattr__(name: str) -> Any:
+    """Import `pneumolab.api` on first use of one of its names."""
+    if name in _LAZY:
+        value = getattr(importlib.import_module("pneumolab.api"), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    raise AttributeError(f"module 'pneumolab' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    """The module's names, the lazy ones included."""
+    return sorted({*globals(), *__all__})

@@ -13,9 +13,10 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from pneumolab import __version__
+from pneumolab.constants import __version__
 from pneumolab.errors import PneumolabError, SettingError
 
 __all__ = ["app", "main"]
@@ -41,8 +42,18 @@ def _error_line(text: str) -> None:
 DataDir = Annotated[Path, typer.Argument(help="Dataset folder (Kaggle layout: train/, test/, optional val/).")]
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout and nothing else.")]
 QuietFlag = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+ForceFlag = Annotated[
+    bool,
+    typer.Option(
+        "--force", help="Replace --out even when it is not a folder this command writes (its files are deleted)."
+    ),
+]
 ModelOption = Annotated[
-    Path | None, typer.Option(help="A run folder or exported artefact (default: the bundled model).")
+    Path | None,
+    typer.Option(
+        help="A run folder, exported artefact or ensemble, or a bundled model's name (pneumolab.list_bundled(); "
+        "default: mobilenetv2-224-kermany-binary-v1, alias default)."
+    ),
 ]
 BackendOption = Annotated[
     str,
@@ -121,7 +132,7 @@ def data_check(
 
 
 def _print_check(report: dict[str, Any]) -> None:
-    stdout.print(f"[bold]{report['root']}[/bold]: {report['n_images']:,} readable images")
+    stdout.print(f"[bold]{escape(str(report['root']))}[/bold]: {report['n_images']:,} readable images")
     table = Table("split", *report["classes"], "total", "patients")
     for split, counts in report["counts"].items():
         per_class = [f"{counts[name]:,}" for name in report["classes"]]
@@ -139,9 +150,11 @@ def _print_check(report: dict[str, Any]) -> None:
     for pair, crossing in report["patients_across_splits"].items():
         if crossing["n"]:
             examples = ", ".join(crossing["examples"])
-            stdout.print(f"patient ids in both {pair.replace('&', ' and ')}: {crossing['n']} (e.g. {examples})")
+            stdout.print(
+                f"patient ids in both {pair.replace('&', ' and ')}: {crossing['n']} (e.g. {examples})", markup=False
+            )
     if report["skipped"]:
-        stdout.print(f"{len(report['skipped'])} files skipped (not images), e.g. {report['skipped'][0]}")
+        stdout.print(f"{len(report['skipped'])} files skipped (not images), e.g. {report['skipped'][0]}", markup=False)
     for bad in report["unreadable"]:
         _error_line(f"{Path(report['root']) / bad['path']}: {bad['reason']}")
 
@@ -172,7 +185,7 @@ def data_prepare(
         _print_json(summary)
     else:
         verb = "built" if built else "up to date"
-        stdout.print(f"cache {verb}: {cached.path} ({summary['n']:,} images, {cached.size} px)")
+        stdout.print(f"cache {verb}: {cached.path} ({summary['n']:,} images, {cached.size} px)", markup=False)
 
 
 @data_app.command("split")
@@ -199,7 +212,7 @@ def data_split(
     if json_out:
         _print_json(summary)
     else:
-        stdout.print(f"wrote {out}")
+        stdout.print(f"wrote {out}", markup=False)
         stdout.print(counts.to_string())
 
 
@@ -228,7 +241,7 @@ def data_download(
     else:
         raise did_you_mean("source", source, ["kaggle", "medmnist", "url"])
     root = find_dataset_root(folder)
-    stdout.print(f"dataset ready: {root}\nnext: pneumolab data check {root}")
+    stdout.print(f"dataset ready: {root}\nnext: pneumolab data check {root}", markup=False)
 
 
 @app.command("models")
@@ -267,7 +280,16 @@ def train_command(
     data: Annotated[Path | None, typer.Option(help="Dataset folder (Kaggle layout).")] = None,
     model: Annotated[str | None, typer.Option(help="Architecture name (see `pneumolab models`).")] = None,
     weights: Annotated[str | None, typer.Option(help="imagenet, none, or a weights file.")] = None,
-    config: Annotated[Path | None, typer.Option(help="YAML config; the flags below override it.")] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            help="Training config YAML, or a pipeline config (a study, file or shipped recipe name) with --only; "
+            "the flags below override it."
+        ),
+    ] = None,
+    only: Annotated[
+        str | None, typer.Option(help="The model of a pipeline --config to train (its training settings).")
+    ] = None,
     out: Annotated[Path | None, typer.Option(help="Run folder (default: runs/<model>-<time>).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out after its last finished epoch.")] = False,
     epochs: Annotated[int | None, typer.Option(help="Epochs.")] = None,
@@ -289,12 +311,12 @@ def train_command(
     quiet: QuietFlag = False,
 ) -> None:
     """Train a model into a run folder (config, split, history, checkpoints, env)."""
-    from pneumolab.config import apply_overrides, load_config
-    from pneumolab.train.api import default_run_dir, train
+    from pneumolab.api import train_model
 
-    settings = apply_overrides(
-        load_config(config),
-        {
+    summary = train_model(
+        config,
+        only=only,
+        overrides={
             "data.root": str(data) if data else None,
             "model.name": model,
             "model.weights": weights,
@@ -314,22 +336,25 @@ def train_command(
             "threads": threads,
             "max_batches": max_batches,
         },
+        out=out,
+        resume=resume,
+        progress=not quiet and not json_out,
     )
-    if resume and out is None:
-        raise SettingError("--resume needs --out RUN (the run folder to continue)")
-    summary = train(settings, out or default_run_dir(settings), resume=resume, progress=not quiet and not json_out)
     if summary.get("epochs") is None:  # a non-zero torchrun rank: rank 0 reports
         return
     if json_out:
         _print_json(summary)
     else:
-        stdout.print(f"run: {summary['run']} (best epoch {summary['best_epoch']}, {summary['wall_seconds']} s)")
+        stdout.print(
+            f"run: {summary['run']} (best epoch {summary['best_epoch']}, {summary['wall_seconds']} s)", markup=False
+        )
 
 
 @app.command("evaluate")
 def evaluate_command(
     model: Annotated[
-        Path, typer.Argument(help="A trained run folder, an exported artefact, or `default` (the bundled model).")
+        Path,
+        typer.Argument(help="A trained run folder, an exported artefact, or a bundled model's name (e.g. default)."),
     ],
     data: Annotated[Path | None, typer.Option(help="Dataset folder (default: the run's).")] = None,
     split: Annotated[str, typer.Option(help="Which split's metrics to print: val or test.")] = "test",
@@ -343,13 +368,28 @@ def evaluate_command(
     ] = "balanced_accuracy",
     target_sensitivity: Annotated[float | None, typer.Option(help="With --threshold target_sensitivity.")] = None,
     choose_by: Annotated[
-        str, typer.Option(help="Validation metric that chooses TTA or plain: log_loss, brier, roc_auc.")
+        str,
+        typer.Option(
+            help="Validation metric that chooses TTA or plain: log_loss, brier, roc_auc, stress_log_loss (log loss "
+            "over the clean and the stress selection set's perturbed films)."
+        ),
     ] = "log_loss",
     resamples: Annotated[int, typer.Option(help="Bootstrap resamples for the 95 % intervals.")] = 2000,
     force: Annotated[bool, typer.Option(help="Evaluate again even if the run's metrics are up to date.")] = False,
     no_gate: Annotated[
         bool, typer.Option("--no-gate", help="Artefacts: do not report what the input gate and band do.")
     ] = False,
+    stress: Annotated[
+        bool,
+        typer.Option(
+            help="Also the stress evaluation on --split: the metrics on perturbed copies of its films (framing, "
+            "exposure, resolution, JPEG, rotation, shift, markers); a `stress` block in the JSON."
+        ),
+    ] = False,
+    stress_set: Annotated[
+        str, typer.Option(help="With --stress: selection, framing, standard, or name:strength cases, comma-separated.")
+    ] = "standard",
+    stress_seed: Annotated[int, typer.Option(help="With --stress: seeds every film's perturbation.")] = 0,
     json_out: JsonFlag = False,
     quiet: QuietFlag = False,
 ) -> None:
@@ -360,43 +400,55 @@ def evaluate_command(
     are of all its films, and `selective` says how many the gate refused or the band referred and the accuracy of
     the rest.
     """
-    from pneumolab.evaluate.runner import evaluate_artefact, evaluate_run
-    from pneumolab.inference.card import bundled_path
+    from pneumolab.api import evaluate_model
 
-    if split not in ("val", "test"):
-        raise SettingError(f"--split must be val or test, not {split!r}")
-    bundled = bundled_path(model) is not None
-    if bundled or (model / "card.json").is_file():
-        if data is None:
-            raise SettingError(f"{model}: an exported model names no dataset; pass --data DIR")
-        progress = not quiet and not json_out
-        metrics = evaluate_artefact(
-            model, data=data, split=split, n_resamples=resamples, gate=not no_gate, progress=progress
-        )
-        if json_out:
-            _print_json(metrics)
-        else:
-            _print_metrics(metrics)
-            _print_selective(metrics["selective"])
-        return
-    if target_sensitivity is not None and threshold == "balanced_accuracy":
-        threshold = "target_sensitivity"
-    results = evaluate_run(
+    metrics = evaluate_model(
         model,
-        data=data,
-        tta=tta_views,
-        threshold_method=threshold,
+        data,
+        split=split,
+        tta=tta,
+        tta_views=tta_views,
+        threshold=threshold,
         target_sensitivity=target_sensitivity,
         choose_by=choose_by,
-        n_resamples=resamples,
+        resamples=resamples,
         force=force,
+        gate=not no_gate,
         progress=not quiet and not json_out,
     )
-    metrics = results[f"{split}_tta" if tta else split]
+    if stress:
+        from pneumolab.evaluate.runner import stress_model
+
+        blocks = stress_model(
+            model, data=data, splits=(split,), cases=stress_set, seed=stress_seed, progress=not quiet and not json_out
+        )
+        metrics["stress"] = blocks[split]
     if json_out:
         _print_json(metrics)
         return
     _print_metrics(metrics)
+    if "selective" in metrics:  # an artefact or bundled model: what its gate and band did
+        _print_selective(metrics["selective"])
+    if stress:
+        _print_stress(metrics["stress"])
+
+
+def _print_stress(block: dict[str, Any]) -> None:
+    binary = "sensitivity" in block["clean"]
+    columns = ["case", "accuracy", *(["sensitivity", "specificity", "ROC-AUC"] if binary else []), "log loss"]
+    table = Table(*columns, "mean |dP|", "flips", title=f"stress on {block['split']} ({block['n']} films)")
+    keys = ["accuracy", *(["sensitivity", "specificity", "roc_auc"] if binary else []), "log_loss"]
+
+    def row(name: str, m: dict[str, Any]) -> list[str]:
+        cells = [f"{m[k]:.3f}" if k in ("roc_auc", "log_loss") else f"{m[k]:.1%}" for k in keys]
+        return [name, *cells, f"{m['mean_abs_change']:.3f}", f"{m['flip_rate']:.1%}"]
+
+    table.add_row(*row("clean", block["clean"]))
+    for key, case in block["cases"].items():
+        table.add_row(*row(key, case))
+    stdout.print(table)
+    if "stress_log_loss" in block:
+        stdout.print(f"stress log loss (clean + the selection set): {block['stress_log_loss']:.4f}", markup=False)
 
 
 def _print_selective(selective: dict[str, Any]) -> None:
@@ -451,7 +503,7 @@ def ensemble_command(
         _print_json(results["test"])
     else:
         _print_metrics(results["test"])
-        stdout.print(f"ensemble written to {out}")
+        stdout.print(f"ensemble written to {out}", markup=False)
 
 
 @app.command("report")
@@ -464,7 +516,7 @@ def report_command(
     from pneumolab.report import build_report
 
     files = build_report(runs, out, title=title)
-    stdout.print(f"report: {files['html']}")
+    stdout.print(f"report: {files['html']}", markup=False)
 
 
 @app.command("run")
@@ -472,10 +524,14 @@ def run_command(
     data: Annotated[
         Path | None, typer.Option(help="Dataset folder (default: the config's, else data/chest_xray).")
     ] = None,
-    config: Annotated[Path, typer.Option(help="Pipeline config.")] = Path("configs/default.yaml"),
-    out: Annotated[Path, typer.Option(help="Output folder: one run per model, the ensemble, the report.")] = Path(
-        "runs/default"
-    ),
+    config: Annotated[
+        Path | None,
+        typer.Option(help="Pipeline config: a file, or a shipped recipe's name (default: the default recipe)."),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Output folder: one run per model, the ensemble, the report (default: runs/<recipe>)."),
+    ] = None,
     only: Annotated[
         list[str] | None,
         typer.Option(
@@ -492,26 +548,23 @@ def run_command(
 
     With --study, the models are spread over every worker started with the same study and storage (each model
     trained once, into the shared --out); each worker then writes the ensemble and report from what is there."""
-    from pneumolab.pipeline import load_pipeline_config, run_pipeline
+    from pneumolab.api import run
 
-    pipeline = load_pipeline_config(config)
-    progress = not quiet and not json_out
-    if study is not None:
-        from pneumolab.sweep.spread import spread_pipeline
-
-        spread_pipeline(pipeline, out, study=study, storage=storage, data=data, only=only, progress=progress)
-    summary = run_pipeline(pipeline, out, data=data, only=only, progress=progress)
+    summary = run(
+        config, data=data, out=out, only=only, study=study, storage=storage, progress=not quiet and not json_out
+    )
     if json_out:
         _print_json(summary)
     else:
-        stdout.print(f"report: {summary['report']} ({summary['wall_seconds']} s)")
+        stdout.print(f"report: {summary['report']} ({summary['wall_seconds']} s)", markup=False)
 
 
 @app.command("cv")
 def cv_command(
-    config: Annotated[Path, typer.Option(help="Pipeline config (each model, or --only, is cross-validated).")] = Path(
-        "configs/default.yaml"
-    ),
+    config: Annotated[
+        Path | None,
+        typer.Option(help="Pipeline config, file or shipped recipe name (each model, or --only, is cross-validated)."),
+    ] = None,
     folds: Annotated[int, typer.Option(help="Number of patient-grouped, label-stratified folds over train/.")] = 5,
     out: Annotated[Path, typer.Option(help="Output folder: OUT/<model>/fold-<k>/, oof.csv, cv.json.")] = Path(
         "runs/cv"
@@ -537,8 +590,9 @@ def cv_command(
     With --study, the folds are spread over every worker started with the same study and storage."""
     from pneumolab.cv import run_cv
     from pneumolab.pipeline import load_pipeline_config
+    from pneumolab.recipes import recipe_path
 
-    pipeline = load_pipeline_config(config)
+    pipeline = load_pipeline_config(recipe_path(config))
     if study is not None:
         from pneumolab.sweep.spread import spread_cv
 
@@ -559,9 +613,11 @@ def cv_command(
         return
     for model, summary in summaries.items():
         if summary is None:
-            stdout.print(f"{model}: folds still missing; the summary is written once all {folds} are evaluated")
+            stdout.print(
+                f"{model}: folds still missing; the summary is written once all {folds} are evaluated", markup=False
+            )
             continue
-        stdout.print(f"{model}: {folds}-fold CV ({summary['design']}), {out / model / 'cv.json'}")
+        stdout.print(f"{model}: {folds}-fold CV ({summary['design']}), {out / model / 'cv.json'}", markup=False)
         for key, spread in summary["per_fold"]["val"].items():
             test = summary["per_fold"]["test"][key]
             stdout.print(
@@ -582,9 +638,10 @@ def _mean_std(spread: dict[str, Any]) -> str:
 @app.command("sweep")
 def sweep_command(
     study: Annotated[str, typer.Option(help="Optuna study name (workers with the same one share it).")],
-    config: Annotated[Path, typer.Option(help="Pipeline config: its data, evaluation and the model swept.")] = Path(
-        "configs/default.yaml"
-    ),
+    config: Annotated[
+        Path | None,
+        typer.Option(help="Pipeline config, file or shipped recipe name: its data, evaluation and the model swept."),
+    ] = None,
     space: Annotated[Path | None, typer.Option(help="Search space YAML (keys of a training config).")] = None,
     storage: StorageOption = None,
     trials: Annotated[int, typer.Option(min=1, help="Finished trials the study aims for (all workers together).")] = 20,
@@ -613,20 +670,24 @@ def sweep_command(
         if json_out:
             _print_json(summary)
             return
-        stdout.print(f"study {study}: {summary['states']}; page {summary['page']}")
+        stdout.print(f"study {study}: {summary['states']}; page {summary['page']}", markup=False)
         for trial in summary["best"]:
-            stdout.print(f"  trial {trial['number']}: {summary['objective']} {trial['value']:.5g}  {trial['params']}")
+            stdout.print(
+                f"  trial {trial['number']}: {summary['objective']} {trial['value']:.5g}  {trial['params']}",
+                markup=False,
+            )
         if "best_config" in summary:
-            stdout.print(f"best config: {summary['best_config']}")
+            stdout.print(f"best config: {summary['best_config']}", markup=False)
         return
     if space is None:
         raise SettingError("--space SPACE.yaml is needed to run a sweep (or pass --show to read one back)")
     from pneumolab.pipeline import load_pipeline_config
+    from pneumolab.recipes import recipe_path
     from pneumolab.sweep.search import run_sweep
     from pneumolab.sweep.space import load_space
 
     summary = run_sweep(
-        load_pipeline_config(config),
+        load_pipeline_config(recipe_path(config)),
         load_space(space),
         study_name=study,
         out=out,
@@ -642,7 +703,8 @@ def sweep_command(
     else:
         stdout.print(
             f"study {study}: this worker finished {summary['trials_by_this_worker']} trials; "
-            f"pneumolab sweep --study {study} --show --out {out} writes the page and best config"
+            f"pneumolab sweep --study {study} --show --out {out} writes the page and best config",
+            markup=False,
         )
 
 
@@ -657,6 +719,14 @@ def predict_command(
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
     backend: BackendOption = "pytorch",
     no_gate: NoGateFlag = False,
+    dicom_out: Annotated[
+        Path | None,
+        typer.Option(
+            "--dicom-out",
+            help="Also write DICOM results of the DICOM inputs here: one TID 1500 SR per study and one Grad-CAM "
+            "secondary capture per film not refused (needs the pacs extra).",
+        ),
+    ] = None,
 ) -> None:
     """Predict NORMAL / PNEUMONIA for X-ray files (JPEG, PNG, DICOM) with the model's validation-fit threshold.
 
@@ -667,14 +737,19 @@ def predict_command(
     """
     import csv
 
-    from pneumolab.inference.files import collect_image_paths, predict_files
-    from pneumolab.inference.loader import load_backend
+    from pneumolab.api import load_model
 
-    trained = load_backend(model, backend)
-    trained.gate_enabled = not no_gate
-    files, problems = collect_image_paths(paths)
-    rows, failures = predict_files(trained, files, batch_size=batch_size)
-    failures = problems + failures
+    loaded = load_model(model, backend=backend, gate=not no_gate)
+    trained = loaded.inference_model
+    predictions = loaded.predict(paths, batch_size=batch_size, errors="collect")
+    rows, failures = [p.as_dict() for p in predictions], predictions.errors
+    if dicom_out is not None:
+        from pneumolab.pacs.results import results_for_rows
+
+        written, no_result = results_for_rows(trained, rows, dicom_out)
+        _error_line(f"--dicom-out: {len(written)} DICOM result files in {dicom_out}")
+        for file, reason in no_result:
+            _error_line(f"{file}: note: {reason}")
     gate = trained.gate_status
     if json_out:
         _print_json(
@@ -708,7 +783,9 @@ def predict_command(
                 shown = "  ".join(f"{c} {p:.3f}" for c, p in every.items())
             else:
                 shown = f"{row['probability']:.4f} (threshold {row['threshold']:.4f})"
-            table.add_row(row["file"], row["status"], row["label"], shown, row["reason"], end_section=False)
+            # file names and reasons are text, not markup: `a[/b].jpeg` must print as it is
+            file, reason = escape(row["file"]), escape(row["reason"]) if row["reason"] else row["reason"]
+            table.add_row(file, row["status"], row["label"], shown, reason, end_section=False)
         stdout.print(table)
     for row in rows:
         if row["notes"]:
@@ -726,6 +803,7 @@ def export_command(
     check_data: Annotated[
         Path | None, typer.Option(help="ONNX: folder of images to check the export on (up to 64 are used).")
     ] = None,
+    force: ForceFlag = False,
     json_out: JsonFlag = False,
 ) -> None:
     """Export a model: safetensors weights + JSON card (default), or ONNX with a dynamic batch axis.
@@ -743,7 +821,7 @@ def export_command(
         from pneumolab.inference.loader import load_backend
 
         ensemble = load_backend(model)
-        result = {"artefact": str(export_ensemble(ensemble, target, export_artefact))}
+        result = {"artefact": str(export_ensemble(ensemble, target, export_artefact, force=force))}
     elif target.suffix.lower() == ".onnx":
         images = None
         if check_data is not None:
@@ -755,7 +833,7 @@ def export_command(
             images = trained.load_images(files[:: max(1, len(files) // 64)][:64])
         result = export_onnx(model, target, check_images=images)
     else:
-        result = {"artefact": str(export_artefact(model, target))}
+        result = {"artefact": str(export_artefact(model, target, force=force))}
     if json_out:
         _print_json(result)
     else:
@@ -772,6 +850,7 @@ def gate_command(
     alpha: Annotated[
         float, typer.Option(help="Referral band: per-class share of films that may be answered wrongly.")
     ] = 0.02,
+    force: ForceFlag = False,
     json_out: JsonFlag = False,
     quiet: QuietFlag = False,
 ) -> None:
@@ -781,7 +860,9 @@ def gate_command(
     """
     from pneumolab.evaluate.runner import gate_artefact
 
-    card = gate_artefact(model, data=data, out=out, keep=keep, alpha=alpha, progress=not quiet and not json_out)
+    card = gate_artefact(
+        model, data=data, out=out, keep=keep, alpha=alpha, progress=not quiet and not json_out, force=force
+    )
     summary = {"artefact": str(out), "gate": card["gate"], "referral": card["referral"]}
     if json_out:
         _print_json(summary)
@@ -866,8 +947,27 @@ def serve_command(
             "the model.",
         ),
     ] = False,
+    allowed_host: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="A Host header name to answer (repeatable; '*.example.org' patterns). On 127.0.0.1 the machine's "
+            "own names are always answered and others refused (DNS rebinding); beyond it, none given: any name."
+        ),
+    ] = None,
+    root_path: Annotated[
+        str, typer.Option(help="The path prefix a reverse proxy strips before forwarding (e.g. /pneumolab).")
+    ] = "",
+    ssl_keyfile: Annotated[
+        Path | None, typer.Option(help="TLS private key (PEM): serve HTTPS, with --ssl-certfile.", exists=True)
+    ] = None,
+    ssl_certfile: Annotated[
+        Path | None, typer.Option(help="TLS certificate chain (PEM), with --ssl-keyfile.", exists=True)
+    ] = None,
 ) -> None:
-    """Serve a model over HTTP: an upload page at /, JSON API at /v1/predict and /v1/explain, docs at /docs.
+    """Serve a model over HTTP: an upload page at /, JSON API at /v1/predict and /v1/explain, docs at /docs
+    (without an API key).
+
+    See docs/guides/serving.md before listening beyond this machine (API key, allowed hosts, TLS, limits).
 
     Uploads that are not frontal chest X-rays get HTTP 422 with the input gate's reason (no label, no heatmap).
     """
@@ -882,7 +982,141 @@ def serve_command(
         max_batch=max_batch,
         gate=not no_gate,
         allow_unauthenticated_remote=allow_unauthenticated_remote,
+        allowed_hosts=allowed_host or (),
+        root_path=root_path,
+        ssl_keyfile=str(ssl_keyfile) if ssl_keyfile else None,
+        ssl_certfile=str(ssl_certfile) if ssl_certfile else None,
     )
+
+
+site_app = typer.Typer(help="A new site: check its films, calibrate on a few of its own.", no_args_is_help=True)
+app.add_typer(site_app, name="site")
+
+
+@site_app.command("check")
+def site_check(
+    model: Annotated[str, typer.Argument(help="An artefact folder or a bundled model's name (default).")],
+    films: Annotated[list[Path], typer.Argument(help="The site's films: files or folders (unlabelled).")],
+    reference_data: Annotated[
+        Path | None,
+        typer.Option(
+            help="The dataset the model was trained on: its validation reference is computed once and "
+            "cached (not needed for a model that stores one, as site calibrate's do)."
+        ),
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Folder for site-check.json and site-check.html.")] = None,
+    backend: BackendOption = "pytorch",
+    json_out: JsonFlag = False,
+    quiet: QuietFlag = False,
+) -> None:
+    """How the site's films differ from the model's validation films, the prevalence they imply, and a verdict."""
+    from pneumolab.site.check import check_site
+
+    report = check_site(model, films, reference_data=reference_data, out=out, backend=backend,
+                        progress=not quiet)  # fmt: skip
+    if json_out:
+        _print_json(report)
+        return
+    for name, facts in report["tests"].items():
+        stdout.print(f"{name}: {facts['test']}, p = {facts['p_value']:.3g}{' (flagged)' if facts['flagged'] else ''}")
+    shares = report["shares"]
+    stdout.print(f"refused {shares['refused']:.1%}, referred {shares['referred']:.1%} of {report['n']} films")
+    stdout.print(f"verdict: {report['verdict']['text']}")
+    if out is not None:
+        stdout.print(f"wrote {out / 'site-check.html'}")
+
+
+@site_app.command("calibrate")
+def site_calibrate(
+    model: Annotated[str, typer.Argument(help="An artefact folder or a bundled model's name (default).")],
+    data: Annotated[Path, typer.Option(help="Labelled local films: Kaggle class folders or a labels CSV.")],
+    out: Annotated[Path, typer.Option(help="The new artefact's folder (must not exist).")],
+    site: Annotated[str | None, typer.Option(help="The site's name, for the card (default: the data's name).")] = None,
+    method: Annotated[str, typer.Option(help="logistic or temperature recalibration.")] = "logistic",
+    alpha: Annotated[float | None, typer.Option(help="The band's per-class level (default: the card's).")] = None,
+    confidence: Annotated[float, typer.Option(help="One-sided confidence of a sensitivity target's bound.")] = 0.9,
+    backend: BackendOption = "pytorch",
+    json_out: JsonFlag = False,
+    quiet: QuietFlag = False,
+) -> None:
+    """Refit the probabilities, threshold and referral band on a few labelled local films; write a new artefact."""
+    from pneumolab.site.calibrate import calibrate_artefact
+
+    card = calibrate_artefact(model, data=data, out=out, site=site, method=method, alpha=alpha,
+                              confidence=confidence, backend=backend, progress=not quiet)  # fmt: skip
+    if json_out:
+        _print_json(card["site"])
+        return
+    facts = card["site"]
+    before, after = facts["local_figures"]["before"], facts["local_figures"]["after"]
+    stdout.print(f"site {facts['name']}: {facts['counts']['NORMAL']} NORMAL, {facts['counts']['PNEUMONIA']} "
+                 f"PNEUMONIA films ({facts['refused_by_gate']} refused by the gate)")  # fmt: skip
+    for key in ("ece", "error_normal", "error_pneumonia", "coverage", "sensitivity", "specificity"):
+        low, high = after["ci95"][key]
+        stdout.print(f"{key}: {before[key]:.3f} before -> {after[key]:.3f} after [{low:.3f}, {high:.3f}] (cross-fit)")
+    stdout.print(f"wrote {out}; serve it with: pneumolab serve --model {out}")
+
+
+@app.command("listen")
+def listen_command(
+    dest: Annotated[str, typer.Option(help="Where results go: AE@HOST:PORT (e.g. ORTHANC@127.0.0.1:4242).")],
+    spool: Annotated[Path, typer.Option(help="Spool folder: received films, batches, results, journal.jsonl.")] = Path(
+        "pacs-spool"
+    ),
+    ae_title: Annotated[str, typer.Option(help="This node's AE title.")] = "PNEUMOLAB",
+    host: Annotated[
+        str,
+        typer.Option(
+            help="Interface (127.0.0.1: this machine only; any other needs TLS with --tls-ca, or "
+            "--allow-unprotected-remote)."
+        ),
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="DICOM port.", min=0, max=65535)] = 11112,
+    allow_ae: Annotated[
+        list[str] | None, typer.Option(help="Calling AE titles allowed to associate (repeat; default: any).")
+    ] = None,
+    quiet_seconds: Annotated[float, typer.Option(help="A study is complete after this long without a film.")] = 5.0,
+    max_instance_mb: Annotated[float, typer.Option(help="Larger instances are answered 'out of resources'.")] = 200,
+    reserve_mb: Annotated[float, typer.Option(help="Free disk the spool never eats into.")] = 512,
+    max_associations: Annotated[int, typer.Option(help="Concurrent associations.", min=1)] = 10,
+    idle_timeout: Annotated[float, typer.Option(help="Seconds before a silent association is closed.")] = 60,
+    retries: Annotated[int, typer.Option(help="Send retries before a study is marked failed.", min=0)] = 3,
+    no_sc: Annotated[bool, typer.Option("--no-sc", help="Send the SR only (no Grad-CAM secondary capture).")] = False,
+    tls_cert: Annotated[Path | None, typer.Option(help="TLS certificate (PEM).")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="TLS private key (PEM).")] = None,
+    tls_ca: Annotated[Path | None, typer.Option(help="CA that signs the client certificates required.")] = None,
+    allow_unprotected_remote: Annotated[
+        bool,
+        typer.Option(
+            "--allow-unprotected-remote",
+            help="Listen on a --host beyond this machine without TLS client certificates.",
+        ),
+    ] = False,
+    model: ModelOption = None,
+    backend: BackendOption = "pytorch",
+    no_gate: NoGateFlag = False,
+    threads: Annotated[int, typer.Option(help="Torch threads of the worker process.", min=1)] = 1,
+) -> None:
+    """Be a DICOM node: take chest films by C-STORE, and store a TID 1500 SR and a Grad-CAM secondary capture back
+    into each study at --dest once the study has been quiet for --quiet-seconds (see docs/guides/pacs.md)."""
+    import logging
+
+    from pneumolab.pacs.listener import NodeSettings, run_node
+    from pneumolab.pacs.sender import Destination
+    from pneumolab.pacs.worker import WorkerSettings
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = NodeSettings(
+        spool=spool, dest=Destination.parse(dest), ae_title=ae_title, host=host, port=port,
+        allowed_aes=tuple(allow_ae or ()), quiet_seconds=quiet_seconds,
+        max_instance_bytes=int(max_instance_mb * 2**20), reserve_bytes=int(reserve_mb * 2**20),
+        max_associations=max_associations, idle_timeout=idle_timeout, retries=retries, tls_cert=tls_cert,
+        tls_key=tls_key, tls_ca=tls_ca, allow_unprotected_remote=allow_unprotected_remote,
+        worker=WorkerSettings(
+            model=str(model) if model else None, backend=backend, gate=not no_gate, with_sc=not no_sc, threads=threads
+        ),
+    )  # fmt: skip
+    run_node(settings, on_ready=lambda listener: _error_line(f"listening as {ae_title} on {host}:{listener.port}"))
 
 
 def main() -> None:

@@ -17,6 +17,7 @@ __all__ = [
     "ImageReadError",
     "InputRefusedError",
     "MissingExtraError",
+    "OutputError",
     "PneumolabError",
     "SettingError",
     "UnknownNameError",
@@ -62,6 +63,11 @@ class DatasetLayoutError(PneumolabError, ValueError):
 
 class DownloadError(PneumolabError, OSError):
     """A download failed (offline, bad checksum, unsafe archive)."""
+
+
+class OutputError(PneumolabError, OSError):
+    """An output cannot be written: its destination holds something pneumolab must not replace (without
+    ``--force``), or the disk is full."""
 
 
 class SettingError(PneumolabError, ValueError):

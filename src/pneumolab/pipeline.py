@@ -22,6 +22,7 @@ from pneumolab.data.tta import resolve_views
 from pneumolab.errors import DatasetLayoutError, SettingError
 from pneumolab.evaluate.calibration import ThresholdSelector
 from pneumolab.evaluate.ensemble import EnsembleCombiner
+from pneumolab.evaluate.stress import parse_cases
 from pneumolab.fsutil import write_json_atomic
 from pneumolab.progress import stderr_console
 from pneumolab.runs import RunDir
@@ -56,8 +57,11 @@ class EvaluateSettings(StrictModel):
     tta: str | None = "cxr"
     threshold: str = "balanced_accuracy"
     target_sensitivity: float | None = None
-    choose_by: Literal["log_loss", "brier", "roc_auc"] = "log_loss"
+    choose_by: Literal["log_loss", "brier", "roc_auc", "stress_log_loss"] = "log_loss"
     resamples: int = Field(2000, ge=100)
+    # the stress evaluation after each model's evaluation, on validation and test (the report's Robustness part):
+    # a named set (selection, framing, standard) or name:strength cases; None = not run
+    stress: str | None = None
 
     @classmethod
     def from_record(cls, recorded: dict[str, Any]) -> EvaluateSettings:
@@ -69,6 +73,8 @@ class EvaluateSettings(StrictModel):
         if self.tta:
             check_setting(resolve_views, self.tta)
         check_setting(ThresholdSelector, self.threshold, target_sensitivity=self.target_sensitivity)
+        if self.stress:
+            check_setting(parse_cases, self.stress)
         return self
 
 
@@ -154,7 +160,7 @@ def train_and_evaluate(
 ) -> dict[str, dict[str, Any]]:
     """Train `run` (reused when finished, resumed when interrupted), then evaluate it (reused when its saved
     evaluation was made with these settings). Returns the evaluation's metric objects."""
-    from pneumolab.evaluate.runner import evaluate_run
+    from pneumolab.evaluate.runner import evaluate_run, stress_model
     from pneumolab.train.api import train
 
     if _run_finished(run):
@@ -164,7 +170,7 @@ def train_and_evaluate(
         _log(f"{run.path.name}: {'resuming' if resume else 'training'} {config.model.name}")
         train(config, run.path, resume=resume, progress=progress)
     _log(f"{run.path.name}: evaluating")
-    return evaluate_run(
+    results = evaluate_run(
         run.path,
         data=config.data.root,
         tta=settings.tta,
@@ -174,6 +180,10 @@ def train_and_evaluate(
         n_resamples=settings.resamples,
         progress=progress,
     )
+    if settings.stress:
+        _log(f"{run.path.name}: stress evaluation ({settings.stress})")
+        stress_model(run.path, data=config.data.root, cases=settings.stress, progress=progress)
+    return results
 
 
 def dataset_root(config: PipelineConfig, data: str | os.PathLike[str] | None) -> Path:

@@ -8,28 +8,35 @@ RUN/checkpoints/last.pt      everything needed to resume (model, optimiser, sche
 RUN/checkpoints/best.pt      the model of the best validation epoch, with its metadata
 RUN/env.json                 versions, git sha, hardware, data fingerprint
 RUN/predictions/, metrics/, plots/   written by evaluation and reports
+RUN/.train.lock              flock-ed while a process trains the run (holds its pid and host)
 ```
 Checkpoints hold only tensors and plain Python values, so they load with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
 import json
 import os
 import platform
+import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from pneumolab.errors import ArtefactError
+from pneumolab.errors import ArtefactError, SettingError
 from pneumolab.fsutil import atomic_path, write_json_atomic
 
-__all__ = ["RunDir", "environment_info", "load_checkpoint", "save_checkpoint", "write_environment"]
+__all__ = ["LOCK_FILE", "RunDir", "environment_info", "load_checkpoint", "save_checkpoint", "write_environment"]
+
+LOCK_FILE = ".train.lock"
 
 
 class RunDir:
@@ -86,6 +93,29 @@ class RunDir:
     def create(self) -> RunDir:
         self.checkpoints.mkdir(parents=True, exist_ok=True)
         return self
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[RunDir]:
+        """Hold the run folder's exclusive lock (an flock on ``RUN/.train.lock``) for the block: one trainer per
+        folder. Another process's lock is a `SettingError` at once; the kernel drops a lock whose process died, so a
+        killed run never blocks its resume."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise SettingError(
+                f"{self.path}: another process is training this run ({holder}); wait for it to finish, or choose "
+                "another --out"
+            ) from None
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+            yield self
+        finally:
+            os.close(fd)  # releases the lock; the file stays (removing it would race with the next locker)
 
     def read_history(self) -> list[dict[str, str]]:
         if not self.history.is_file():

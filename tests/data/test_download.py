@@ -558,3 +558,64 @@ def test_download_kaggle_reuses_a_finished_download_without_network(tmp_path: Pa
     out.mkdir()
     (out / ".pneumolab-complete").touch()
     assert download_kaggle(tmp_path, progress=False) == out
+
+
+# ------------------------------------------------------------------------------------ hardening (issue 23)
+
+
+class EndlessHandler(BaseHTTPRequestHandler):
+    """200 with no Content-Length and a body that never ends (HTTP/1.0: it would end when the connection closes)."""
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.end_headers()
+        self.server.sent = 0  # type: ignore[attr-defined]
+        with contextlib.suppress(OSError):  # the client hangs up at its cap
+            while self.server.sent < 1 << 30:  # type: ignore[attr-defined]
+                self.wfile.write(b"x" * 65536)
+                self.server.sent += 65536  # type: ignore[attr-defined]
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def test_fetch_stops_an_endless_stream_at_the_size_cap(tmp_path: Path) -> None:
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), EndlessHandler)
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}/endless.bin"
+        with pytest.raises(DownloadError, match=r"endless\.bin: larger than the download limit of 2,097,152 bytes"):
+            fetch(url, tmp_path / "endless.bin", max_bytes=2 << 20, progress=False)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join()
+    assert httpd.sent < 64 << 20  # the client hung up near the cap, not at the server's end
+    assert list(tmp_path.iterdir()) == []  # nothing kept: a capped part cannot be resumed into a smaller file
+
+
+def test_fetch_refuses_a_declared_length_over_the_cap_before_reading(server: ServerState, tmp_path: Path) -> None:
+    url = server.add("big.bin", b"y" * 5000)
+    with pytest.raises(DownloadError, match=r"big\.bin: larger than the download limit of 4,096 bytes"):
+        fetch(url, tmp_path / "big.bin", max_bytes=4096, progress=False)
+    assert list(tmp_path.iterdir()) == [] and server.requests == [("/big.bin", None)]
+    assert fetch(url, tmp_path / "big.bin", max_bytes=5000, progress=False).read_bytes() == b"y" * 5000
+    assert download.DEFAULT_MAX_BYTES >= 8 << 30  # the Kaggle zip (2.3 GB) and PneumoniaMNIST+ fit the default
+
+
+def test_a_redirect_from_https_to_http_is_refused() -> None:
+    refusal = download.redirect_refusal
+    assert refusal("https://zenodo.org/a", "http://evil.example/a.zip") is not None
+    assert refusal("https://zenodo.org/a", "https://cdn.zenodo.org/a") is None
+    assert refusal("http://mirror.example/a", "http://other.example/a") is None  # the user chose plain http
+    assert refusal("http://mirror.example/a", "https://other.example/a") is None
+    # the client that fetch uses applies it to every request it sends, redirects included
+    with download._client("https://zenodo.org/records/1/files/x.npz") as client:
+        hooks = client.event_hooks["request"]
+        downgrade = client.build_request("GET", "http://evil.example/x.npz")
+        with pytest.raises(DownloadError, match=r"from https to http://evil\.example"):
+            for hook in hooks:
+                hook(downgrade)
+        for hook in hooks:
+            hook(client.build_request("GET", "https://cdn.zenodo.org/x.npz"))

@@ -33,8 +33,8 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from pneumolab import CLASSES
 from pneumolab.config import TrainConfig, apply_overrides, dump_config
+from pneumolab.constants import CLASSES
 from pneumolab.data.dataset import parse_name
 from pneumolab.data.tasks import KIND_CLASSES
 from pneumolab.evaluate.calibration import TemperatureScaler, ThresholdSelector

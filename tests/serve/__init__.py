@@ -34,9 +34,12 @@ def tiny_trained(name: str = "resnet18", size: int = 64) -> TrainedModel:
 
 
 @contextmanager
-def running_server(app) -> Iterator[str]:
-    """Serve `app` with uvicorn on 127.0.0.1 (a free port) in a thread; yield its base URL; shut it down after."""
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
+def running_server(app, *, root_path: str = "") -> Iterator[str]:
+    """Serve `app` with uvicorn on 127.0.0.1 (a free port) in a thread; yield its base URL; shut it down after.
+
+    `root_path` is uvicorn's ``--root-path``: the prefix a reverse proxy strips before forwarding.
+    """
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on", root_path=root_path)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)
     thread.start()

@@ -43,7 +43,7 @@ def test_a_lone_request_runs_alone_and_a_wait_gathers_later_arrivals():
             return await batcher.submit(image)
 
         try:
-            return await asyncio.gather(*(later(image, 0.01 * i) for i, image in enumerate(_images(3))))
+            return await asyncio.gather(*(later(image, 0.1 * i) for i, image in enumerate(_images(3))))
         finally:
             await batcher.close()
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pneumolab import CLASSES
+from pneumolab.constants import CLASSES
 from pneumolab.errors import PneumolabError
 from pneumolab.inference.files import predict_files
 from pneumolab.serve.app import check_exposure, create_app

@@ -6,7 +6,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from pneumolab import CLASSES
+from pneumolab.constants import CLASSES
 from pneumolab.serve.app import create_app
 from tests.serve import running_server
 

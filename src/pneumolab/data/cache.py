@@ -4,7 +4,10 @@ A cache folder is ``CACHE_ROOT/<key>/`` holding ``images.npy`` (open with ``mmap
 (row i describes image i) and ``meta.json``. The key is a hash of the cache format, the size ``S`` and every
 image's relative path, split, label and byte hash, so a changed dataset gets a new cache and an unchanged one is
 found again without decoding anything. The folder is built under a temporary name and renamed at the end: an
-interrupted prepare leaves nothing that looks valid.
+interrupted prepare leaves nothing that looks valid, and the next prepare removes what a killed one left.
+
+The image array's blocks are reserved on disk (``posix_fallocate``) before anything is written through the memory
+map: a full disk is then one `OutputError` naming the folder, never a SIGBUS in the middle of decoding.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -23,10 +27,10 @@ import numpy as np
 import pandas as pd
 import platformdirs
 
-from pneumolab import CLASSES
-from pneumolab.data.dataset import build_manifest, find_dataset_root
+from pneumolab.constants import CLASSES
+from pneumolab.data.dataset import build_manifest, find_dataset_root, image_root
 from pneumolab.data.io import load_xray
-from pneumolab.errors import ArtefactError, ImageReadError, SettingError
+from pneumolab.errors import ArtefactError, ImageReadError, OutputError, SettingError
 from pneumolab.fsutil import atomic_dir
 from pneumolab.progress import progress_bar
 
@@ -70,6 +74,26 @@ class DatasetCache:
         if images.shape != (len(manifest), meta["size"], meta["size"]):
             raise ArtefactError(f"{path}: cache is inconsistent (images {images.shape}, {len(manifest)} rows)")
         return cls(path, Path(meta["root"]), int(meta["size"]), images, manifest)
+
+
+def _reserve(images_path: Path, n: int, size: int, dest: Path) -> None:
+    """Create the ``.npy`` memory map's file with all its blocks allocated: a sparse file would meet a full disk
+    only when a page is written through the map, which the kernel answers with SIGBUS."""
+    need = f"{n * size * size / 2**20:,.1f} MiB"
+    hint = "free some space, or set --cache (PNEUMOLAB_CACHE) to another disk"
+    free = shutil.disk_usage(images_path.parent).free
+    if n * size * size > free:
+        raise OutputError(f"{dest}: the cache needs {need} and the disk has {free / 2**20:,.1f} MiB free; {hint}")
+    images = np.lib.format.open_memmap(images_path, mode="w+", dtype=np.uint8, shape=(n, size, size))
+    offset, length = images.offset, images.size
+    del images  # workers open the file themselves
+    fd = os.open(images_path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, offset, max(length, 1))
+    except OSError as error:  # ENOSPC (another writer took the space meanwhile), EFBIG (a file size limit)
+        raise OutputError(f"{dest}: cannot reserve {need} for the cache ({error.strerror}); {hint}") from None
+    finally:
+        os.close(fd)
 
 
 def _decode_chunk(images_path: str, root: str, rel_paths: list[str], start: int, size: int) -> list[tuple]:
@@ -145,14 +169,14 @@ def prepare_cache(
     started = time.perf_counter()
     with atomic_dir(dest, keep_existing=True) as tmp:
         images_path = tmp / "images.npy"
-        images = np.lib.format.open_memmap(images_path, mode="w+", dtype=np.uint8, shape=(len(manifest), size, size))
-        del images  # workers open the file themselves
-        failures = _decode_all(images_path, root, manifest["path"].tolist(), size, workers, progress)
+        _reserve(images_path, len(manifest), size, dest)
+        failures = _decode_all(images_path, image_root(root), manifest["path"].tolist(), size, workers, progress)
         unreadable = [{"path": manifest["path"].iat[i], "reason": reason} for i, reason in failures]
         if failures and not skip_unreadable:
             first = unreadable[0]
             more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
-            raise ImageReadError(root / first["path"], f"{first['reason']}{more}; fix or pass --skip-unreadable")
+            reason = f"{first['reason']}{more}; fix or pass --skip-unreadable"
+            raise ImageReadError(image_root(root) / first["path"], reason)
         if failures:
             keep = np.setdiff1d(np.arange(len(manifest)), [i for i, _ in failures])
             decoded = np.load(images_path, mmap_mode="r")[keep]

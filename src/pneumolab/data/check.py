@@ -18,7 +18,14 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from pneumolab.data.dataset import SPLITS, build_manifest, find_dataset_root, folder_classes, scan_dataset
+from pneumolab.data.dataset import (
+    SPLITS,
+    build_manifest,
+    find_dataset_root,
+    folder_classes,
+    image_root,
+    scan_dataset,
+)
 from pneumolab.data.io import load_xray
 from pneumolab.data.tasks import get_task
 from pneumolab.errors import ImageReadError
@@ -155,7 +162,7 @@ def check_dataset(
                   for path in bad["path"]]  # fmt: skip
     labelled, classes = chosen.relabel(manifest.drop(bad.index), folders)
     task_label = dict(zip(labelled["path"], labelled["label_name"], strict=True))
-    results = _hash_all([str(root / p) for p in manifest["path"]], workers or os.cpu_count() or 1, progress)
+    results = _hash_all([str(image_root(root) / p) for p in manifest["path"]], workers or os.cpu_count() or 1, progress)
     manifest["phash"] = [h for h, _ in results]
     unreadable = [
         {"path": path, "reason": reason}

@@ -4,6 +4,12 @@ The accepted layout is the Kaggle one, ``ROOT/{train,val,test}/{NORMAL,PNEUMONIA
 set of class folders when the caller asks for them to be read (``classes=None``; the ``folders`` task): ``val/`` is
 optional, folder names are matched case-insensitively, the nested ``chest_xray/chest_xray/`` of the Kaggle zip is
 found, and ``__MACOSX`` and dot-files are ignored. Patient ids come from the file names (see `parse_name`).
+
+The other layout is a labels CSV (`LABELS_CSV_LAYOUT`), the way other public datasets (RSNA, NIH, CheXpert,
+PadChest) and a hospital's export arrive: columns ``file`` and ``label``, optional ``patient_id`` and ``split``,
+paths relative to the CSV's folder. Its dataset root is the CSV file itself (or a folder holding ``labels.csv``
+and no split folders); `image_root` gives the folder its paths start from. Without a ``split`` column every film is
+in ``test``: evaluation and the site commands read them all, and training needs the column (train / val / test).
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from pneumolab import CLASSES
+from pneumolab.constants import CLASSES
 from pneumolab.data.io import IMAGE_SUFFIXES
 from pneumolab.errors import DatasetLayoutError
 from pneumolab.fsutil import file_sha256
@@ -24,12 +30,15 @@ from pneumolab.fsutil import file_sha256
 __all__ = [
     "EXPECTED_LAYOUT",
     "FOLDERS_LAYOUT",
+    "LABELS_CSV",
+    "LABELS_CSV_LAYOUT",
     "MANIFEST_COLUMNS",
     "SPLITS",
     "NameInfo",
     "build_manifest",
     "find_dataset_root",
     "folder_classes",
+    "image_root",
     "parse_name",
     "scan_dataset",
 ]
@@ -37,6 +46,9 @@ __all__ = [
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 EXPECTED_LAYOUT = "expected ROOT/{train,test}/{NORMAL,PNEUMONIA}/*.{jpeg,jpg,png,dcm} (val/ optional)"
 FOLDERS_LAYOUT = "expected ROOT/{train,test}/<CLASS>/*.{jpeg,jpg,png,dcm}, the same class folders in every split"
+LABELS_CSV = "labels.csv"  # the name that makes a folder without split folders a labels-CSV dataset
+LABELS_CSV_LAYOUT = "expected a labels CSV with columns file,label[,patient_id][,split], paths relative to the CSV"
+_CSV_DEFAULT_SPLIT = "test"  # no split column: every film is evaluated (training needs the column)
 MANIFEST_COLUMNS = [
     "path",
     "split",
@@ -96,13 +108,26 @@ def _subdirs(folder: Path) -> dict[str, Path]:
     return {p.name.lower(): p for p in sorted(folder.iterdir()) if p.is_dir() and not _is_hidden(p.name)}
 
 
+def image_root(root: str | os.PathLike[str]) -> Path:
+    """The folder a dataset root's manifest paths are relative to: the root itself, or a labels CSV's folder."""
+    root = Path(root)
+    return root.parent if root.suffix.lower() == ".csv" else root
+
+
 def find_dataset_root(path: str | os.PathLike[str], max_depth: int = 3) -> Path:
-    """Return the folder under `path` (itself included) that holds the ``train``/``test`` split folders.
+    """Return the folder under `path` (itself included) that holds the ``train``/``test`` split folders, or the
+    labels CSV (`path` itself, or ``labels.csv`` in a folder without split folders).
 
     Raises:
         DatasetLayoutError: no such folder within `max_depth` levels.
     """
     path = Path(path)
+    if path.suffix.lower() == ".csv":
+        if not path.is_file():
+            raise DatasetLayoutError(f"{path}: no such file; {LABELS_CSV_LAYOUT}")
+        return path
+    if path.is_dir() and (path / LABELS_CSV).is_file() and not any(s in _subdirs(path) for s in SPLITS):
+        return path / LABELS_CSV
     if not path.is_dir():
         raise DatasetLayoutError(f"{path}: no such folder; {EXPECTED_LAYOUT}")
     frontier = [path]
@@ -135,6 +160,9 @@ def scan_dataset(
             different ones), files outside class folders, or a split with no images.
     """
     root = Path(root)
+    if root.suffix.lower() == ".csv":
+        table = _read_labels_csv(root, classes)
+        return list(zip(table["path"], table["split"], table["label_name"], strict=True)), []
     splits = _subdirs(root)
     expected = {name.lower(): name for name in classes} if classes is not None else None
     layout = EXPECTED_LAYOUT if classes is not None else FOLDERS_LAYOUT
@@ -187,6 +215,49 @@ def scan_dataset(
     return images, skipped
 
 
+def _read_labels_csv(csv: Path, classes: Sequence[str] | None) -> pd.DataFrame:
+    """A labels CSV as a table: ``path`` (POSIX, as written), ``split``, ``label_name`` (the class's own spelling),
+    ``patient`` (empty when not given), sorted by path; a one-line error names the file and the row."""
+    try:
+        table = pd.read_csv(csv, dtype=str, keep_default_na=False, skipinitialspace=True, index_col=False)
+    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as error:
+        raise DatasetLayoutError(f"{csv}: not a readable CSV ({error}); {LABELS_CSV_LAYOUT}") from None
+    table.columns = [str(c).strip().lower() for c in table.columns]
+    missing = [c for c in ("file", "label") if c not in table.columns]
+    if missing:
+        raise DatasetLayoutError(f"{csv}: no {missing[0]!r} column (has {', '.join(table.columns)}); "
+                                 f"{LABELS_CSV_LAYOUT}")  # fmt: skip
+    if not len(table):
+        raise DatasetLayoutError(f"{csv}: no rows; {LABELS_CSV_LAYOUT}")
+    if classes is not None:
+        names = {name.lower(): name for name in classes}
+    else:
+        names = {label.strip().lower(): label.strip() for label in sorted(table["label"], key=str.lower)}
+    folder = csv.parent
+    rows = []
+    for line, record in enumerate(table.itertuples(index=False), start=2):  # line 1 is the header
+        file, label = str(record.file).strip(), str(record.label).strip()
+        where = f"{csv}, line {line}"
+        if label.lower() not in names:
+            raise DatasetLayoutError(f"{where}: unknown label {label!r} (expected {', '.join(names.values())})")
+        if not file:
+            raise DatasetLayoutError(f"{where}: empty file name; {LABELS_CSV_LAYOUT}")
+        if Path(file).suffix.lower() not in IMAGE_SUFFIXES:
+            raise DatasetLayoutError(f"{where}: {file} is not an image file (.jpeg, .jpg, .png, .dcm)")
+        if not (folder / file).is_file():
+            raise DatasetLayoutError(f"{where}: {folder / file} does not exist (paths are relative to the CSV)")
+        split = str(getattr(record, "split", "") or _CSV_DEFAULT_SPLIT).strip().lower()
+        if split not in SPLITS:
+            raise DatasetLayoutError(f"{where}: split {split!r} is not one of {', '.join(SPLITS)}")
+        patient = str(getattr(record, "patient_id", "")).strip()
+        rows.append((Path(file).as_posix(), split, names[label.lower()], patient))
+    out = pd.DataFrame(rows, columns=["path", "split", "label_name", "patient"])
+    repeated = out["path"][out["path"].duplicated()]
+    if len(repeated):
+        raise DatasetLayoutError(f"{csv}: {repeated.iloc[0]} is listed twice")
+    return out.sort_values("path", kind="stable").reset_index(drop=True)
+
+
 def folder_classes(manifest: pd.DataFrame) -> tuple[str, ...]:
     """The class names of a manifest in label order (its ``label`` / ``label_name`` pairs)."""
     pairs = manifest[["label", "label_name"]].drop_duplicates().sort_values("label")
@@ -196,26 +267,32 @@ def folder_classes(manifest: pd.DataFrame) -> tuple[str, ...]:
 def build_manifest(root: str | os.PathLike[str], classes: Sequence[str] | None = CLASSES) -> pd.DataFrame:
     """Scan `root` (a dataset root, see `find_dataset_root`) into the manifest.
 
-    Columns: ``path`` (relative to root, POSIX), ``split`` (the folder it came from), ``label`` (index into
+    Columns: ``path`` (relative to `image_root`, POSIX), ``split`` (the folder it came from), ``label`` (index into
     `classes`, or into the sorted folder names when `classes` is None), ``label_name``, ``patient_id``,
     ``patient_from_name``, ``kind`` and ``sha256``.
     """
     root = Path(root)
     images, _ = scan_dataset(root, classes)
+    patients: dict[str, str] = {}  # a labels CSV's patient_id column, where given
+    if root.suffix.lower() == ".csv":
+        table = _read_labels_csv(root, classes)
+        patients = {p: q for p, q in zip(table["path"], table["patient"], strict=True) if q}
     order = tuple(classes) if classes is not None else tuple(sorted({name for _, _, name in images}, key=str.lower))
+    files = image_root(root)
     rows = []
     for rel, split, label_name in images:
         info = parse_name(Path(rel).name, label_name)
+        given = patients.get(rel)
         rows.append(
             (
                 rel,
                 split,
                 order.index(label_name),
                 label_name,
-                info.patient_id,
-                info.from_name,
+                given or info.patient_id,
+                bool(given) or info.from_name,
                 info.kind,
-                file_sha256(root / rel),
+                file_sha256(files / rel),
             )
         )
     return pd.DataFrame(rows, columns=MANIFEST_COLUMNS)

@@ -1,9 +1,10 @@
 """Fetch the chest X-ray data: Kaggle (kagglehub), PneumoniaMNIST+ (Zenodo .npz) or any zip at a URL.
 
 Downloads are resumable and checksum-verified, and land atomically: a file appears under its final name only
-once it is complete and verified, a folder only once it is fully written. Failures become one-line
-`DownloadError`s; when the host cannot be reached, the message says how to supply the data by hand
-(`MANUAL_HINT`).
+once it is complete and verified, a folder only once it is fully written. A download that starts on https never
+follows a redirect to plain http, and one larger than `DEFAULT_MAX_BYTES` (or the ``max_bytes`` given) is stopped
+at that size. Failures become one-line `DownloadError`s; when the host cannot be reached, the message says how to
+supply the data by hand (`MANUAL_HINT`).
 
 Each `download_*` returns the folder it produced; the caller finds the `train/` / `test/` root inside it.
 """
@@ -42,11 +43,12 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from pneumolab import CLASSES, __version__
+from pneumolab.constants import CLASSES, __version__
 from pneumolab.errors import DownloadError, UnknownNameError
 from pneumolab.progress import stderr_console
 
 __all__ = [
+    "DEFAULT_MAX_BYTES",
     "KAGGLE_HANDLE",
     "MANUAL_HINT",
     "download_kaggle",
@@ -54,6 +56,7 @@ __all__ = [
     "download_url",
     "fetch",
     "npz_to_folders",
+    "redirect_refusal",
     "safe_extract_zip",
 ]
 
@@ -70,6 +73,10 @@ MANUAL_HINT = (
 
 TIMEOUT_S = 30.0
 """Seconds any single network operation (connect, one read) may block before the download counts as failed."""
+
+DEFAULT_MAX_BYTES = int(os.environ.get("PNEUMOLAB_MAX_DOWNLOAD_BYTES", 16 << 30))
+"""The largest file `fetch` takes (16 GiB unless ``PNEUMOLAB_MAX_DOWNLOAD_BYTES`` says otherwise): a server that
+sends more, or never stops, is cut off there rather than filling the disk."""
 
 _CONNECT_RETRIES = 2  # a refused or failed connect is tried again after 0 s and 0.5 s (httpcore's backoff)
 
@@ -198,7 +205,15 @@ def download_url(
 # ------------------------------------------------------------------------------------------------- transfer
 
 
-def fetch(url: str, dest: Path, *, sha256: str | None = None, md5: str | None = None, progress: bool = True) -> Path:
+def fetch(
+    url: str,
+    dest: Path,
+    *,
+    sha256: str | None = None,
+    md5: str | None = None,
+    progress: bool = True,
+    max_bytes: int | None = None,
+) -> Path:
     """Download one file to ``dest``, resuming a previous partial download.
 
     Bytes stream into ``dest`` + ``.part``; a later call resumes it with an HTTP Range request. The file is
@@ -210,13 +225,16 @@ def fetch(url: str, dest: Path, *, sha256: str | None = None, md5: str | None = 
         sha256: Expected SHA-256 (hex), if known.
         md5: Expected MD5 (hex), if known.
         progress: Show a progress bar (bytes, speed, ETA) on stderr.
+        max_bytes: The largest file taken (default `DEFAULT_MAX_BYTES`): a larger declared length is refused before
+            its body is read, a longer body is cut off there.
 
     Returns:
         ``dest``. If it already exists and matches the checksums (or none are given), nothing is downloaded.
 
     Raises:
         DownloadError: Host unreachable, HTTP error, transfer cut off (the ``.part`` is kept, so call again to
-            resume), or checksum mismatch (the ``.part`` is deleted).
+            resume), checksum mismatch or a file over `max_bytes` (the ``.part`` is deleted), or a redirect from
+            https to http.
     """
     dest = Path(dest)
     if urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).hostname:
@@ -225,9 +243,17 @@ def fetch(url: str, dest: Path, *, sha256: str | None = None, md5: str | None = 
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_suffix(dest.suffix + ".part")
+    limit = DEFAULT_MAX_BYTES if max_bytes is None else max_bytes
     with _client(url) as client:
-        while not _transfer(client, url, part, progress=progress):
-            part.unlink()  # the server cannot continue this .part: start again from zero
+        try:
+            while not _transfer(client, url, part, progress=progress, limit=limit):
+                part.unlink()  # the server cannot continue this .part: start again from zero
+        except _TooLarge as error:
+            part.unlink(missing_ok=True)
+            raise DownloadError(
+                f"{url}: larger than the download limit of {limit:,} bytes ({error}); pass a larger limit "
+                "(PNEUMOLAB_MAX_DOWNLOAD_BYTES) if this file is expected"
+            ) from None
     _verify(part, dest, sha256=sha256, md5=md5)
     os.replace(part, dest)
     return dest
@@ -246,16 +272,36 @@ def _client(url: str) -> httpx.Client:
         proxy = None
     elif "://" not in proxy:
         proxy = f"http://{proxy}"
+
+    def no_downgrade(request: httpx.Request) -> None:  # called for every request, each redirect's too
+        reason = redirect_refusal(url, str(request.url))
+        if reason:
+            raise DownloadError(f"{url}: {reason}")
+
     return httpx.Client(
         transport=httpx.HTTPTransport(retries=_CONNECT_RETRIES, proxy=proxy),
         timeout=TIMEOUT_S,
+        event_hooks={"request": [no_downgrade]},
         follow_redirects=True,  # Zenodo answers file URLs with a redirect
         # identity: the bytes on disk, their length and Range offsets are the file's, never a decoded body's
         headers={"User-Agent": _USER_AGENT, "Accept-Encoding": "identity"},
     )
 
 
-def _transfer(client: httpx.Client, url: str, part: Path, *, progress: bool) -> bool:
+def redirect_refusal(origin: str, target: str) -> str | None:
+    """Why a download that started at `origin` must not go on at `target` (None: it may): one that started
+    encrypted never continues over plain http, where anyone on the path could swap the file."""
+    if urlsplit(origin).scheme == "https" and urlsplit(target).scheme != "https":
+        shown = urlsplit(target)._replace(query="", fragment="").geturl()
+        return f"redirected from https to {shown}; refused (a download that starts encrypted stays encrypted)"
+    return None
+
+
+class _TooLarge(Exception):
+    """The file is over the download limit (the message says how much was declared or received)."""
+
+
+def _transfer(client: httpx.Client, url: str, part: Path, *, progress: bool, limit: int) -> bool:
     """Bring ``part`` to the full length of the file at ``url``.
 
     Returns:
@@ -283,8 +329,10 @@ def _transfer(client: httpx.Client, url: str, part: Path, *, progress: bool) -> 
             offset, total = 0, None
         if total is None and response.headers.get("Content-Length", "").isdigit():
             total = offset + int(response.headers["Content-Length"])
+        if total is not None and total > limit:
+            raise _TooLarge(f"the server declares {total:,}")
         mode = "ab" if offset else "wb"
-        received, reason = _stream(response, part, mode=mode, done=offset, total=total, progress=progress)
+        received, reason = _stream(response, part, mode=mode, done=offset, total=total, progress=progress, limit=limit)
     have = offset + received
     if (total is not None and have != total) or reason:
         expected = f" of {total}" if total is not None else ""
@@ -296,14 +344,17 @@ def _transfer(client: httpx.Client, url: str, part: Path, *, progress: bool) -> 
 
 
 def _stream(
-    response: httpx.Response, part: Path, *, mode: str, done: int, total: int | None, progress: bool
+    response: httpx.Response, part: Path, *, mode: str, done: int, total: int | None, progress: bool, limit: int
 ) -> tuple[int, str | None]:
-    """Copy the response body into ``part``; return bytes received and why reading broke off, if it did."""
+    """Copy the response body into ``part``; return bytes received and why reading broke off, if it did. Raise
+    `_TooLarge` (the connection then closes) once the file would pass `limit` bytes."""
     received = 0
     bar = _progress_bar(part.name.removesuffix(".part"), done, total, progress)
     with open(part, mode) as out, bar as advance:
         try:
             for chunk in response.iter_raw():  # as received: a re-chunking buffer would lose its bytes on a cut
+                if done + received + len(chunk) > limit:
+                    raise _TooLarge(f"stopped after {done + received:,}")
                 out.write(chunk)
                 received += len(chunk)
                 advance(len(chunk))

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from pneumolab import CLASSES
+from pneumolab.constants import CLASSES
 from pneumolab.data.dataset import folder_classes
 from pneumolab.errors import DatasetLayoutError, did_you_mean
 

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from pneumolab import CLASSES
+from pneumolab.constants import CLASSES
 from pneumolab.data.io import load_xray_with_meta
 from pneumolab.data.ood import NEAR_KINDS, dicom_test_files, far_ood_pictures, near_ood
 from pneumolab.errors import ImageReadError

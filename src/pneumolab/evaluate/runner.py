@@ -69,9 +69,10 @@ from pneumolab.evaluate.multiclass import (
     top_label_reliability,
 )
 from pneumolab.evaluate.overlap import OVERLAP_FILE, overlap_masks, overlap_rows
+from pneumolab.evaluate.stress import SELECTION, StressCase, parse_cases, stress_evaluate
 from pneumolab.evaluate.views import derived_thresholds, view_metrics
-from pneumolab.fsutil import atomic_dir, atomic_path, file_sha256, write_json_atomic
-from pneumolab.inference.card import GATE_FILE, read_card
+from pneumolab.fsutil import FolderKind, atomic_dir, atomic_path, check_destination, file_sha256, write_json_atomic
+from pneumolab.inference.card import ARTEFACT_KIND, GATE_FILE, read_card
 from pneumolab.inference.export import write_gate_arrays
 from pneumolab.inference.pytorch import TrainedModel, load_trained
 from pneumolab.progress import progress_bar
@@ -95,6 +96,11 @@ __all__ = [
 
 SPLITS = ("val", "test")
 SELECTIVE = "selective.json"  # metrics/selective.json: what the gate and the referral band did to val and test
+
+
+# An ensemble run folder (`ensemble --out`, a pipeline's OUT/ensemble): replaced by a new ensemble, never a user's
+# folder of other files. Evaluation and reports add files to it, so only its marker is checked.
+ENSEMBLE_FOLDER = FolderKind("ensemble folder", marker="env.json")
 
 
 def write_predictions(dest: Path, paths, labels, probabilities, threshold: float, logits=None) -> Path:
@@ -228,6 +234,8 @@ VARIANT_RULES = {
     "log_loss": ("log_loss", "log_loss", False),
     "brier": ("brier", "brier", False),
     "roc_auc": ("roc_auc", "macro_roc_auc", True),
+    # the mean validation log loss over the clean films and the stress SELECTION set (evaluate.stress)
+    "stress_log_loss": (None, None, False),
 }
 
 
@@ -282,7 +290,8 @@ def evaluate_run(
 ) -> dict[str, dict[str, Any]]:
     """Evaluate a run on its validation and test images; return ``{"val": m, "test": m, "val_tta": ...}``.
 
-    `choose_by` (``log_loss``, ``brier`` or ``roc_auc``) picks the variant the model uses, on validation.
+    `choose_by` (``log_loss``, ``brier``, ``roc_auc`` or ``stress_log_loss``: log loss over the clean and the
+    stress selection set's perturbed films) picks the variant the model uses, on validation.
     A finished evaluation made with the same checkpoint, data and settings is reused unless `force` (module doc).
     """
     if choose_by not in VARIANT_RULES:
@@ -350,7 +359,21 @@ def evaluate_run(
             write_json_atomic(run.path / "metrics" / f"{split}{suffix}.json", per_split[split])
             results[f"{split}{suffix}"] = per_split[split]
         for rule, (binary_key, multiclass_key, _) in VARIANT_RULES.items():
-            points[name][f"val_{rule}"] = per_split["val"][binary_key if variant is _binary_variant else multiclass_key]
+            if binary_key is not None:
+                points[name][f"val_{rule}"] = per_split["val"][
+                    binary_key if variant is _binary_variant else multiclass_key
+                ]
+        if choose_by == "stress_log_loss":  # the framing rule's objective, on perturbed validation films
+            images = np.asarray(cache.images[rows["val"]])
+            block = stress_evaluate(
+                _variant_scorer(trained, views, points[name]),
+                images,
+                labels["val"],
+                classes=trained.classes,
+                threshold=points[name].get("threshold", 0.5),
+                cases=SELECTION,
+            )
+            points[name]["val_stress_log_loss"] = block["stress_log_loss"]
     chosen = _chosen_variant(points, choose_by)
     gating = _fit_gating(
         run,
@@ -377,6 +400,16 @@ def evaluate_run(
     }
     write_json_atomic(run.operating_point, point)
     return results
+
+
+def _variant_scorer(trained: TrainedModel, views: tuple[str, ...], point: dict[str, Any]):
+    """uint8 films -> one variant's calibrated class probabilities (its views, temperature and class bias)."""
+
+    def score(films: np.ndarray) -> np.ndarray:
+        z = trained.logits(films, views=views).numpy() / point["temperature"]
+        return softmax(z + np.asarray(point.get("class_bias") or 0.0), axis=1)
+
+    return score
 
 
 def _chosen_variant(points: dict[str, dict[str, Any]], choose_by: str) -> str:
@@ -603,6 +636,103 @@ def evaluate_artefact(
     )
 
 
+def stress_model(
+    model: str | os.PathLike[str] | None,
+    *,
+    data: str | os.PathLike[str] | None,
+    splits: tuple[str, ...] = SPLITS,
+    cases: str | tuple[StressCase, ...] = "standard",
+    seed: int = 0,
+    backend: str = "onnx",
+    progress: bool = True,
+) -> dict[str, dict[str, Any]]:
+    """The stress evaluation (`pneumolab.evaluate.stress`) of a run folder, an artefact, an ensemble or a bundled
+    model on its validation and / or test films, exactly as the model is used (its variant, temperature and
+    threshold; the gate off so that every film counts). Validation is the run's split.csv (an ensemble's: its first
+    member's) or the card's carve; a run folder also gets ``metrics/stress.json``.
+
+    `backend` ``onnx`` (the default: onnxruntime ran MobileNetV2 twice as fast as PyTorch fp32 on a 2-core CPU
+    without bf16; the export is checked against PyTorch to 1e-4 in probability) or ``pytorch``.
+
+    Returns:
+        ``{split: stress block}``.
+    """
+    from pneumolab.inference.loader import load_backend  # the loader sits on top of pneumolab.inference
+
+    wanted = parse_cases(cases)
+    source = Path(model) if model is not None else None
+    if data is None and source is not None and RunDir(source).config.is_file():
+        data = load_config(RunDir(source).config).data.root
+    if data is None:
+        raise SettingError(f"{model}: the stress evaluation needs the dataset; pass --data DIR")
+    for split in splits:
+        if split not in SPLITS:
+            raise SettingError(f"stress splits must be val or test, not {split!r}")
+    run = RunDir(source) if source is not None and source.is_dir() and RunDir(source).split.is_file() else None
+    saved: dict[str, dict[str, Any]] = {}
+    if run is not None and (run.path / "metrics" / "stress.json").is_file():
+        saved = json.loads((run.path / "metrics" / "stress.json").read_text())
+    key = {
+        "cases": [c.key for c in wanted],
+        "seed": seed,
+        "backend": backend,
+        "operating_point": _file_sha(run) if run else None,
+    }
+    if run is not None and all(saved.get(s, {}).get("evaluated_with") == key for s in splits):
+        return {s: saved[s] for s in splits}  # made from this operating point with these cases: reused
+    loaded = load_backend(model, backend)
+    cache, labels = _task_cache(data, loaded.classes, size=loaded.cache_size, progress=progress)
+    assigned = _stress_assignment(loaded, source, cache, labels)
+    paths = cache.manifest["path"].to_numpy()
+    results: dict[str, dict[str, Any]] = {}
+    for split in splits:
+        rows = np.flatnonzero(assigned == split)
+        if not len(rows):
+            raise DatasetLayoutError(f"{data}: no {split} films for this model (no split.csv or card split)")
+        with progress_bar(len(wanted), f"stress {split}", enabled=progress) as advance:
+            results[split] = stress_evaluate(
+                lambda films: loaded.score(films, gated=False)[0],
+                np.asarray(cache.images[rows]),
+                labels[rows],
+                classes=loaded.classes,
+                threshold=loaded.threshold,
+                cases=wanted,
+                seed=seed,
+                paths=paths[rows],
+                progress=lambda _key: advance(1),
+            )
+        results[split].update(split=split, model=str(getattr(loaded, "source", model)), evaluated_with=key)
+    if run is not None:  # the other split's block stays
+        write_json_atomic(run.path / "metrics" / "stress.json", {**saved, **results})
+    return results
+
+
+def _file_sha(run: RunDir) -> str | None:
+    """What a run's stress blocks are made from: its operating point (threshold, temperature, variant)."""
+    return file_sha256(run.operating_point) if run.operating_point.is_file() else None
+
+
+def _stress_assignment(loaded, source: Path | None, cache, labels: np.ndarray) -> np.ndarray:
+    """Each cached film's split for `stress_model`: a run's split.csv (an ensemble's first member's), else the
+    card's validation carve, else the official folders (test only)."""
+    sources = [source] if source is not None else []
+    sources += [Path(p) for p in getattr(loaded, "member_sources", [])]
+    for source in sources:
+        if source.is_dir() and RunDir(source).split.is_file():
+            rows = _rows(RunDir(source), cache.manifest)
+            assigned = np.full(len(cache.manifest), "", dtype=object)
+            for name, index in rows.items():
+                assigned[index] = name
+            return assigned
+    assigned = cache.manifest["split"].to_numpy().astype(object)
+    # an ONNX model keeps the PyTorch one it was exported from (its explainer), which knows the card's carve
+    settings = getattr(loaded, "validation_split", None) or getattr(loaded.explainer, "validation_split", None)
+    if settings is not None:
+        carved = carve_validation(cache.manifest.assign(label=labels), **settings).to_numpy()
+        assigned = np.where(assigned == "test", "test", carved)
+    return assigned
+
+
 def _artefact_multiclass(trained, images, labels, logits, *, gate: bool, progress: bool, **facts) -> dict[str, Any]:
     """`evaluate_artefact` for a K-class model: its card's temperature, bias and view thresholds, nothing fit."""
     probabilities = trained.class_probabilities(logits)
@@ -633,7 +763,7 @@ def _artefact_splits(trained: TrainedModel, data, progress: bool):
     manifest = cache.manifest.assign(label=labels)  # the carve is stratified by the task's labels
     settings = trained.validation_split
     assigned = manifest["split"].to_numpy().astype(object)
-    if settings is not None:
+    if settings is not None and (assigned == "train").any():  # a labels CSV of test films alone has none to carve
         carved = carve_validation(manifest, **settings).to_numpy()
         assigned = np.where(assigned == "test", "test", carved)
     return cache, assigned, labels
@@ -647,13 +777,16 @@ def gate_artefact(
     keep: float = DEFAULT_KEEP,
     alpha: float = DEFAULT_ALPHA,
     progress: bool = True,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Fit an exported artefact's (or the bundled model's) input gate and referral band, and write the artefact
     again with them: the gate from the card's own training split, the limit and the band from its validation split
-    (carved again from the card's split settings). Test is not read. The weights are copied byte for byte.
+    (carved again from the card's split settings). Test is not read. The weights are copied byte for byte. An
+    existing `out` is replaced only when it is an artefact (or empty), or with `force`.
 
     Returns the new card.
     """
+    check_destination(out, ARTEFACT_KIND, force=force)  # before the fit: a refusal comes at once
     trained = load_trained(model)
     source = Path(trained.source)
     if not (source / "card.json").is_file():
@@ -679,7 +812,7 @@ def gate_artefact(
     card = dict(read_card(source / "card.json").facts)
     card.update(gate=trained.gates.describe(), referral=trained.band.describe() if trained.band else None)
     out = Path(out)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, kind=ARTEFACT_KIND, force=force) as tmp:
         (tmp / "model.safetensors").write_bytes((source / "model.safetensors").read_bytes())
         card["gate_sha256"] = write_gate_arrays(trained, tmp / GATE_FILE)
         (tmp / "card.json").write_text(json.dumps(card, indent=2) + "\n")
@@ -785,15 +918,16 @@ def write_ensemble(
     predictions, metrics, the operating point fit on its ``val`` probabilities, and ``env.json`` naming the members
     and the `combiner` (its `describe()`), plus `facts`. Built beside `out`, which it replaces when complete."""
     target = RunDir(out)
-    # `out` is replaced whole: never a member's folder, nor any trained run
+    # `out` is replaced whole: never a member's folder, nor any trained run, nor a folder of the user's
     if target.path.resolve() in {m.path.resolve() for m in members} or target.config.is_file():
         raise SettingError(f"{target.path}: a trained run folder; write the ensemble to a new folder (--out)")
+    check_destination(target.path, ENSEMBLE_FOLDER)
     if classes is not None:
         return _ensemble_classes(members, target, paths, labels, probabilities, classes, combiner, selector,
                                  n_resamples, facts)  # fmt: skip
     threshold = float(selector.fit(labels["val"], probabilities["val"]).threshold_)
     results = {}
-    with atomic_dir(target.path) as building:
+    with atomic_dir(target.path, kind=ENSEMBLE_FOLDER) as building:
         run = RunDir(building)
         for split in SPLITS:
             results[split] = _write_split(
@@ -840,7 +974,7 @@ def _ensemble_classes(members, target, paths, labels, probabilities, classes, co
     thresholds = derived_thresholds(labels["val"], probabilities["val"], classes, selector)
     decision = f"argmax of the {combiner['method']} combination"
     results = {}
-    with atomic_dir(target.path) as building:
+    with atomic_dir(target.path, kind=ENSEMBLE_FOLDER) as building:
         run = RunDir(building)
         for split in SPLITS:
             no_logits = np.full((len(paths[split]), len(classes)), np.nan)

@@ -14,18 +14,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pneumolab import CLASSES
+from pneumolab.constants import CLASSES
 from pneumolab.data.preprocess import Preprocessing
 from pneumolab.errors import ArtefactError
-from pneumolab.fsutil import file_sha256
+from pneumolab.fsutil import FolderKind, file_sha256
 from pneumolab.gate import GateSet
 from pneumolab.referral import ReferralBand
 
 __all__ = [
+    "ARTEFACT_KIND",
+    "BUNDLED",
     "CARD_FORMAT",
     "DEFAULT_MODEL",
     "GATE_FILE",
+    "BundledModel",
     "ModelCard",
+    "bundled_entry",
     "bundled_model_dir",
     "bundled_names",
     "bundled_path",
@@ -36,10 +40,13 @@ __all__ = [
 
 CARD_FORMAT = 1
 """The card format this version writes and reads; a card of another format is refused on read, naming both."""
-# The name that selects the model shipped inside the package (`pneumolab predict IMAGE` with no --model).
+# The alias of the model shipped inside the package that `pneumolab predict IMAGE` uses with no --model (`BUNDLED`).
 DEFAULT_MODEL = "default"
 # The content gate's arrays (means, precisions), beside the weights of an artefact or in a run folder.
 GATE_FILE = "gate.safetensors"
+# What `export` and `gate` write: a folder holding these files only may be replaced by another export; any other
+# existing folder (a user's) is refused unless --force is given.
+ARTEFACT_KIND = FolderKind("model artefact", marker="card.json", contents=("card.json", "model.safetensors", GATE_FILE))
 
 
 @dataclass(frozen=True)
@@ -119,9 +126,11 @@ def read_card(card_file: Path) -> ModelCard:
 
 
 def check_against_card(file: Path, facts: dict[str, Any], key: str) -> None:
-    """Refuse `file` when its SHA-256 differs from the one the card records under `key` (weights, ONNX graph)."""
+    """Refuse `file` when the card records no SHA-256 under `key` (weights, ONNX graph, gate arrays), or another."""
+    if not facts.get(key):
+        raise ArtefactError(f"{file}: its card records no SHA-256 ({key}); export the model again with this pneumolab")
     digest = file_sha256(file)
-    if facts.get(key) not in (None, digest):
+    if facts[key] != digest:
         raise ArtefactError(f"{file}: does not match its card (SHA-256 {digest[:12]}..., card says "
                              f"{str(facts[key])[:12]}...)")  # fmt: skip
 
@@ -147,25 +156,77 @@ def load_gate(facts: dict[str, Any], arrays_file: Path, sha_key: str | None = No
     return loaded
 
 
+@dataclass(frozen=True)
+class BundledModel:
+    """One model shipped inside the package: the name that says what it is, its folder and its short aliases."""
+
+    name: str  # architecture-resolution-data-task-version, as timm and torchxrayvision name weights
+    folder: str  # under pneumolab/bundled/: model.safetensors, card.json, gate.safetensors, recipe.yaml, MODEL_CARD.md
+    aliases: tuple[str, ...]
+    summary: str
+
+
+# The one table of bundled names (a new bundled model: its folder, then one row here). Folder names stay as they
+# were shipped; the descriptive name is what documentation and cards use.
+BUNDLED: tuple[BundledModel, ...] = (
+    BundledModel(
+        "mobilenetv2-224-kermany-binary-v1",
+        folder="default",
+        aliases=("default",),
+        summary="NORMAL / PNEUMONIA; MobileNetV2 at 224 px from ImageNet weights, fine-tuned on the Kermany films",
+    ),
+    BundledModel(
+        "mobilenetv2-224-kermany-3class-v1",
+        folder="three-class",
+        aliases=("three-class",),
+        summary="NORMAL / BACTERIAL / VIRAL; MobileNetV2 at 224 px from ImageNet weights, the Kermany films",
+    ),
+)
+
+
+def _bundled_root() -> Path:
+    return Path(__file__).resolve().parent.parent / "bundled"
+
+
+def bundled_entry(name: str) -> BundledModel | None:
+    """The table row `name` (a descriptive name, an alias or a folder) selects, or None."""
+    return next((m for m in BUNDLED if name == m.name or name in m.aliases or name == m.folder), None)
+
+
 def bundled_names() -> tuple[str, ...]:
-    """The names `--model` accepts for the models shipped inside the package (``default``, ``three-class``)."""
-    root = Path(__file__).resolve().parent.parent / "bundled"
-    return tuple(sorted(p.name for p in root.iterdir() if (p / "card.json").is_file())) if root.is_dir() else ()
+    """Every name `--model` accepts for a bundled model installed here: descriptive names and their aliases."""
+    root = _bundled_root()
+    installed = [m for m in BUNDLED if (root / m.folder / "card.json").is_file()]
+    return tuple(name for m in installed for name in (m.name, *m.aliases))
 
 
 def bundled_path(model: str | os.PathLike[str] | None) -> Path | None:
-    """The bundled artefact `model` names (None: ``default``), unless a file or folder of that name exists here;
-    None when `model` names no bundled model."""
+    """The bundled artefact `model` names (None: ``default``), or None when `model` names no bundled model.
+
+    A bare name that is both a bundled model's and an existing file or folder's is refused, naming both: a name
+    must never change meaning with the working directory.
+    """
     if model is None:
         return bundled_model_dir()
-    if str(model) in bundled_names() and not Path(model).exists():
-        return bundled_model_dir(str(model))
-    return None
+    text = os.fspath(model)
+    entry = bundled_entry(text) if "/" not in text and os.sep not in text else None
+    if entry is None:
+        return None
+    if Path(text).exists():
+        raise ArtefactError(
+            f"{text}: names both the bundled model {entry.name} and the folder {Path(text).resolve()}; pass "
+            f"{Path(text).resolve()} for the folder, or {entry.name} for the bundled model"
+        )
+    return bundled_model_dir(text)
 
 
 def bundled_model_dir(name: str = DEFAULT_MODEL) -> Path:
-    """The artefact folder of a model shipped inside the package (``pneumolab/bundled/<name>/``)."""
-    folder = Path(__file__).resolve().parent.parent / "bundled" / name
+    """The artefact folder of a model shipped inside the package (``pneumolab/bundled/<folder>/``), by any of its
+    names in `BUNDLED`."""
+    entry = bundled_entry(name)
+    folder = _bundled_root() / (entry.folder if entry is not None else name)
     if not (folder / "card.json").is_file():
-        raise ArtefactError(f"{folder}: no bundled model {name!r} in this installation; pass --model RUN")
+        known = ", ".join(bundled_names()) or "none"
+        raise ArtefactError(f"{folder}: no bundled model {name!r} in this installation (bundled: {known}); pass "
+                            "--model RUN")  # fmt: skip
     return folder

@@ -10,6 +10,10 @@ Two forms load: an ensemble run folder (``pneumolab run``'s ``ensemble/``: ``env
 the combiner, ``operating_point.json`` holds the threshold and band), and an ensemble artefact (``pneumolab export
 ENSEMBLE --out DIR``: ``DIR/ensemble.json`` and one artefact per member under ``DIR/members/``). Grad-CAM explains
 one network, so an ensemble is explained per member (`pneumolab explain IMAGE --model MEMBER`).
+
+An ensemble artefact names each member by a folder inside its own ``members/`` (no absolute path, no ``..``, no
+link out of it) and records the SHA-256 of each member's card, which in turn records its weights' and gate's: a
+member swapped or edited after export is refused on load, as is a card without its SHA-256.
 """
 
 from __future__ import annotations
@@ -22,19 +26,20 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from pneumolab import CLASSES, __version__
+from pneumolab.constants import CLASSES, __version__
 from pneumolab.data.preprocess import Preprocessing
 from pneumolab.errors import ArtefactError
 from pneumolab.evaluate.ensemble import EnsembleCombiner
-from pneumolab.fsutil import atomic_dir
+from pneumolab.fsutil import FolderKind, atomic_dir, check_destination, file_sha256
 from pneumolab.gate import GateSet
 from pneumolab.inference.card import CARD_FORMAT
 from pneumolab.inference.steps import GATE_OFF, InferenceModel, positive_probability
 from pneumolab.referral import ReferralBand
 
-__all__ = ["ENSEMBLE_CARD", "EnsembleModel", "export_ensemble", "is_ensemble", "load_ensemble"]
+__all__ = ["ENSEMBLE_CARD", "ENSEMBLE_KIND", "EnsembleModel", "export_ensemble", "is_ensemble", "load_ensemble"]
 
 ENSEMBLE_CARD = "ensemble.json"  # an ensemble artefact's card, beside members/
+ENSEMBLE_KIND = FolderKind("ensemble artefact", marker=ENSEMBLE_CARD, contents=(ENSEMBLE_CARD, "members"))
 
 
 @dataclass
@@ -154,6 +159,27 @@ def _member_path(folder: Path, recorded: str) -> Path:
     raise ArtefactError(f"{folder}: member run {recorded} is not there (nor beside the ensemble folder)")
 
 
+def _artefact_member(path: Path, entry: dict[str, Any]) -> Path:
+    """A member folder of an ensemble artefact, checked: inside ``path/members/`` (after resolving links), and its
+    card's SHA-256 the one the ensemble recorded."""
+    where = path / ENSEMBLE_CARD
+    recorded = str(entry.get("folder", ""))
+    members = (path / "members").resolve()
+    folder = (members / recorded).resolve()
+    if not recorded or Path(recorded).is_absolute() or folder.parent != members:
+        raise ArtefactError(f"{where}: member folder {recorded!r} is not a folder inside members/")
+    expected = entry.get("card_sha256")
+    if not expected:
+        raise ArtefactError(f"{where}: member {recorded} has no card SHA-256; export the ensemble again")
+    card = folder / "card.json"
+    if not card.is_file():
+        raise ArtefactError(f"{card}: missing; the ensemble's member {recorded} is not there")
+    if file_sha256(card) != expected:
+        raise ArtefactError(f"{card}: does not match the ensemble (SHA-256 {file_sha256(card)[:12]}..., "
+                            f"{ENSEMBLE_CARD} says {str(expected)[:12]}...)")  # fmt: skip
+    return folder
+
+
 def load_ensemble(path: Path, load_member: Callable[[Path], InferenceModel]) -> EnsembleModel:
     """An ensemble run folder or artefact, each member loaded by `load_member` (the backend's loader)."""
     if (path / ENSEMBLE_CARD).is_file():
@@ -162,7 +188,7 @@ def load_ensemble(path: Path, load_member: Callable[[Path], InferenceModel]) -> 
             raise ArtefactError(f"{path / ENSEMBLE_CARD}: card format {card.get('format')!r}, this pneumolab reads "
                                  f"{CARD_FORMAT}")  # fmt: skip
         names = [m["name"] for m in card["members"]]
-        folders = [path / "members" / m["folder"] for m in card["members"]]
+        folders = [_artefact_member(path, m) for m in card["members"]]
         combiner_facts, point = card["combiner"], card
     else:
         env = json.loads((path / "env.json").read_text())["ensemble"]
@@ -191,15 +217,20 @@ def load_ensemble(path: Path, load_member: Callable[[Path], InferenceModel]) -> 
     )
 
 
-def export_ensemble(ensemble: EnsembleModel, out: Path, export_member: Callable[[Path, Path], Any]) -> Path:
+def export_ensemble(
+    ensemble: EnsembleModel, out: Path, export_member: Callable[[Path, Path], Any], *, force: bool = False
+) -> Path:
     """Write an ensemble artefact: ``out/ensemble.json`` and ``out/members/<i>-<name>/`` (``export_member(source,
-    dest)`` writes one member's artefact)."""
-    with atomic_dir(out) as tmp:
+    dest)`` writes one member's artefact), each member's card hashed. An existing `out` is replaced only when it is
+    an ensemble artefact (or empty), or with `force`."""
+    check_destination(out, ENSEMBLE_KIND, force=force)
+    with atomic_dir(out, kind=ENSEMBLE_KIND, force=force) as tmp:
         entries = []
         for i, (name, source) in enumerate(zip(ensemble.member_names, ensemble.member_sources, strict=True)):
-            folder = f"{i}-{name}"
+            folder = f"{i}-{Path(name).name}"
             export_member(source, tmp / "members" / folder)
-            entries.append({"name": name, "folder": folder})
+            card_sha256 = file_sha256(tmp / "members" / folder / "card.json")
+            entries.append({"name": name, "folder": folder, "card_sha256": card_sha256})
         card = {
             "format": CARD_FORMAT,
             "pneumolab_version": __version__,

@@ -22,11 +22,11 @@ import numpy as np
 import torch
 from safetensors.torch import save
 
-from pneumolab import __version__
+from pneumolab.constants import __version__
 from pneumolab.errors import ArtefactError
-from pneumolab.fsutil import atomic_dir, atomic_path, file_sha256, write_json_atomic
+from pneumolab.fsutil import atomic_dir, atomic_path, check_destination, file_sha256, write_json_atomic
 from pneumolab.gate import tap_features
-from pneumolab.inference.card import CARD_FORMAT, GATE_FILE
+from pneumolab.inference.card import ARTEFACT_KIND, CARD_FORMAT, GATE_FILE
 from pneumolab.inference.pytorch import TrainedModel, load_trained
 from pneumolab.models import count_parameters
 from pneumolab.runs import RunDir
@@ -67,12 +67,17 @@ def build_card(trained: TrainedModel) -> dict[str, Any]:
     }
 
 
-def export_artefact(model: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:
-    """Write ``out/model.safetensors`` and ``out/card.json`` for a run folder or artefact; return `out`."""
+def export_artefact(model: str | os.PathLike[str], out: str | os.PathLike[str], *, force: bool = False) -> Path:
+    """Write ``out/model.safetensors`` and ``out/card.json`` for a run folder or artefact; return `out`.
+
+    An existing `out` is replaced only when it is an artefact (or empty), or with `force`; the old copy stays until
+    the new one is in place (`pneumolab.fsutil.atomic_dir`).
+    """
+    out = Path(out)
+    check_destination(out, ARTEFACT_KIND, force=force)  # before loading: a refusal comes at once
     trained = load_trained(model, device=torch.device("cpu"))
     card = build_card(trained)
-    out = Path(out)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, kind=ARTEFACT_KIND, force=force) as tmp:
         weights = tmp / "model.safetensors"
         state = {k: v.detach().contiguous().cpu() for k, v in trained.model.state_dict().items()}
         # bytes then write_bytes: the file gets the usual permissions (save_file creates it private)

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from pneumolab import CLASSES
+from pneumolab.constants import CLASSES
 from pneumolab.data.preprocess import Preprocessing
 from pneumolab.errors import ArtefactError, MissingExtraError
 from pneumolab.gate import GateSet

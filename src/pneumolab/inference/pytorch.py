@@ -16,8 +16,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from pneumolab import CLASSES
 from pneumolab.config import load_config
+from pneumolab.constants import CLASSES
 from pneumolab.data.preprocess import Preprocessing
 from pneumolab.errors import ArtefactError
 from pneumolab.gate import FeaturesTaken, GateSet, tap_features
@@ -158,7 +158,7 @@ def _load_artefact(folder: Path, device: torch.device | None) -> TrainedModel:
 
 def load_trained(path: str | os.PathLike[str] | None = None, *, device: torch.device | None = None) -> TrainedModel:
     """Load a run folder (its ``best.pt`` and ``operating_point.json``), an exported artefact folder (or its
-    ``card.json``), a checkpoint file, or the bundled model (``None`` or ``"default"`` when no such path exists)."""
+    ``card.json``), a checkpoint file, or a bundled model by name (`BUNDLED`; ``None``: ``default``)."""
     path = bundled_path(path) or Path(path)
     if path.name == "card.json":
         path = path.parent

@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from pneumolab import CLASSES
+from pneumolab.constants import CLASSES
 from pneumolab.data.io import XrayMeta, load_xray
 from pneumolab.data.preprocess import Preprocessing
 from pneumolab.data.tta import apply_view

@@ -33,7 +33,7 @@ import pandas as pd
 from scipy.special import expit
 from sklearn.metrics import brier_score_loss
 
-from pneumolab import CLASSES
+from pneumolab.constants import CLASSES
 from pneumolab.data.dataset import find_dataset_root, parse_name
 from pneumolab.errors import ArtefactError, PneumolabError
 from pneumolab.evaluate.calibration import expected_calibration_error, log_odds

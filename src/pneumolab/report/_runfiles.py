@@ -31,7 +31,7 @@ import pandas as pd
 import yaml
 from scipy.special import logsumexp
 
-from pneumolab import CLASSES
+from pneumolab.constants import CLASSES
 from pneumolab.errors import ArtefactError
 
 SPLITS = ("val", "test")

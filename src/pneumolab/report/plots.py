@@ -27,7 +27,7 @@ from numpy.typing import ArrayLike
 from scipy.special import expit
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
-from pneumolab import CLASSES
+from pneumolab.constants import CLASSES
 from pneumolab.evaluate.calibration import expected_calibration_error, reliability_curve
 from pneumolab.fsutil import atomic_path
 from pneumolab.report._analyses import RiskCoverage, gating_analysis

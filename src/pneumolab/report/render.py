@@ -27,7 +27,7 @@ from typing import Any
 
 import jinja2
 
-from pneumolab import __version__
+from pneumolab.constants import __version__
 from pneumolab.errors import SettingError
 from pneumolab.fsutil import atomic_dir, write_text_atomic
 from pneumolab.report._analyses import (
@@ -57,6 +57,7 @@ from pneumolab.report.cards import (
 from pneumolab.report.gating import gating_section
 from pneumolab.report.multiclass import KIND_REFERENCE, class_errors, multiclass_rows, multiclass_section
 from pneumolab.report.plots import plot_run_files
+from pneumolab.report.robustness import robustness_section
 from pneumolab.report.sections import (
     calibration_block,
     comparison_rows,
@@ -93,6 +94,7 @@ def _run_section(run: RunFiles, slug: str, images: Path, hashes: FileHashes) -> 
         else None,
         "overlap": overlap_block(run, used, hashes) if used is not None else None,
         "gating": gating_section(run, slug, written),
+        "robustness": robustness_section(run, slug, images),
         "evaluated_test": run.evaluation("test") is not None or run.evaluation("test", True) is not None,
         "card": {
             "intended_use": intended_use(run),

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from pneumolab import CLASSES
+from pneumolab.constants import CLASSES
 from pneumolab.data.dataset import parse_name
 from pneumolab.report._analyses import (
     FileHashes,

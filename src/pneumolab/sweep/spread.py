@@ -2,9 +2,10 @@
 
 ``pneumolab run --study NAME`` and ``pneumolab cv --study NAME`` call these first: every worker started with the
 same study and storage takes waiting points (`pneumolab.sweep.study.run_grid`) and trains and evaluates them into
-the shared ``--out`` folder, exactly as the plain command would. When no point is left, the plain command runs and
-finds everything done: it trains nothing, and writes the ensemble, the report or the CV summary (whichever worker
-gets there last writes the complete one; writes are atomic). The value of a point is its validation log loss.
+the shared ``--out`` folder, exactly as the plain command would. When no point is waiting or running (a worker
+with nothing left to take waits for the others), the plain command runs and finds everything done: it trains
+nothing, and writes the ensemble, the report or the CV summary (whichever worker gets there last writes the
+complete one; writes are atomic). The value of a point is its validation log loss.
 """
 
 from __future__ import annotations

@@ -6,8 +6,11 @@ same storage joins one study. Two kinds of study:
 - a search (`pneumolab sweep`): the sampler proposes each trial's settings; the study ends when it holds `trials`
   finished (complete or pruned) trials, not counting points skipped as over the compute budget;
 - a grid (``pneumolab cv`` / ``pneumolab run`` with ``--storage``): every point (a fold, a model of a comparison)
-  is enqueued once, and workers take the waiting points until none is left. Enqueued trials are popped by one
-  worker each (Optuna's storage does that atomically), so no two workers train the same run folder.
+  is enqueued once, and workers take the waiting points until none is waiting or running: a worker with nothing
+  to take waits for the running points (one may fail and come back), so the plain command that follows finds
+  every run finished and trains none of them again. Enqueued trials are popped by one worker each (Optuna's
+  storage does that atomically), and a run folder is locked while it trains (`pneumolab.runs.RunDir.lock`), so no
+  two workers train the same run folder.
 
 Storage: a journal file (Optuna's `JournalStorage`, for one machine or a shared file system; SQLite is not safe
 for concurrent writers), or an RDB URL (``postgresql://...``) for a cluster. A worker killed mid-trial leaves its
@@ -57,6 +60,7 @@ WORKER_ATTR = "worker"
 HEARTBEAT_ATTR = "heartbeat"
 HEARTBEAT_SECONDS = float(os.environ.get("PNEUMOLAB_HEARTBEAT_SECONDS", "30"))
 GRACE_SECONDS = float(os.environ.get("PNEUMOLAB_GRACE_SECONDS", "600"))  # a trial silent this long is failed
+POLL_SECONDS = float(os.environ.get("PNEUMOLAB_POLL_SECONDS", "2"))  # a grid worker with nothing to take looks again
 _RDB_SCHEMES = ("postgresql", "mysql", "sqlite", "mariadb", "oracle", "mssql")
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial is ours to print
@@ -185,6 +189,11 @@ def _count(study: optuna.Study, *states: TrialState) -> int:
     return len(study.get_trials(deepcopy=False, states=states))
 
 
+def _running_points(study: optuna.Study) -> int:
+    """Grid points other workers are running now (trials asked without a point are ended at once, not counted)."""
+    return sum(GRID_ATTR in t.user_attrs for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+
+
 def _counted(study: optuna.Study) -> int:
     """Trials that count towards a search's size: finished or running, not skipped as over the compute budget."""
     states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
@@ -203,21 +212,29 @@ def run_worker(
     Done: for a search, `trials` finished (complete or pruned) trials, counting those other workers are running and
     not those skipped as over budget (two workers counting at the same instant may each start one more: at most one
     extra trial per extra worker);
-    for a grid, no waiting point left. A trial that raises a pneumolab error is marked failed and the worker goes on;
-    any other error (a bug, an interrupt) fails the trial and stops the worker.
+    for a grid, no point waiting or running (a worker with nothing to take waits for the others' points, any of
+    which may fail and be enqueued again). A trial that raises a pneumolab error is marked failed and the worker
+    goes on; any other error (a bug, an interrupt) fails the trial and stops the worker.
     """
     finished = 0
+    said_waiting = False
     while True:
         fail_stale_trials(study)
-        if grid:
-            if not _count(study, TrialState.WAITING):
+        if grid and not _count(study, TrialState.WAITING):
+            running = _running_points(study)
+            if not running:
                 return finished
-        elif trials is not None and _counted(study) >= trials:
+            if not said_waiting:
+                stderr_console.print(f"[bold]study[/bold] waiting for {running} running point(s)", highlight=False)
+                said_waiting = True
+            time.sleep(POLL_SECONDS)
+            continue
+        if not grid and trials is not None and _counted(study) >= trials:
             return finished
         trial = study.ask()
         if grid and GRID_ATTR not in trial.user_attrs:  # another worker took the last point meanwhile
             study.tell(trial, state=TrialState.FAIL)
-            return finished
+            continue  # and wait for it
         started = time.perf_counter()
         try:
             with _heartbeat(trial):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -36,10 +37,21 @@ def train(
     """Train into the run folder `out` and return a summary (best epoch, its metric, wall time).
 
     With `resume`, the run's own ``config.yaml`` is used and training continues after the last finished epoch.
-    Without it, a folder that already holds a run is refused rather than overwritten. `callbacks` run beside the
-    default ones (history, checkpoints, printing, and early stopping and loggers as the config asks), by ``order``.
+    Without it, a folder that already holds a run is refused rather than overwritten, and so is a folder another
+    process is training (`RunDir.lock`). `callbacks` run beside the default ones (history, checkpoints, printing,
+    and early stopping and loggers as the config asks), by ``order``.
     """
     run = RunDir(out)
+    if resume and not run.config.is_file():  # before the lock, which would create the folder
+        raise ArtefactError(f"{run.path}: nothing to resume (no config.yaml)")
+    # one trainer per run folder: rank 0 holds the lock (torchrun's other ranks train the same run with it)
+    with run.lock() if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext():
+        return _train_locked(config, run, resume=resume, progress=progress, callbacks=callbacks)
+
+
+def _train_locked(
+    config: TrainConfig, run: RunDir, *, resume: bool, progress: bool, callbacks: Sequence[Callback]
+) -> dict[str, Any]:
     if resume:
         if not run.config.is_file():
             raise ArtefactError(f"{run.path}: nothing to resume (no config.yaml)")

@@ -1,0 +1,67 @@
+"""The listener alone (no model, no Orthanc): exposure refusal, durable spool, out-of-resources answers."""
+
+from __future__ import annotations
+
+import pydicom
+import pytest
+
+from pneumolab.errors import SettingError
+from pneumolab.pacs.convert import DX_STORAGE, film_to_dicom
+from pneumolab.pacs.listener import Listener, NodeSettings, check_exposure
+from pneumolab.pacs.sender import Destination
+from pneumolab.pacs.spool import Spool, safe_uid
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "192.168.1.5", "pacs.example.org"])
+def test_an_exposed_interface_is_refused_unless_protected(host):
+    with pytest.raises(SettingError, match="--allow-unprotected-remote"):
+        check_exposure(host, tls_protected=False)
+    check_exposure(host, tls_protected=True)
+    check_exposure(host, tls_protected=False, allow_unprotected_remote=True)
+    check_exposure("127.0.0.1", tls_protected=False)
+    check_exposure("localhost", tls_protected=False)
+
+
+def test_uids_that_are_not_uids_never_become_file_names():
+    assert safe_uid("1.2.3.4") == "1.2.3.4"
+    assert safe_uid("../../etc/passwd") is None and safe_uid("") is None and safe_uid("1." * 40) is None
+
+
+def _send(port, dataset):
+    from pynetdicom import AE
+
+    ae = AE("PYTEST")
+    ae.add_requested_context(DX_STORAGE)
+    assoc = ae.associate("127.0.0.1", port, ae_title="PNEUMOLAB")
+    assert assoc.is_established
+    try:
+        return assoc.send_c_store(dataset).Status
+    finally:
+        assoc.release()
+
+
+def test_store_is_spooled_durably_and_oversize_is_out_of_resources(tmp_path):
+    import numpy as np
+
+    spool = Spool(tmp_path / "spool")
+    settings = NodeSettings(spool=spool.root, dest=Destination.parse("X@127.0.0.1:1"), port=0,
+                            max_instance_bytes=200_000)  # fmt: skip
+    listener = Listener(settings, spool)
+    listener.start()
+    try:
+        study = pydicom.uid.generate_uid()
+        small = film_to_dicom(np.full((64, 64), 0.5), patient_id="P", study_uid=study)
+        big = film_to_dicom(np.full((512, 512), 0.5), patient_id="P", study_uid=study)
+        assert _send(listener.port, small) == 0x0000
+        assert _send(listener.port, big) == 0xA700
+    finally:
+        listener.stop()
+    stored = list((spool.root / "incoming" / study).glob("*.dcm"))
+    assert [p.stem for p in stored] == [small.SOPInstanceUID]
+    assert pydicom.dcmread(stored[0]).SOPInstanceUID == small.SOPInstanceUID
+    events = [e["event"] for e in spool.events()]
+    assert events.count("received") == 1 and events.count("refused") == 1
+    assert list((spool.root / "tmp").iterdir()) == []
+    assert "Destination" not in Destination.parse("ORTHANC@127.0.0.1:4242").ae_title
+    with pytest.raises(SettingError):
+        Destination.parse("ORTHANC:4242")

@@ -1,0 +1,75 @@
+"""`site check`: the tests, the prevalence estimates and the verdict, on scores made to differ in known ways."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from pneumolab.referral import ReferralBand
+from pneumolab.site.check import render_check, shift_report
+from pneumolab.site.films import FilmScores
+from pneumolab.site.shift import em_prevalence
+
+
+def _films(n: int, prevalence: float, *, seed: int, offset: float = 0.0) -> FilmScores:
+    """Films of a calibrated model: labels at `prevalence`, features and gate score moved by `offset`."""
+    rng = np.random.default_rng(seed)
+    labels = (rng.random(n) < prevalence).astype(int)
+    margins = rng.normal(3 * labels - 1.5, 1.2)
+    posterior = 1 / (1 + np.exp(-(margins * 3 / 1.44 + np.log(0.7 / 0.3))))  # exact at the reference's 70 %
+    features = rng.normal(labels[:, None] * 0.5 + offset, 1.0, (n, 12)).astype(np.float32)
+    gate = rng.normal(offset, 1.0, n)
+    return FilmScores(posterior, margins, gate, gate > 4, features, labels)
+
+
+@pytest.fixture(scope="module")
+def model():
+    reference = _films(600, 0.7, seed=1)
+    band = ReferralBand(0.05).fit(reference.labels, reference.probabilities, 0.5)
+    return SimpleNamespace(threshold=0.5, band=band), reference
+
+
+def test_a_second_draw_of_the_same_films_is_no_detectable_shift(model):
+    served, reference = model
+    report = shift_report(served, _films(300, 0.7, seed=2), reference, permutations=200, resamples=100)
+    assert report["verdict"]["kind"] == "no detectable shift" and not report["verdict"]["shifted"]
+    assert set(report["tests"]) == {"gate_score", "output", "features"}
+    assert report["prevalence"]["agree"]
+
+
+def test_other_films_are_said_to_differ_and_to_need_calibration(model):
+    served, reference = model
+    report = shift_report(served, _films(200, 0.7, seed=3, offset=0.6), reference, permutations=200, resamples=50)
+    assert report["verdict"]["kind"] == "films differ"
+    assert report["tests"]["features"]["flagged"] and report["tests"]["gate_score"]["flagged"]
+    assert "site calibrate" in report["verdict"]["text"]
+
+
+def test_a_prevalence_change_alone_is_named_and_estimated(model):
+    served, reference = model
+    local = _films(400, 0.3, seed=4)
+    truth = local.labels.mean()
+    report = shift_report(served, local, reference, permutations=200, resamples=100)
+    assert report["verdict"]["kind"] == "prevalence change only"
+    em, bbse = report["prevalence"]["em"], report["prevalence"]["bbse"]
+    assert abs(em["estimate"] - truth) < 0.06 and abs(bbse["estimate"] - truth) < 0.06
+    assert em["ci95"][0] < em["estimate"] < em["ci95"][1]
+
+
+def test_em_recovers_a_known_prior():
+    rng = np.random.default_rng(0)
+    labels = rng.random(4000) < 0.2
+    margins = rng.normal(np.where(labels, 2.0, -2.0), 1.0)
+    likelihood_ratio = np.exp(4 * margins / 2)  # N(2,1) vs N(-2,1): log LR = 4 z
+    p_at_half = likelihood_ratio / (1 + likelihood_ratio)  # posteriors under a 50 % prior
+    assert abs(em_prevalence(p_at_half, 0.5) - 0.2) < 0.02
+
+
+def test_the_page_shows_the_verdict_and_escapes_what_it_prints(model):
+    served, reference = model
+    report = shift_report(served, _films(100, 0.7, seed=5), reference, permutations=50, resamples=20)
+    report.update(model="<model>", reference={"source": "validation & co"})
+    page = render_check(report)
+    assert report["verdict"]["text"].split(" (")[0] in page and "&lt;model&gt;" in page and "<model>" not in page
