@@ -16,12 +16,14 @@ split (its reference, carved again from the card) and the 624 test films once pe
   patient-grouped at test's own prevalence; validation draws are by film (the cached reference keeps no patient
   ids; validation has few films per patient).
 
-    nice -n 15 python benchmarks/site.py --data ../shared/data/chest_xray --draws 100 [--json OUT.json]
+    nice -n 15 python benchmarks/site.py --model src/pneumolab/bundled/default --data ../shared/data/chest_xray \
+        --draws 100 [--json OUT.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -147,7 +149,9 @@ def main() -> None:
     started = time.perf_counter()
     model = load_backend(args.model, args.backend)
     reference, facts = load_reference(model, args.data)
-    scores_file = args.scores or default_cache_root().parent / "site-bench" / f"test-{args.backend}.npz"
+    card = Path(model.source) / "card.json"
+    key = hashlib.sha256(card.read_bytes() if card.is_file() else str(model.source).encode()).hexdigest()[:12]
+    scores_file = args.scores or default_cache_root().parent / "site-bench" / f"test-{key}-{args.backend}.npz"
     test = test_scores(model, args.data, scores_file)
     print(f"scored: {len(reference)} validation, {len(test)} test films ({time.perf_counter() - started:.0f} s)")
     rng = np.random.default_rng(0)

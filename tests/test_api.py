@@ -118,14 +118,17 @@ def test_bundled_models_by_descriptive_name_alias_and_artefact_path(model, tmp_p
     assert [m["name"] for m in listed] == [m.name for m in BUNDLED]
     three = pneumolab.load_model("mobilenetv2-224-kermany-3class-v1", gate=False)
     assert three.classes == ("NORMAL", "BACTERIAL", "VIRAL") and not three.gate_enabled
-    assert Path(three.source) == bundled_model_dir("three-class")
-    assert Path(pneumolab.load_model("mobilenetv2-224-kermany-binary-v1").source) == Path(model.source)
+    assert Path(three.source) == bundled_model_dir("mobilenetv2-224-kermany-3class-v1")
+    assert bundled_model_dir("three-class").name == "mobilenetv2-224-kermany-3class-v2"
+    assert Path(pneumolab.load_model("mobilenetv2-128-kermany-binary-v2").source) == Path(model.source)
     artefact = shutil.copytree(bundled_model_dir("default"), tmp_path / "artefact")
+    assert bundled_model_dir("default").name == "mobilenetv2-128-kermany-binary-v2"
+    assert bundled_model_dir("mobilenetv2-224-kermany-binary-v1").name == "default"  # the 0.1 default, by name
     assert pneumolab.load_model(artefact).card()["threshold"] == model.threshold
     # a bare name that is also a folder here is refused, naming both
     monkeypatch.chdir(tmp_path)
     (tmp_path / "default").mkdir()
-    with pytest.raises(ArtefactError, match=r"both the bundled model mobilenetv2-224-kermany-binary-v1 and the folder"):
+    with pytest.raises(ArtefactError, match=r"both the bundled model mobilenetv2-128-kermany-binary-v2 and the folder"):
         pneumolab.load_model("default")
     result = CliRunner().invoke(app, ["predict", "x.png", "--model", "default"])  # main() prints it, exit 2
     assert isinstance(result.exception, ArtefactError) and str(tmp_path / "default") in str(result.exception)

@@ -52,7 +52,7 @@ ModelOption = Annotated[
     Path | None,
     typer.Option(
         help="A run folder, exported artefact or ensemble, or a bundled model's name (pneumolab.list_bundled(); "
-        "default: mobilenetv2-224-kermany-binary-v1, alias default)."
+        "default: mobilenetv2-128-kermany-binary-v2, alias default)."
     ),
 ]
 BackendOption = Annotated[

@@ -108,7 +108,8 @@ def test_the_overlay_panel_is_the_enlarged_overlay_alone(gated, bundled, film):
     assert overlay.headers["X-Status"] in ("answered", "refer") and overlay.headers["X-Label"] in CLASSES
     assert overlay.headers["X-Gate"] == "on"
     picture = Image.open(io.BytesIO(overlay.content))
-    assert picture.width == 2 * bundled.image_size and picture.height > picture.width  # caption above the square
+    enlarged = bundled.image_size * max(1, 512 // bundled.image_size)  # by a whole factor towards 512 px
+    assert picture.width == enlarged and picture.height > picture.width  # caption above the square
     both = Image.open(io.BytesIO(_post(gated, "/v1/explain", film.name, data, "image/jpeg").content))
     assert both.width == 2 * bundled.image_size and both.height < both.width  # film and overlay side by side
     bad = _post(gated, "/v1/explain?panel=left", film.name, data, "image/jpeg")

@@ -100,7 +100,8 @@ def test_chunked_upload_is_stopped_at_the_limit(trained):
 
 
 def test_predict_stays_prompt_while_explains_fill_their_lane(trained, slow_png):
-    app = create_app(trained, workers=2, explain_workers=1, explain_queue=1)
+    # a generous time limit: explains run at a lower CPU priority, and a shared CI machine may starve them
+    app = create_app(trained, workers=2, explain_workers=1, explain_queue=1, request_timeout_s=600)
     lanes = app.state.lanes
     with running_server(app) as url, ThreadPoolExecutor(2) as pool:
         upload = {"file": ("slow.png", slow_png, "image/png")}

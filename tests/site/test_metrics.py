@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
 from types import SimpleNamespace
 
@@ -91,3 +92,4 @@ def test_the_drift_gauges_follow_a_shifted_window_and_log_one_line(caplog):
     assert {s.labels["method"] for s in samples["pneumolab_drift_prevalence"]} == {"em", "bbse"}
     assert [r.getMessage() for r in caplog.records if "crossed its limit" in r.getMessage()]
     assert watch.facts()["verdict"]["kind"] == "films differ"
+    json.dumps(watch.facts(), allow_nan=False)  # what /v1/model serves: strict JSON

@@ -170,16 +170,32 @@ class BundledModel:
 # were shipped; the descriptive name is what documentation and cards use.
 BUNDLED: tuple[BundledModel, ...] = (
     BundledModel(
+        "mobilenetv2-128-kermany-binary-v2",
+        folder="mobilenetv2-128-kermany-binary-v2",
+        aliases=("default",),
+        summary="NORMAL / PNEUMONIA; MobileNetV2 at 128 px from ImageNet weights, fine-tuned on the Kermany films "
+        "with framing-free augmentation (chosen by the framing rule, 0.2.0)",
+    ),
+    BundledModel(
         "mobilenetv2-224-kermany-binary-v1",
         folder="default",
-        aliases=("default",),
-        summary="NORMAL / PNEUMONIA; MobileNetV2 at 224 px from ImageNet weights, fine-tuned on the Kermany films",
+        aliases=(),
+        summary="NORMAL / PNEUMONIA; MobileNetV2 at 224 px from ImageNet weights, fine-tuned on the Kermany films "
+        "(the bundled default before 0.2.0; it reads the framing: docs/results/2026-12-06-framing.md)",
+    ),
+    BundledModel(
+        "mobilenetv2-224-kermany-3class-v2",
+        folder="mobilenetv2-224-kermany-3class-v2",
+        aliases=("three-class",),
+        summary="NORMAL / BACTERIAL / VIRAL; MobileNetV2 at 224 px from ImageNet weights, the Kermany films, "
+        "framing-free augmentation (chosen by the framing rule, 0.2.0)",
     ),
     BundledModel(
         "mobilenetv2-224-kermany-3class-v1",
         folder="three-class",
-        aliases=("three-class",),
-        summary="NORMAL / BACTERIAL / VIRAL; MobileNetV2 at 224 px from ImageNet weights, the Kermany films",
+        aliases=(),
+        summary="NORMAL / BACTERIAL / VIRAL; MobileNetV2 at 224 px from ImageNet weights, the Kermany films (the "
+        "bundled three-class model before 0.2.0; it reads the framing)",
     ),
 )
 

@@ -153,7 +153,15 @@ def _load_artefact(folder: Path, device: torch.device | None) -> TrainedModel:
         validation_split=card.validation_split,
         view_thresholds=card.facts.get("view_thresholds"),
         device=device or default_device(),
+        precision=_pinned_precision(card.facts, device or default_device()),
     )
+
+
+def _pinned_precision(facts: dict[str, Any], device: torch.device) -> Precision | None:
+    """The precision a card pins (``precision: fp32``): its operating point, gate and figures were fit in it, and
+    fp32 gives the same probabilities on every CPU, where bf16 kernels differ between CPUs. None: the device's own."""
+    pinned = facts.get("precision")
+    return resolve_precision(pinned, device) if pinned == "fp32" else None
 
 
 def load_trained(path: str | os.PathLike[str] | None = None, *, device: torch.device | None = None) -> TrainedModel:

@@ -90,12 +90,45 @@ def _decision(card: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _robustness(card: dict[str, Any]) -> list[str]:
+    """The card's stress figures (``stress``: per split, per case, as `pneumolab evaluate --stress` measured them)."""
+    stress = card.get("stress")
+    if not isinstance(stress, dict) or not stress.get("splits"):
+        return []
+    binary = all("sensitivity" in m for cases in stress["splits"].values() for m in cases.values())
+    if binary:
+        about = (
+            "Sensitivity and specificity in %, at the model's own threshold; in brackets the change from the clean "
+            "films."
+        )
+        header = ["| Split | Case | Sensitivity | Specificity | Flips |", "|---|---|--:|--:|--:|"]
+    else:
+        classes = list(next(iter(next(iter(stress["splits"].values())).values()))["recall"])
+        about = "Accuracy and recall per class in %, the decision the model makes (argmax)."
+        header = [
+            f"| Split | Case | Accuracy | {' | '.join(classes)} | Flips |",
+            "|---|---|--:|" + "--:|" * len(classes) + "--:|",
+        ]
+    lines = ["## Robustness", "", f"{stress.get('note', '')} {about}", "", *header]
+    for split, cases in stress["splits"].items():
+        for key, m in cases.items():
+            flips = f"{100 * m.get('flip_rate', 0):.1f} %"
+            if binary:
+                sens = f"{100 * m['sensitivity']:.1f} ({100 * m.get('delta_sensitivity', 0):+.1f})"
+                spec = f"{100 * m['specificity']:.1f} ({100 * m.get('delta_specificity', 0):+.1f})"
+                lines.append(f"| {split} | `{key}` | {sens} | {spec} | {flips} |")
+            else:
+                recalls = " | ".join(f"{100 * m['recall'][c]:.1f}" for c in classes)
+                lines.append(f"| {split} | `{key}` | {100 * m['accuracy']:.1f} | {recalls} | {flips} |")
+    return [*lines, ""]
+
+
 def model_card_markdown(entry: BundledModel) -> str:
     """The Markdown card of one bundled model, from its folder's ``card.json`` and ``recipe.yaml``."""
     folder = bundled_model_dir(entry.name)
     card = json.loads((folder / "card.json").read_text())
     recipe = folder / "recipe.yaml"
-    aliases = ", ".join(f"`{a}`" for a in entry.aliases)
+    aliases = ", ".join(f"`{a}`" for a in entry.aliases) or "none"
     lines = [
         f"# {entry.name}",
         "",
@@ -130,6 +163,7 @@ def model_card_markdown(entry: BundledModel) -> str:
         "",
         *_metrics_table(card),
         "",
+        *_robustness(card),
         "## Training",
         "",
         f"Trained from `{card.get('source', 'unknown')}` with pneumolab {card.get('pneumolab_version', '?')}, "

@@ -120,7 +120,7 @@ def prevalence_estimates(
     }
     for name, statistic in statistics.items():
         point = statistic(p)
-        interval = [float("nan"), float("nan")]
+        interval: list[float] | None = None  # JSON has no NaN: no interval is None
         if resamples and len(p) > 1 and np.ptp(p) > 0:
             boot = stats.bootstrap(
                 (p,), statistic, n_resamples=resamples, method="percentile", vectorized=False, random_state=rng
@@ -128,6 +128,8 @@ def prevalence_estimates(
             interval = [float(boot.confidence_interval.low), float(boot.confidence_interval.high)]
         out[name] = {"estimate": point, "ci95": interval}
     em, bbse = out["em"], out["bbse"]
-    overlap = em["ci95"][0] <= bbse["ci95"][1] and bbse["ci95"][0] <= em["ci95"][1]
+    overlap = bool(em["ci95"] and bbse["ci95"]) and (
+        em["ci95"][0] <= bbse["ci95"][1] and bbse["ci95"][0] <= em["ci95"][1]
+    )
     out["agree"] = bool(abs(em["estimate"] - bbse["estimate"]) <= AGREE_POINTS or overlap)
     return out
