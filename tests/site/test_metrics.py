@@ -93,3 +93,12 @@ def test_the_drift_gauges_follow_a_shifted_window_and_log_one_line(caplog):
     assert [r.getMessage() for r in caplog.records if "crossed its limit" in r.getMessage()]
     assert watch.facts()["verdict"]["kind"] == "films differ"
     json.dumps(watch.facts(), allow_nan=False)  # what /v1/model serves: strict JSON
+
+
+def test_metrics_need_the_key_when_the_service_has_one():
+    app = create_app(tiny_trained(), workers=1, api_key="s3cret")
+    with running_server(app) as base, httpx.Client(base_url=base, timeout=60) as client:
+        assert client.get("/metrics").status_code == 401
+        scraped = client.get("/metrics", headers={"X-API-Key": "s3cret"})
+        assert scraped.status_code == 200
+        assert any(f.name.startswith("pneumolab") for f in text_string_to_metric_families(scraped.text))

@@ -248,7 +248,8 @@ def create_app(
     )
     app.state.batcher = batcher  # its batch_sizes show how much batching happened
     app.state.lanes = {"predict": predict_lane, "explain": explain_lane}
-    metrics = install_metrics(app, trained)  # /metrics and the /v1 request timer
+    guard = [Security(key_guard(api_key))] if api_key else []  # /metrics needs the key when the service has one
+    metrics = install_metrics(app, trained, dependencies=guard)  # /metrics and the /v1 request timer
     # the last added runs first: the headers (on every answer), the Host check, then the body limit
     limit = f"request body: over the upload limit of {_mib(max_upload_bytes)}"
     app.add_middleware(BodyLimitMiddleware, max_body=max_upload_bytes + MULTIPART_SLACK, detail=limit)

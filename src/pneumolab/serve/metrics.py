@@ -103,12 +103,18 @@ class _Timer:
             self.metrics.latency.labels(path).observe(time.perf_counter() - started)
 
 
-def install_metrics(app: FastAPI, model: InferenceModel, *, drift_window: int = 200) -> ServiceMetrics:
-    """Add ``/metrics`` and the request timer to `app`; the service calls the returned object's `record`."""
+def install_metrics(
+    app: FastAPI, model: InferenceModel, *, drift_window: int = 200, dependencies: Sequence[Any] = ()
+) -> ServiceMetrics:
+    """Add ``/metrics`` and the request timer to `app`; the service calls the returned object's `record`.
+
+    `dependencies`: what guards ``/metrics`` (the API key's, when the service has one: the counts and the drift
+    say how a site uses the model).
+    """
     metrics = ServiceMetrics(model, drift_window=drift_window)
     app.add_middleware(_Timer, metrics=metrics)
 
-    @app.get("/metrics", include_in_schema=False)
+    @app.get("/metrics", include_in_schema=False, dependencies=list(dependencies))
     async def prometheus_metrics() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
