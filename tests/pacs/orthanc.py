@@ -155,8 +155,8 @@ class Node:
     def stop(self) -> None:
         if self.process.poll() is None:
             os.kill(self.process.pid, signal.SIGINT)
-            try:
-                self.process.wait(timeout=20)
+            try:  # it takes about 20 s to wind down after a kill -9 and restart (noted for the node's owners)
+                self.process.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 self.kill()
         self.log.close()
