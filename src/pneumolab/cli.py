@@ -250,20 +250,9 @@ def models_command(
     json_out: JsonFlag = False,
 ) -> None:
     """List the architectures, their input size and whether ImageNet weights are available offline here."""
-    from pneumolab.models import imagenet_weights_available, list_models, model_spec
+    from pneumolab.api import list_models
 
-    rows = []
-    for name in list_models(pattern):
-        spec = model_spec(name)
-        rows.append(
-            {
-                "name": name,
-                "input_size": spec.input_size,
-                "feature_dim": spec.feature_dim,
-                "imagenet_here": imagenet_weights_available(name),
-                "imagenet_source": spec.imagenet_source,
-            }
-        )
+    rows = list_models(pattern)
     if json_out:
         _print_json({"models": rows})
         return

@@ -45,6 +45,7 @@ predict and serve call, and the exact output of `BatchAugment` when every random
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -132,6 +133,31 @@ class AugmentConfig:
                 raise bad(name, "a probability in [0, 1]")
 
 
+_CXR = AugmentConfig(
+    # No center crop: on tightly collimated films the apices and costophrenic angles lie near the border.
+    crop_fraction=1.0,
+    # Mild zoom (field of view, patient size, collimation) that keeps the lung fields in frame.
+    scale=(0.85, 1.0),
+    # Mild aspect jitter: the cache already squashes every film to a square; more would distort the
+    # cardiothoracic ratio.
+    ratio=(0.9, 1.1),
+    # No horizontal flip: the heart, aortic knob and gastric bubble are on the patient's left on essentially
+    # every film (dextrocardia is ~1 in 10,000); a mirrored film, with its L/R marker reversed, is an image
+    # the model will never be shown at test time. The budget goes to what does vary: positioning and exposure.
+    hflip=0.0,
+    # Films are never upside down.
+    vflip=0.0,
+    # Patient rotation / tilt of a few degrees (common in children); 20 deg mostly adds black corners.
+    rotation=10.0,
+    # Off-centre positioning: 6 % of the side keeps the lungs in frame.
+    translate=0.06,
+    # Exposure (kVp, mAs) and detector/processing differences between sites.
+    brightness=0.2,
+    contrast=0.2,
+    # A non-linear display/processing curve (window, LUT), which brightness and contrast cannot mimic.
+    gamma=0.2,
+)
+
 PRESETS: dict[str, AugmentConfig] = {
     # The research plan's torchvision pipeline: Resize((256, 256)) -> CenterCrop(224) -> RandomResizedCrop(224,
     # scale=(0.8, 1)) -> RandomHorizontalFlip() -> RandomVerticalFlip(0.2) -> RandomRotation(20) ->
@@ -150,49 +176,12 @@ PRESETS: dict[str, AugmentConfig] = {
     ),
     # What suits chest X-rays: only variations that real films show, so the training images stay in the test
     # distribution (EVALUATION.md: the test NORMALs are where models fail).
-    "cxr": AugmentConfig(
-        # No center crop: on tightly collimated films the apices and costophrenic angles lie near the border.
-        crop_fraction=1.0,
-        # Mild zoom (field of view, patient size, collimation) that keeps the lung fields in frame.
-        scale=(0.85, 1.0),
-        # Mild aspect jitter: the cache already squashes every film to a square; more would distort the
-        # cardiothoracic ratio.
-        ratio=(0.9, 1.1),
-        # No horizontal flip: the heart, aortic knob and gastric bubble are on the patient's left on essentially
-        # every film (dextrocardia is ~1 in 10,000); a mirrored film, with its L/R marker reversed, is an image
-        # the model will never be shown at test time. The budget goes to what does vary: positioning and exposure.
-        hflip=0.0,
-        # Films are never upside down.
-        vflip=0.0,
-        # Patient rotation / tilt of a few degrees (common in children); 20 deg mostly adds black corners.
-        rotation=10.0,
-        # Off-centre positioning: 6 % of the side keeps the lungs in frame.
-        translate=0.06,
-        # Exposure (kVp, mAs) and detector/processing differences between sites.
-        brightness=0.2,
-        contrast=0.2,
-        # A non-linear display/processing curve (window, LUT), which brightness and contrast cannot mimic.
-        gamma=0.2,
-    ),
+    "cxr": _CXR,
     # `cxr` that does not teach the framing (the framing issue): the models read how tightly a film is framed (a
     # NORMAL film cropped to its central 80 % became PNEUMONIA), because framing differs between the classes of this
     # release. Frames tighter down to 70 % of the side (scale 0.5 of the area) and, for a third of the films,
     # looser up to 1.5 x the side inside a black or an edge border, so that framing carries no label.
-    "cxr-frame": AugmentConfig(
-        crop_fraction=1.0,
-        scale=(0.5, 1.0),
-        ratio=(0.9, 1.1),
-        hflip=0.0,
-        vflip=0.0,
-        rotation=10.0,
-        translate=0.06,
-        brightness=0.2,
-        contrast=0.2,
-        gamma=0.2,
-        zoom_out=0.5,
-        zoom_out_p=0.35,
-        black_border=0.5,
-    ),
+    "cxr-frame": dataclasses.replace(_CXR, scale=(0.5, 1.0), zoom_out=0.5, zoom_out_p=0.35, black_border=0.5),
     # No augmentation: exactly eval_transform's geometry (the whole image) plus normalisation.
     "none": AugmentConfig(
         crop_fraction=1.0,
