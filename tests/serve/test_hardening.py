@@ -122,7 +122,7 @@ def test_predict_stays_prompt_while_explains_fill_their_lane(trained, slow_png):
     assert lanes["explain"].in_use == 0 and lanes["predict"].in_use == 0
 
 
-def test_timeouts_free_the_lane_and_queued_work_never_runs(trained, slow_png):
+def test_timeouts_answer_504_and_free_the_lane(trained, slow_png):
     app = create_app(trained, explain_workers=1, explain_queue=1, request_timeout_s=0.2)
     lane = app.state.lanes["explain"]
     with running_server(app) as url, ThreadPoolExecutor(2) as pool:
@@ -132,12 +132,13 @@ def test_timeouts_free_the_lane_and_queued_work_never_runs(trained, slow_png):
             time.sleep(0.01)
         second = pool.submit(httpx.post, f"{url}/v1/explain", files=upload, timeout=60)
         assert [first.result().status_code, second.result().status_code] == [504, 504]
-        # the running one holds its slot until its thread is done; the queued one was dropped unrun
+        # the running one holds its slot until its thread is done, then the lane is free again; that the queued one
+        # never runs depends on when the first finishes here, so tests/serve/test_lanes.py checks it with events
         deadline = time.monotonic() + 30
         while lane.in_use:
             assert time.monotonic() < deadline
             time.sleep(0.02)
-        assert lane.started == 1
+        assert 1 <= lane.started <= 2
 
 
 def _prefixed(app: FastAPI, how: str):
