@@ -16,11 +16,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from PIL import Image
 
 from pneumolab.config import TrainConfig, apply_overrides
 from pneumolab.constants import CLASSES
 from pneumolab.errors import PneumolabError, SettingError
-from pneumolab.evaluate.runner import ensemble_runs, evaluate_artefact, evaluate_run
+from pneumolab.evaluate.runner import ensemble_runs, evaluate_artefact, evaluate_run, stress_model
 from pneumolab.inference.export import export_artefact
 from pneumolab.inference.files import predict_files
 from pneumolab.inference.loader import load_backend
@@ -152,6 +153,7 @@ def test_ensemble_of_two_runs(dataset, tmp_path):
     with pytest.raises(Exception, match="at least two"):
         ensemble_runs(runs[:1], tmp_path / "ens1")
     _check_ensemble_is_servable(tmp_path / "ens", dataset, tmp_path)
+    _check_stress_of_a_run_and_its_ensemble(runs[0], tmp_path / "ens", dataset)
 
     # the folder is replaced whole, so a member (or any trained run) is never the destination
     member_files = sorted(p.relative_to(runs[0]) for p in runs[0].rglob("*"))
@@ -169,6 +171,21 @@ def test_ensemble_of_two_runs(dataset, tmp_path):
         with pytest.raises(PneumolabError, match="test images differ"):
             ensemble_runs([runs[0], other], out)
     assert (tmp_path / "ens" / "metrics" / "test.json").read_text() == before and not (tmp_path / "ens2").exists()
+
+
+def _check_stress_of_a_run_and_its_ensemble(run: Path, ensemble: Path, root: Path) -> None:
+    """The stress evaluation of a run draws its most-moved films' Grad-CAM (clean beside the case that moved them);
+    an ensemble is stressed through the same loader, on its first member's validation films."""
+    cases = "crop:0.7,frame_black:1.3"
+    block = stress_model(run, data=root, splits=("val",), cases=cases, backend="pytorch", progress=False)["val"]
+    drawn = [f for f in block["flippers"] if f.get("gradcam")]
+    assert len(drawn) == min(4, len(block["flippers"])) and drawn[0]["largest_change_by"] in cases.split(",")
+    with Image.open(run / drawn[0]["gradcam"]) as panel:
+        assert panel.width > 2 * 64 and panel.mode == "RGB"  # two overlays side by side
+    assert json.loads((run / "metrics" / "stress.json").read_text())["val"]["flippers"] == block["flippers"]
+    together = stress_model(ensemble, data=root, splits=("val",), cases=cases, backend="pytorch", progress=False)
+    assert together["val"]["n"] == block["n"] and set(together["val"]["cases"]) == set(cases.split(","))
+    assert not any(f.get("gradcam") for f in together["val"]["flippers"])  # no run of its own to draw into
 
 
 def _check_ensemble_is_servable(ensemble: Path, root: Path, tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from pneumolab.evaluate.stress import FRAMING, SELECTION, stress_evaluate
 from pneumolab.report import build_report
@@ -26,6 +27,11 @@ def _write_stress(run: Path) -> dict:
     block = stress_evaluate(reads_the_border, films, labels, classes=("NORMAL", "PNEUMONIA"), threshold=0.4,
                             cases=cases, paths=paths)  # fmt: skip
     blocks = {"val": {**block, "split": "val"}, "test": {**block, "split": "test"}}
+    # the stress evaluation of a trained run draws its first flippers' Grad-CAM there (tests/test_pipeline.py)
+    (run / "plots" / "stress").mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (40, 20), "red").save(run / "plots" / "stress" / "val-0.png")
+    blocks["val"]["flippers"] = [dict(f) for f in block["flippers"]]
+    blocks["val"]["flippers"][0].update(gradcam="plots/stress/val-0.png", gradcam_target="PNEUMONIA")
     (run / "metrics" / "stress.json").write_text(json.dumps(blocks))
     return blocks
 
@@ -42,6 +48,10 @@ def test_a_run_with_a_stress_evaluation_gets_the_robustness_part(make_run, tmp_p
     assert f"{blocks['val']['stress_log_loss']:.4f}" in html
     assert "x0.jpeg" in html or "x1.jpeg" in html
     assert "Label flipped by" in html
+    first = blocks["val"]["flippers"][0]
+    assert html.count("flipper-heatmaps") == 1 and f"under {first['largest_change_by']}" in html
+    assert (tmp_path / "report" / "images" / run.name / "stress_val_0.png").is_file()
+    assert "images/" in markdown and "stress_val_0.png" in markdown
 
 
 def test_a_run_without_one_has_no_robustness_part(make_run, tmp_path: Path) -> None:

@@ -702,9 +702,39 @@ def stress_model(
                 progress=lambda _key: advance(1),
             )
         results[split].update(split=split, model=str(getattr(loaded, "source", model)), evaluated_with=key)
+        if run is not None:
+            _draw_flippers(run, np.asarray(cache.images[rows]), results[split], seed=seed)
     if run is not None:  # the other split's block stays
         write_json_atomic(run.path / "metrics" / "stress.json", {**saved, **results})
     return results
+
+
+def _draw_flippers(run: RunDir, films: np.ndarray, block: dict[str, Any], *, seed: int, drawn: int = 4) -> None:
+    """Grad-CAM of the run's first `drawn` flippers of one split, clean beside the case that moved each most, written
+    to ``plots/stress/`` and named in the block (``gradcam``, relative to the run); none without the explain extra."""
+    from pneumolab.data.perturb import perturb_film
+    from pneumolab.errors import MissingExtraError
+    from pneumolab.inference.explain import explain_pair
+
+    trained = load_trained(run.path)
+    split = block["split"]
+    for k, flipper in enumerate(block["flippers"][:drawn]):
+        case = flipper.get("largest_change_by")
+        if case is None:
+            continue
+        parsed = StressCase.parse(case)
+        clean = films[flipper["index"]]
+        perturbed = perturb_film(clean, parsed.name, parsed.strength, seed=seed, index=flipper["index"])
+        target = flipper["label"] if len(trained.classes) > 2 else trained.classes[1]
+        captions = (f"clean  P = {flipper['clean_probability']:.2f}", f"{case}  |dP| = {flipper['largest_change']:.2f}")
+        try:
+            png = explain_pair(trained, clean, perturbed, captions, target)
+        except MissingExtraError:
+            return
+        relative = Path("plots", "stress", f"{split}-{k}.png")
+        with atomic_path(run.path / relative) as tmp:
+            Path(tmp).write_bytes(png)
+        flipper.update(gradcam=relative.as_posix(), gradcam_target=target)
 
 
 def _file_sha(run: RunDir) -> str | None:

@@ -158,6 +158,7 @@ def stress_evaluate(
         "cases": {},
     }
     worst_change = np.zeros(len(labels))
+    worst_case = [""] * len(labels)  # the case that moved each film most
     flipped_by: list[list[str]] = [[] for _ in labels]
     for case in cases:
         if progress is not None:
@@ -169,6 +170,8 @@ def stress_evaluate(
                 metrics[f"delta_{key}"] = metrics[key] - result["clean"][key]
         result["cases"][case.key] = {"perturbation": case.name, "strength": case.strength, **metrics}
         change = np.abs(probabilities[:, 0] - clean[:, 0])
+        for i in np.flatnonzero(change > worst_change):
+            worst_case[i] = case.key
         worst_change = np.maximum(worst_change, change)
         for i in np.flatnonzero(_labels(probabilities, threshold) != _labels(clean, threshold)):
             flipped_by[i].append(case.key)
@@ -180,6 +183,7 @@ def stress_evaluate(
             "label": classes[labels[i]],
             "clean_probability": float(1.0 - clean[i, 0]),
             "largest_change": float(worst_change[i]),
+            "largest_change_by": worst_case[i] or None,
             "flipped_by": flipped_by[i],
         }
         for i in order

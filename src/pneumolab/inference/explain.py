@@ -23,7 +23,7 @@ from pneumolab.errors import InputRefusedError, MissingExtraError, SettingError,
 from pneumolab.inference.pytorch import TrainedModel
 from pneumolab.inference.steps import Decision
 
-__all__ = ["PANELS", "Explanation", "explain_image", "grad_cam"]
+__all__ = ["PANELS", "Explanation", "explain_image", "explain_pair", "grad_cam"]
 
 PANELS = ("both", "overlay")
 """What `explain_image` draws: the film and the overlay side by side, or the overlay alone (enlarged)."""
@@ -121,6 +121,33 @@ def _render_overlay(gray: np.ndarray, heatmap: np.ndarray, caption: str) -> byte
     return _png(canvas)
 
 
+def _as_shown(trained: TrainedModel, image_u8: np.ndarray) -> np.ndarray:
+    """The film as the model sees it (the same crop and resize, normalised to nothing), uint8 for display."""
+    as_shown = dataclasses.replace(trained.preprocessing, normalize=(0.0, 1.0 / 255.0))
+    shown = as_shown.transform(torch.as_tensor(image_u8)[None, None])[0, 0]
+    return shown.clamp(0, 255).round().to(torch.uint8).cpu().numpy()
+
+
+def explain_pair(
+    trained: TrainedModel, first_u8: np.ndarray, second_u8: np.ndarray, captions: tuple[str, str], target: str
+) -> bytes:
+    """Two films (uint8 S x S, e.g. a film and a perturbed copy) with their Grad-CAM of `target` side by side, each
+    under its caption, as PNG: where the model looked before and after a change that moved its answer."""
+    index = trained.classes.index(target)
+    panels = []
+    for image, caption in zip((first_u8, second_u8), captions, strict=True):
+        _, overlay = _blend(_as_shown(trained, image), grad_cam(trained, image, index))
+        picture = Image.fromarray((overlay * 255).round().astype(np.uint8))
+        panel = Image.new("RGB", (picture.width, picture.height + 22), "white")
+        panel.paste(picture, (0, 22))
+        ImageDraw.Draw(panel).text((6, 5), caption, fill="black")
+        panels.append(panel)
+    canvas = Image.new("RGB", (sum(p.width for p in panels) + 8, panels[0].height), "white")
+    canvas.paste(panels[0], (0, 0))
+    canvas.paste(panels[1], (panels[0].width + 8, 0))
+    return _png(canvas)
+
+
 def explain_image(
     trained: TrainedModel,
     source: str | os.PathLike[str] | bytes,
@@ -157,10 +184,7 @@ def explain_image(
     if target is None:
         target = trained.classes[1] if len(trained.classes) == 2 else decision.label
     heatmap = grad_cam(trained, image, trained.classes.index(target))
-    # the same crop and resize, normalised to nothing: the displayed film, in 0-255
-    as_shown = dataclasses.replace(trained.preprocessing, normalize=(0.0, 1.0 / 255.0))
-    shown = as_shown.transform(torch.as_tensor(image)[None, None])[0, 0]
-    gray = shown.clamp(0, 255).round().to(torch.uint8).cpu().numpy()
+    gray = _as_shown(trained, image)
     verdict = decision.label if decision.status == "answered" else f"REFER ({decision.label}?)"
     if len(trained.classes) == 2:
         scores = f"P(pneumonia) = {decision.probability:.3f}  threshold {trained.threshold:.3f}"

@@ -1,11 +1,12 @@
 """The "Robustness" part of a run's section: the stress evaluation that `pneumolab evaluate --stress` (or the
 pipeline) wrote to ``metrics/stress.json``: a table per split (each perturbation at each strength beside the clean
 films), the framing curve (sensitivity and specificity against how tightly the film is framed) and the films whose
-label flips most easily."""
+label flips most easily, with Grad-CAM of the first few clean and under the case that moved them most."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +114,22 @@ def read_stress(run: RunFiles) -> dict[str, dict[str, Any]] | None:
     return blocks if isinstance(blocks, dict) and blocks else None
 
 
+def _flipper_heatmaps(run: RunFiles, slug: str, images: Path, split: str, block: dict[str, Any]) -> list[dict]:
+    """The flippers' Grad-CAM panels that the stress evaluation drew in the run (``plots/stress/``), as plots."""
+    heatmaps = []
+    for k, f in enumerate(block.get("flippers", [])):
+        drawn = run.path / f["gradcam"] if f.get("gradcam") else None
+        if drawn is None or not drawn.is_file():
+            continue
+        copy = images / slug / f"stress_{split}_{k}.png"
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(drawn, copy)
+        film = Path(f["path"]).name if f.get("path") else f"film {f['index']}"
+        caption = f"Grad-CAM of {f.get('gradcam_target', '')}: clean, and under {f['largest_change_by']}."
+        heatmaps.append(plot_entry(run, slug, f"stress_{split}_{k}", copy, f"{film} ({f['label']})", caption))
+    return heatmaps
+
+
 def robustness_section(run: RunFiles, slug: str, images: Path) -> dict[str, Any] | None:
     """The robustness part of a run, formatted; None when the run has no stress evaluation."""
     blocks = read_stress(run)
@@ -143,6 +160,7 @@ def robustness_section(run: RunFiles, slug: str, images: Path) -> dict[str, Any]
                     }
                     for f in block.get("flippers", [])
                 ],
+                "heatmaps": _flipper_heatmaps(run, slug, images, split, block),
             }
         )
     return {"plot": plot, "splits": splits}
