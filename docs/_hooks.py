@@ -113,17 +113,63 @@ def config_reference() -> str:
 # --- file formats -------------------------------------------------------------------------------------------------
 
 
-def run_folder_reference() -> str:
-    """The files of a run folder, from `pneumolab.runs.RunDir` (the one class writer and readers share)."""
+def _description(obj: Any) -> str:
+    """The docstring without its ``Args:`` / ``Returns:`` sections, on one line."""
+    text = inspect.getdoc(obj) or ""
+    return " ".join(re.split(r"\n\n(?:Args|Returns|Raises):", text)[0].split())
+
+
+def run_folder_paths() -> list[tuple[str, str, str]]:
+    """``(attribute, path, description)`` of every path `pneumolab.runs.RunDir` names, in its order: a property's
+    path, or a method's pattern with each argument shown as ``{argument}``."""
     from pneumolab.runs import RunDir
 
     run = RunDir("RUN")
-    lines = [_doc(RunDir), "", "| Attribute of `RunDir` | Path | What it holds |", "|---|---|---|"]
-    for name, member in inspect.getmembers(RunDir):
-        if isinstance(member, property) and not name.startswith("_"):
-            value = getattr(run, name)
-            if isinstance(value, Path):
-                lines.append(f"| `{name}` | `{value.as_posix()}` | {_cell(_doc(member.fget))} |")
+    rows = []
+    for name, member in vars(RunDir).items():
+        if name.startswith("_"):
+            continue
+        if isinstance(member, property) and isinstance(getattr(run, name), Path):
+            rows.append((name, getattr(run, name).as_posix(), _description(member.fget)))
+        elif inspect.isfunction(member) and member.__annotations__.get("return") in ("Path", Path):
+            arguments = list(inspect.signature(member).parameters)[1:]
+            pattern = member(run, *(f"{{{a}}}" for a in arguments)).as_posix()
+            rows.append((f"{name}({', '.join(arguments)})", pattern, _description(member)))
+    return rows
+
+
+def _columns(names: Any) -> str:
+    return ", ".join(f"`{n}`" for n in names)
+
+
+def run_folder_reference() -> str:
+    """The files of a run folder and the columns of its tables, from `pneumolab.runs` (the one module that writer
+    and readers share)."""
+    from pneumolab import runs
+
+    splits = ", ".join(f"`{s}`" for s in runs.EVALUATED_SPLITS)
+    suffixes = " or ".join(f'`"{s}"`' for s in runs.VARIANT_SUFFIXES)
+    lines = [
+        _doc(runs.RunDir),
+        "",
+        "| Attribute of `RunDir` | Path | What it holds |",
+        "|---|---|---|",
+        *(f"| `{name}` | `{path}` | {_cell(text)} |" for name, path, text in run_folder_paths()),
+        "",
+        f"`{{split}}` is one of {splits} (`EVALUATED_SPLITS`); `{{suffix}}` is {suffixes} (`VARIANT_SUFFIXES`: the "
+        "plain variant and the one with TTA views).",
+        "",
+        "### Columns of the tables",
+        "",
+        "| Table | Columns |",
+        "|---|---|",
+        f"| `predictions`, binary (`BINARY_PREDICTION_COLUMNS`) | {_columns(runs.BINARY_PREDICTION_COLUMNS)} |",
+        f"| `predictions`, K classes (`class_prediction_columns`) | "
+        f"{_columns(runs.class_prediction_columns(['<CLASS>']))}, one `p_` and one `logit_` column per class |",
+        f"| `gate_scores` (`GATE_SCORE_COLUMNS`) | {_columns(runs.GATE_SCORE_COLUMNS)} |",
+        "",
+        _description(runs.class_prediction_columns),
+    ]
     return "\n".join(lines)
 
 

@@ -16,11 +16,11 @@ from pneumolab.errors import ImageReadError
 
 
 def test_prepare_decodes_once_and_is_a_noop_when_unchanged(make_dataset, tmp_path):
-    root = make_dataset(per_class=5, size=(80, 60))
+    root = make_dataset(per_class=20, size=(80, 60))  # 80 films: two chunks, decoded by a pool of two processes
     cache, built = prepare_cache(root, size=32, cache_root=tmp_path / "cache", workers=2, progress=False)
     assert built
-    assert cache.images.shape == (20, 32, 32) and cache.images.dtype == np.uint8
-    for i in (0, 7, 19):
+    assert cache.images.shape == (80, 32, 32) and cache.images.dtype == np.uint8
+    for i in (0, 7, 70, 79):
         expected = load_xray(root / cache.manifest["path"].iat[i], size=32)
         np.testing.assert_array_equal(cache.images[i], expected)
 
@@ -35,7 +35,7 @@ def test_prepare_decodes_once_and_is_a_noop_when_unchanged(make_dataset, tmp_pat
     changed, built_changed = prepare_cache(root, size=32, cache_root=tmp_path / "cache", progress=False)
     assert built_changed and changed.path != cache.path
     reopened = DatasetCache.open(changed.path)
-    assert reopened.size == 32 and len(reopened.manifest) == 20
+    assert reopened.size == 32 and len(reopened.manifest) == 80
 
 
 def test_unreadable_files_fail_or_are_skipped(make_dataset, tmp_path):

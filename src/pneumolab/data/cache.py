@@ -113,7 +113,7 @@ def _decode_all(images_path: Path, root: Path, rel_paths: list[str], size: int, 
     failures: list[tuple[int, str]] = []
     chunks = [(start, rel_paths[start : start + _CHUNK]) for start in range(0, len(rel_paths), _CHUNK)]
     with progress_bar(len(rel_paths), "decoding", enabled=progress) as advance:
-        if workers <= 1:
+        if min(workers, len(chunks)) <= 1:  # one chunk: a worker process would only add its start-up
             for start, chunk in chunks:
                 failures += _decode_chunk(str(images_path), str(root), chunk, start, size)
                 advance(len(chunk))

@@ -40,6 +40,7 @@ On the shared dataset, byte-identical files differ by 0-3 bits and the closest d
 12 catches re-encoded, re-sized or re-windowed copies with a wide margin."""
 _HASH_SIZE = 16  # 16 x 16 = 256 bits: chest X-rays look alike, so 64-bit hashes collide too often
 _HASH_INPUT = 128  # decode at this size; the hash itself looks at 64 x 64
+_CHUNK = 32  # files per worker task
 
 
 def _hash_image(path: str) -> tuple[str | None, str | None]:
@@ -53,7 +54,7 @@ def _hash_image(path: str) -> tuple[str | None, str | None]:
 
 def _hash_all(paths: list[str], workers: int, progress: bool) -> list[tuple[str | None, str | None]]:
     with progress_bar(len(paths), "checking", enabled=progress) as advance:
-        if workers <= 1:
+        if workers <= 1 or len(paths) <= _CHUNK:  # one chunk: a worker process would only add its start-up
             results = []
             for path in paths:
                 results.append(_hash_image(path))
@@ -61,7 +62,7 @@ def _hash_all(paths: list[str], workers: int, progress: bool) -> list[tuple[str 
             return results
         with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
             results = []
-            for result in pool.map(_hash_image, paths, chunksize=32):
+            for result in pool.map(_hash_image, paths, chunksize=_CHUNK):
                 results.append(result)
                 advance(1)
             return results

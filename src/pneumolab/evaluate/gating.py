@@ -3,8 +3,9 @@
 EVALUATION.md rule 8: the gate and the band are fit on train / validation like the threshold; on test they are only
 measured: how many films were refused or referred, and the accuracy of the rest, beside the figures for all films.
 
-Files a run gets (`write_gate_scores`): ``gate/scores.csv`` with one row per scored image: ``group`` (``val``,
-``test``, ``far-ood``, ``near-<kind>`` made from test films), ``name``, ``gate_score``, ``refused``.
+Files a run gets (`write_gate_scores`): ``gate/scores.csv`` (`pneumolab.runs.RunDir.gate_scores`) with one row per
+scored image: ``group`` (``val``, ``test``, ``far-ood``, ``near-<kind>`` made from test films), ``name``,
+``gate_score``, ``refused``.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pneumolab.hardware import resolve_precision
 from pneumolab.inference.steps import InferenceModel
 from pneumolab.progress import progress_bar
 from pneumolab.referral import ReferralBand
+from pneumolab.runs import GATE_SCORE_COLUMNS
 
 __all__ = [
     "DEFAULT_ALPHA",
@@ -149,7 +151,8 @@ def score_groups(
             refused = gate.refuses(scores)
         else:
             scores, refused = np.full(len(names), np.nan), np.ones(len(names), bool)
-        frames.append(pd.DataFrame({"group": group, "name": names, "gate_score": scores, "refused": refused}))
+        values = (group, names, scores, refused)
+        frames.append(pd.DataFrame(dict(zip(GATE_SCORE_COLUMNS, values, strict=True))))
     return pd.concat(frames, ignore_index=True)
 
 

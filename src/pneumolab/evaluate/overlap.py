@@ -8,7 +8,8 @@ Two kinds of overlap, both read from the run's ``split.csv`` (no image is read a
 * exact duplicates: a test film whose SHA-256 equals a train/val film's (``split.csv``'s ``sha256``; a split file
   from before it recorded them has no duplicate check, said in ``duplicates_facts``).
 
-`evaluate_run` writes the result of the variant the model uses as ``metrics/overlap.json``; the report reads it.
+`evaluate_run` writes the result of the variant the model uses to the run's ``overlap_metrics``
+(``metrics/overlap.json``, `pneumolab.runs.RunDir`); the report reads it.
 """
 
 from __future__ import annotations
@@ -21,9 +22,7 @@ import pandas as pd
 from pneumolab.errors import PneumolabError
 from pneumolab.evaluate.metrics import evaluate_predictions
 
-__all__ = ["OVERLAP_FILE", "overlap_masks", "overlap_rows"]
-
-OVERLAP_FILE = "overlap.json"  # under RUN/metrics/
+__all__ = ["overlap_masks", "overlap_rows"]
 
 
 def overlap_masks(test_paths: list[str], split: pd.DataFrame) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:

@@ -6,15 +6,11 @@ unchanged to test (EVALUATION.md rules 2-4). A K-class model decides by argmax a
 per-class bias when cross-fitting on validation shows it helps); its binary views get their thresholds on validation
 (`pneumolab.evaluate.views`). The variant used by the model afterwards (``operating_point.json``) is the one best on
 validation by ``choose_by``: log loss by default (or Brier score, or ROC-AUC, macro for K classes), because
-validation ROC-AUC saturates near 1 and stops telling variants apart. Files written::
-
-    RUN/predictions/{val,test}[_tta].csv   path, label, probability, prediction, logit (K classes: path, label,
-                                           prediction, probability, p_<CLASS>..., logit_<CLASS>...)
-    RUN/metrics/{val,test}[_tta].json      the metric object with 95 % bootstrap intervals
-    RUN/metrics/selective.json             what the input gate (and a binary model's referral band) did
-    RUN/metrics/overlap.json               the used test variant without films that overlap train/val
-    RUN/operating_point.json               threshold, method, temperature, tta views, and ``evaluated_with``:
-                                           the settings and checkpoint that made all of the above
+validation ROC-AUC saturates near 1 and stops telling variants apart. Files written (`pneumolab.runs.RunDir` names
+them and their columns): per split and variant the predictions and the metric object with 95 % bootstrap intervals;
+what the input gate (and a binary model's referral band) did (``selective_metrics``); the used test variant without
+the films that overlap train/val (``overlap_metrics``); and the ``operating_point``: threshold, method, temperature,
+tta views, and ``evaluated_with``, the settings and checkpoint that made all of the above.
 
 A finished evaluation is reused only when ``evaluated_with`` equals what a new one would be made with (the
 checkpoint's SHA-256, the dataset, TTA views, threshold rule, variant rule, bootstrap resamples, gate and band
@@ -68,7 +64,7 @@ from pneumolab.evaluate.multiclass import (
     multiclass_metrics,
     top_label_reliability,
 )
-from pneumolab.evaluate.overlap import OVERLAP_FILE, overlap_masks, overlap_rows
+from pneumolab.evaluate.overlap import overlap_masks, overlap_rows
 from pneumolab.evaluate.stress import SELECTION, StressCase, parse_cases, stress_evaluate
 from pneumolab.evaluate.views import derived_thresholds, view_metrics
 from pneumolab.fsutil import FolderKind, atomic_dir, atomic_path, check_destination, file_sha256, write_json_atomic
@@ -76,7 +72,15 @@ from pneumolab.inference.card import ARTEFACT_KIND, GATE_FILE, read_card
 from pneumolab.inference.export import write_gate_arrays
 from pneumolab.inference.pytorch import TrainedModel, load_trained
 from pneumolab.progress import progress_bar
-from pneumolab.runs import RunDir
+from pneumolab.runs import (
+    BINARY_PREDICTION_COLUMNS,
+    CLASS_PROBABILITY_PREFIX,
+    EVALUATED_SPLITS,
+    TTA_SUFFIX,
+    RunDir,
+    class_prediction_columns,
+    predicted_classes,
+)
 
 __all__ = [
     "aligned_member_predictions",
@@ -94,26 +98,24 @@ __all__ = [
     "write_predictions",
 ]
 
-SPLITS = ("val", "test")
-SELECTIVE = "selective.json"  # metrics/selective.json: what the gate and the referral band did to val and test
+SPLITS = EVALUATED_SPLITS
 
 
 # An ensemble run folder (`ensemble --out`, a pipeline's OUT/ensemble): replaced by a new ensemble, never a user's
 # folder of other files. Evaluation and reports add files to it, so only its marker is checked.
-ENSEMBLE_FOLDER = FolderKind("ensemble folder", marker="env.json")
+ENSEMBLE_FOLDER = FolderKind("ensemble folder", marker=RunDir(".").env.name)
 
 
 def write_predictions(dest: Path, paths, labels, probabilities, threshold: float, logits=None) -> Path:
-    """``path,label,probability,prediction,logit`` CSV, written atomically."""
-    table = pd.DataFrame(
-        {
-            "path": list(paths),
-            "label": np.asarray(labels, dtype=int),
-            "probability": np.asarray(probabilities, dtype=float),
-            "prediction": (np.asarray(probabilities) >= threshold).astype(int),
-            "logit": np.asarray(logits, dtype=float) if logits is not None else np.nan,
-        }
+    """``path,label,probability,prediction,logit`` CSV (`BINARY_PREDICTION_COLUMNS`), written atomically."""
+    values = (
+        list(paths),
+        np.asarray(labels, dtype=int),
+        np.asarray(probabilities, dtype=float),
+        (np.asarray(probabilities) >= threshold).astype(int),
+        np.asarray(logits, dtype=float) if logits is not None else np.nan,
     )
+    table = pd.DataFrame(dict(zip(BINARY_PREDICTION_COLUMNS, values, strict=True)))
     with atomic_path(dest) as tmp:
         table.to_csv(tmp, index=False, float_format="%.7g")
     return dest
@@ -144,21 +146,21 @@ def metrics_for(
 
 
 def write_class_predictions(dest: Path, paths, labels, probabilities, classes, logits) -> Path:
-    """K classes: ``path,label,prediction,probability,p_<CLASS>...,logit_<CLASS>...`` CSV, written atomically.
+    """K classes: ``path,label,prediction,probability,p_<CLASS>...,logit_<CLASS>...`` CSV
+    (`pneumolab.runs.class_prediction_columns`), written atomically.
 
     ``prediction`` is the argmax; ``probability`` is P(not the first class), P(PNEUMONIA) for NORMAL-first tasks.
     """
     probabilities = np.asarray(probabilities, dtype=float)
-    table = pd.DataFrame(
-        {
-            "path": list(paths),
-            "label": np.asarray(labels, dtype=int),
-            "prediction": probabilities.argmax(1),
-            "probability": 1.0 - probabilities[:, 0],
-            **{f"p_{c}": probabilities[:, k] for k, c in enumerate(classes)},
-            **{f"logit_{c}": np.asarray(logits)[:, k] for k, c in enumerate(classes)},
-        }
+    values = (
+        list(paths),
+        np.asarray(labels, dtype=int),
+        probabilities.argmax(1),
+        1.0 - probabilities[:, 0],
+        *(probabilities[:, k] for k in range(len(classes))),
+        *(np.asarray(logits)[:, k] for k in range(len(classes))),
     )
+    table = pd.DataFrame(dict(zip(class_prediction_columns(classes), values, strict=True)))
     with atomic_path(dest) as tmp:
         table.to_csv(tmp, index=False, float_format="%.7g")
     return dest
@@ -210,9 +212,9 @@ def _write_split(
 
     The metrics name the model after the run folder unless `facts` gives ``model`` (a folder still being built).
     """
-    write_predictions(run.path / "predictions" / f"{name}.csv", paths, labels, probabilities, threshold, margins)
+    write_predictions(run.predictions(name), paths, labels, probabilities, threshold, margins)
     metrics = metrics_for(labels, probabilities, threshold=threshold, **{"model": run.path.name, **facts})
-    write_json_atomic(run.path / "metrics" / f"{name}.json", metrics)
+    write_json_atomic(run.metrics(name), metrics)
     return metrics
 
 
@@ -245,7 +247,7 @@ def _evaluation_key(run: RunDir, root: Path | None, variants: dict[str, tuple[st
         "format": EVALUATION_FORMAT,
         "checkpoint_sha256": file_sha256(run.best),
         "data": str(Path(root).resolve()) if root is not None else None,
-        "tta": list(variants.get("_tta", ())),
+        "tta": list(variants.get(TTA_SUFFIX, ())),
         **settings,
         "gate": {"keep": DEFAULT_KEEP, "alpha": DEFAULT_ALPHA},
     }
@@ -299,14 +301,14 @@ def evaluate_run(
     run = RunDir(run_dir)
     variants = {"": ("identity",)}
     if tta:
-        variants["_tta"] = resolve_views(tta)
+        variants[TTA_SUFFIX] = resolve_views(tta)
     ThresholdSelector(threshold_method, target_sensitivity=target_sensitivity)  # a bad setting fails before any work
     config = load_config(run.config)
     root = data or config.data.root
     if root is None:
         raise SettingError(f"{run.path}: the run names no dataset; pass --data DIR")
-    wanted = [run.path / "metrics" / f"{s}{v}.json" for v in variants for s in SPLITS]
-    wanted.extend([run.path / "metrics" / SELECTIVE, run.path / "metrics" / OVERLAP_FILE])
+    wanted = [run.metrics(f"{s}{v}") for v in variants for s in SPLITS]
+    wanted.extend([run.selective_metrics, run.overlap_metrics])
     key = None
     if run.best.is_file():
         key = _evaluation_key(
@@ -320,8 +322,8 @@ def evaluate_run(
         )
         saved = None if force else _saved_evaluation(run, wanted, key)
         if saved is not None:
-            saved.pop(Path(SELECTIVE).stem)
-            saved.pop(Path(OVERLAP_FILE).stem)
+            saved.pop(run.selective_metrics.stem)
+            saved.pop(run.overlap_metrics.stem)
             return saved
 
     trained = load_trained(run.path)
@@ -356,7 +358,7 @@ def evaluate_run(
             per_split[split].update(
                 inference_images_per_s=len(rows[split]) * len(views) / seconds[split], eval_seconds=seconds[split]
             )
-            write_json_atomic(run.path / "metrics" / f"{split}{suffix}.json", per_split[split])
+            write_json_atomic(run.metrics(f"{split}{suffix}"), per_split[split])
             results[f"{split}{suffix}"] = per_split[split]
         for rule, (binary_key, multiclass_key, _) in VARIANT_RULES.items():
             if binary_key is not None:
@@ -388,8 +390,8 @@ def evaluate_run(
     )
     used = calibrated[chosen]["test"]
     overlap = _overlap(run, trained.classes, paths["test"], labels["test"], used, points[chosen], n_resamples)
-    overlap["variant"] = f"test{'_tta' if chosen == 'tta' else ''}"
-    write_json_atomic(run.path / "metrics" / OVERLAP_FILE, overlap)
+    overlap["variant"] = f"test{TTA_SUFFIX if chosen == 'tta' else ''}"
+    write_json_atomic(run.overlap_metrics, overlap)
     point = {
         **points[chosen],
         "chosen_on": "validation",
@@ -463,7 +465,7 @@ def _binary_variant(run, trained, logits, labels, paths, selector, facts, *, suf
     metrics = {}
     for split in SPLITS:
         margins = (logits[split][:, 1] - logits[split][:, 0]).numpy()
-        dest = run.path / "predictions" / f"{split}{suffix}.csv"
+        dest = run.predictions(split, suffix)
         write_predictions(dest, paths[split], labels[split], probabilities[split], threshold, margins)
         metrics[split] = metrics_for(
             labels[split],
@@ -493,7 +495,7 @@ def _multiclass_variant(run, trained, logits, labels, paths, selector, facts, *,
     thresholds = derived_thresholds(labels["val"], probabilities["val"], classes, selector)
     metrics = {}
     for split in SPLITS:
-        dest = run.path / "predictions" / f"{split}{suffix}.csv"
+        dest = run.predictions(split, suffix)
         write_class_predictions(dest, paths[split], labels[split], probabilities[split], classes, z[split])
         metrics[split] = multiclass_metrics_for(
             labels[split],
@@ -551,7 +553,7 @@ def _fit_gating(
     table = score_groups(trained, {**groups, **ood_corpus(trained.cache_size, test_images)}, progress=progress)
     with atomic_path(run.gate) as tmp:
         write_gate_arrays(trained, tmp)
-    write_gate_scores(run.path / "gate" / "scores.csv", table)
+    write_gate_scores(run.gate_scores, table)
     band = trained.band.describe() if trained.band is not None else None
     summary: dict[str, Any] = {
         "gate": trained.gates.describe(),
@@ -568,7 +570,7 @@ def _fit_gating(
             refused=refused,
             referred=trained.band.refers(p) if binary else None,
         )
-    write_json_atomic(run.path / "metrics" / SELECTIVE, summary)
+    write_json_atomic(run.selective_metrics, summary)
     return {"gate": trained.gates.describe(), "referral": band}
 
 
@@ -670,8 +672,8 @@ def stress_model(
             raise SettingError(f"stress splits must be val or test, not {split!r}")
     run = RunDir(source) if source is not None and source.is_dir() and RunDir(source).split.is_file() else None
     saved: dict[str, dict[str, Any]] = {}
-    if run is not None and (run.path / "metrics" / "stress.json").is_file():
-        saved = json.loads((run.path / "metrics" / "stress.json").read_text())
+    if run is not None and run.stress_metrics.is_file():
+        saved = json.loads(run.stress_metrics.read_text())
     key = {
         "cases": [c.key for c in wanted],
         "seed": seed,
@@ -705,7 +707,7 @@ def stress_model(
         if run is not None:
             _draw_flippers(run, np.asarray(cache.images[rows]), results[split], seed=seed)
     if run is not None:  # the other split's block stays
-        write_json_atomic(run.path / "metrics" / "stress.json", {**saved, **results})
+        write_json_atomic(run.stress_metrics, {**saved, **results})
     return results
 
 
@@ -731,9 +733,10 @@ def _draw_flippers(run: RunDir, films: np.ndarray, block: dict[str, Any], *, see
             png = explain_pair(trained, clean, perturbed, captions, target)
         except MissingExtraError:
             return
-        relative = Path("plots", "stress", f"{split}-{k}.png")
-        with atomic_path(run.path / relative) as tmp:
+        dest = run.stress_plot(split, k)
+        with atomic_path(dest) as tmp:
             Path(tmp).write_bytes(png)
+        relative = dest.relative_to(run.path)
         flipper.update(gradcam=relative.as_posix(), gradcam_target=target)
 
 
@@ -859,12 +862,12 @@ def used_suffix(run: RunDir) -> str:
 
 def member_predictions(run: RunDir, split: str) -> pd.DataFrame:
     """A run's predictions for `split`, in the variant its operating point chose (plain or TTA)."""
-    return pd.read_csv(run.path / "predictions" / f"{split}{used_suffix(run)}.csv")
+    return pd.read_csv(run.predictions(split, used_suffix(run)))
 
 
 def saved_metrics(run: RunDir, split: str) -> dict[str, Any]:
     """A run's metric object for `split`, in the variant its operating point chose."""
-    return json.loads((run.path / "metrics" / f"{split}{used_suffix(run)}.json").read_text())
+    return json.loads(run.metrics(f"{split}{used_suffix(run)}").read_text())
 
 
 def ensemble_runs(
@@ -919,17 +922,18 @@ def aligned_member_predictions(members: list[RunDir], split: str) -> list[pd.Dat
 
 def member_classes(members: list[RunDir], frames: list[pd.DataFrame]) -> tuple[str, ...] | None:
     """The members' classes from their ``p_<CLASS>`` columns (None: binary), refused when they differ."""
-    columns = [[c for c in f if c.startswith("p_")] for f in frames]
-    if any(columns[0] != other for other in columns[1:]):  # binary with K-class, or other classes
+    classes = [predicted_classes(f.columns) for f in frames]
+    if any(classes[0] != other for other in classes[1:]):  # binary with K-class, or other classes
         raise SettingError(f"{members[0].path.name} and the other members predict different classes")
-    return tuple(c.removeprefix("p_") for c in columns[0]) or None
+    return classes[0] or None
 
 
 def stack_probabilities(frames: list[pd.DataFrame], classes: tuple[str, ...] | None) -> np.ndarray:
     """members x N (binary: P(PNEUMONIA)) or members x N x K (K classes) from prediction tables."""
     if classes is None:
         return np.stack([f["probability"].to_numpy() for f in frames])
-    return np.stack([f[[f"p_{c}" for c in classes]].to_numpy(dtype=np.float64) for f in frames])
+    columns = [CLASS_PROBABILITY_PREFIX + c for c in classes]
+    return np.stack([f[columns].to_numpy(dtype=np.float64) for f in frames])
 
 
 def write_ensemble(
@@ -1008,7 +1012,7 @@ def _ensemble_classes(members, target, paths, labels, probabilities, classes, co
         run = RunDir(building)
         for split in SPLITS:
             no_logits = np.full((len(paths[split]), len(classes)), np.nan)
-            dest = run.path / "predictions" / f"{split}.csv"
+            dest = run.predictions(split)
             write_class_predictions(dest, paths[split], labels[split], probabilities[split], classes, no_logits)
             results[split] = multiclass_metrics_for(
                 labels[split],
@@ -1023,7 +1027,7 @@ def _ensemble_classes(members, target, paths, labels, probabilities, classes, co
                 weights_source="ensemble",
                 model=target.path.name,
             )
-            write_json_atomic(run.path / "metrics" / f"{split}.json", results[split])
+            write_json_atomic(run.metrics(split), results[split])
         point = {
             "threshold": thresholds.get("pneumonia_vs_normal", 0.5),
             "method": decision,

@@ -35,6 +35,7 @@ from pneumolab.gate import GateSet
 from pneumolab.inference.card import CARD_FORMAT
 from pneumolab.inference.steps import GATE_OFF, InferenceModel, positive_probability
 from pneumolab.referral import ReferralBand
+from pneumolab.runs import RunDir
 
 __all__ = ["ENSEMBLE_CARD", "ENSEMBLE_KIND", "EnsembleModel", "export_ensemble", "is_ensemble", "load_ensemble"]
 
@@ -147,7 +148,7 @@ def is_ensemble(path: Path) -> bool:
     """An ensemble artefact folder, or an ensemble run folder."""
     if (path / ENSEMBLE_CARD).is_file():
         return True
-    env = path / "env.json"
+    env = RunDir(path).env
     return env.is_file() and "ensemble" in json.loads(env.read_text())
 
 
@@ -191,11 +192,12 @@ def load_ensemble(path: Path, load_member: Callable[[Path], InferenceModel]) -> 
         folders = [_artefact_member(path, m) for m in card["members"]]
         combiner_facts, point = card["combiner"], card
     else:
-        env = json.loads((path / "env.json").read_text())["ensemble"]
+        run = RunDir(path)
+        env = json.loads(run.env.read_text())["ensemble"]
         folders = [_member_path(path, m) for m in env["members"]]
         names = [f.name for f in folders]
         combiner_facts = env
-        point_file = path / "operating_point.json"
+        point_file = run.operating_point
         if not point_file.is_file():
             raise ArtefactError(f"{path}: the ensemble was not evaluated (no operating_point.json)")
         point = json.loads(point_file.read_text())

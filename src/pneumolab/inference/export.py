@@ -29,7 +29,7 @@ from pneumolab.gate import tap_features
 from pneumolab.inference.card import ARTEFACT_KIND, CARD_FORMAT, GATE_FILE
 from pneumolab.inference.pytorch import TrainedModel, load_trained
 from pneumolab.models import count_parameters
-from pneumolab.runs import RunDir
+from pneumolab.runs import EVALUATED_SPLITS, RunDir
 
 __all__ = ["build_card", "export_artefact", "export_onnx", "write_gate_arrays"]
 
@@ -39,13 +39,13 @@ def _run_facts(source: Path) -> dict[str, Any]:
     facts: dict[str, Any] = {}
     if not source.is_dir():
         return facts
-    env = source / "env.json"
-    if env.is_file():
-        facts["data_fingerprint"] = json.loads(env.read_text()).get("data_fingerprint")
-    suffix = RunDir(source).used_suffix() or ""
+    run = RunDir(source)
+    if run.env.is_file():
+        facts["data_fingerprint"] = json.loads(run.env.read_text()).get("data_fingerprint")
+    suffix = run.used_suffix() or ""
     metrics = {}
-    for split in ("val", "test"):
-        path = source / "metrics" / f"{split}{suffix}.json"
+    for split in EVALUATED_SPLITS:
+        path = run.metrics(f"{split}{suffix}")
         if path.is_file():
             metrics[split] = {k: v for k, v in json.loads(path.read_text()).items() if k != "bootstrap"}
     facts["metrics"] = metrics

@@ -205,7 +205,7 @@ def load_trained(path: str | os.PathLike[str] | None = None, *, device: torch.de
         trained.view_thresholds = point.get("derived_thresholds")
         gate = load_gate(point, RunDir(path).gate)
         trained.gates, trained.band = gate["gates"], gate["band"]
-    config = path / "config.yaml" if path.is_dir() else None
+    config = RunDir(path).config if path.is_dir() else None
     if config is not None and config.is_file():
         data = load_config(config).data
         trained.validation_split = data.carve_settings()

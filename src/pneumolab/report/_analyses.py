@@ -41,6 +41,7 @@ from pneumolab.evaluate.overlap import overlap_rows
 from pneumolab.fsutil import file_sha256
 from pneumolab.referral import ReferralBand
 from pneumolab.report._runfiles import SPLITS, Evaluation, RunFiles, finite, read_config, read_split_table
+from pneumolab.runs import RunDir
 
 __all__ = [
     "FileHashes",
@@ -203,7 +204,8 @@ def _split_sources(run: RunFiles) -> list[tuple[Path, pd.DataFrame | None, dict[
     for member in run.ensemble.get("members") or []:
         folder = Path(str(member))
         if folder.is_dir():
-            sources.append((folder, read_split_table(folder / "split.csv"), read_config(folder / "config.yaml")))
+            member_run = RunDir(folder)
+            sources.append((folder, read_split_table(member_run.split), read_config(member_run.config)))
     return sources
 
 
@@ -287,7 +289,7 @@ def overlap_removed(run: RunFiles, evaluation: Evaluation, hashes: FileHashes | 
     if saved.get("variant") == evaluation.key and saved.get("rows"):
         keys = ("threshold", "shared_images", "shared_patients", "duplicates", "duplicates_only", "duplicates_facts")
         result.update({key: saved.get(key) for key in keys}, rows=saved["rows"], from_file=True)
-        result.update(split_files=[str(run.path / "split.csv")], members_split=False)
+        result.update(split_files=[str(run.run_dir.split)], members_split=False)
         return result
     evaluation, table = binary, binary.predictions
     threshold = run.threshold(evaluation.split, evaluation.tta)
@@ -306,7 +308,7 @@ def overlap_removed(run: RunFiles, evaluation: Evaluation, hashes: FileHashes | 
     test_patients = _patient_ids(test_paths, labels)
     shared_ids = {i for i in test_patients if i is not None and i in train_patients}
     shared = np.array([i in shared_ids for i in test_patients], dtype=bool)
-    result["split_files"] = [str(folder / "split.csv") for folder, _, _ in sources]
+    result["split_files"] = [str(RunDir(folder).split) for folder, _, _ in sources]
     result["members_split"] = run.split_table is None
     result["shared_images"] = int(shared.sum())
     result["shared_patients"] = len(shared_ids)

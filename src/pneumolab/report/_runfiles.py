@@ -4,8 +4,8 @@ A trained run has ``config.yaml``, ``split.csv``, ``history.csv`` and ``env.json
 ``operating_point.json``, ``predictions/{val,test}[_tta].csv`` and ``metrics/{val,test}[_tta].json``, and, since the
 input gate and referral band, ``gate/scores.csv`` and ``metrics/selective.json`` (with ``gate`` and ``referral`` in
 the operating point). An ensemble folder has the predictions, metrics and an ``env.json`` with an ``ensemble`` entry,
-but no history and no gate. A missing file is ``None`` here; a file that exists but cannot be read raises
-`ArtefactError` naming the file and the reason.
+but no history and no gate. Every path and column is `pneumolab.runs`'s. A missing file is ``None`` here; a file
+that exists but cannot be read raises `ArtefactError` naming the file and the reason.
 
 A K-class run (``data.task: kind`` or ``folders`` with more than two classes) writes predictions
 ``path,label,prediction,probability,p_<CLASS>...,logit_<CLASS>...`` (label and prediction are class indices,
@@ -33,14 +33,24 @@ from scipy.special import logsumexp
 
 from pneumolab.constants import CLASSES
 from pneumolab.errors import ArtefactError
+from pneumolab.runs import (
+    BINARY_PREDICTION_COLUMNS,
+    CLASS_LOGIT_PREFIX,
+    CLASS_PROBABILITY_PREFIX,
+    EVALUATED_SPLITS,
+    GATE_SCORE_COLUMNS,
+    TTA_SUFFIX,
+    RunDir,
+    predicted_classes,
+)
 
-SPLITS = ("val", "test")
+SPLITS = EVALUATED_SPLITS
 SPLIT_NAMES = {"val": "validation", "test": "test"}
-PREDICTION_COLUMNS = ("path", "label", "probability", "prediction")
+# every predictions table has these; ``logit`` may be absent (runs evaluated before it was written)
+PREDICTION_COLUMNS = tuple(c for c in BINARY_PREDICTION_COLUMNS if c != "logit")
 PNEUMONIA_VIEW = "pneumonia_vs_normal"
 KIND_VIEW = "bacterial_vs_viral"
 SPLIT_FILE_COLUMNS = ("path", "split", "patient_id")
-GATE_SCORE_COLUMNS = ("group", "name", "gate_score", "refused")
 
 # gate/scores.csv groups: (short name for legends, what the group is)
 GATE_GROUPS = {
@@ -83,7 +93,7 @@ class Evaluation:
     @property
     def key(self) -> str:
         """The file stem: ``test`` or ``test_tta``."""
-        return f"{self.split}_tta" if self.tta else self.split
+        return f"{self.split}{TTA_SUFFIX}" if self.tta else self.split
 
     @property
     def label(self) -> str:
@@ -132,13 +142,13 @@ class Evaluation:
         """The N x K calibrated class probabilities (``p_<CLASS>`` columns) of a K-class evaluation, else None."""
         if not self.is_multiclass or self.predictions is None:
             return None
-        return self.predictions[[f"p_{c}" for c in self.classes]].to_numpy(dtype=np.float64)
+        return self.predictions[[CLASS_PROBABILITY_PREFIX + c for c in self.classes]].to_numpy(dtype=np.float64)
 
     def class_logits(self) -> np.ndarray | None:
         """The N x K raw logits (``logit_<CLASS>``) of a K-class evaluation, or None when not all are saved."""
         if not self.is_multiclass or self.predictions is None:
             return None
-        columns = [f"logit_{c}" for c in self.classes]
+        columns = [CLASS_LOGIT_PREFIX + c for c in self.classes]
         if any(c not in self.predictions for c in columns):
             return None
         values = self.predictions[columns].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
@@ -214,6 +224,11 @@ class RunFiles:
     overlap: dict[str, Any] | None = None  # metrics/overlap.json, as evaluation wrote it
 
     @property
+    def run_dir(self) -> RunDir:
+        """The folder's paths (`pneumolab.runs.RunDir`)."""
+        return RunDir(self.path)
+
+    @property
     def name(self) -> str:
         """The run's name: its folder name."""
         return self.path.name or self.path.resolve().name
@@ -226,7 +241,7 @@ class RunFiles:
 
     def evaluation(self, split: str, tta: bool = False) -> Evaluation | None:
         """The evaluated variant, or None when neither its metrics nor its predictions exist."""
-        return self.evaluations.get(f"{split}_tta" if tta else split)
+        return self.evaluations.get(f"{split}{TTA_SUFFIX}" if tta else split)
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -367,7 +382,7 @@ def _metric_classes(metrics: dict[str, Any] | None, path: Path) -> tuple[str, ..
 
 def _column_classes(table: pd.DataFrame) -> tuple[str, ...] | None:
     """The classes of the ``p_<CLASS>`` columns of a predictions table, when there are more than two."""
-    classes = tuple(str(c)[2:] for c in table.columns if str(c).startswith("p_"))
+    classes = predicted_classes(table.columns)
     return classes if len(classes) > 2 else None
 
 
@@ -379,7 +394,7 @@ def _read_predictions(path: Path, classes: tuple[str, ...] | None = None) -> pd.
     _require_columns(table, PREDICTION_COLUMNS, path)
     classes = classes or _column_classes(table)
     if classes is not None:
-        _require_columns(table, [f"p_{c}" for c in classes], path)
+        _require_columns(table, [CLASS_PROBABILITY_PREFIX + c for c in classes], path)
     if table.empty:
         return None
     table["path"] = table["path"].astype(str)
@@ -392,7 +407,7 @@ def _read_predictions(path: Path, classes: tuple[str, ...] | None = None) -> pd.
                 f"{path}: column {column!r} must hold class indices 0 to {len(classes) - 1} ({', '.join(classes)}) only"
             )
         table[column] = values.astype(np.int64)
-    for column in [f"p_{c}" for c in classes or ()]:
+    for column in [CLASS_PROBABILITY_PREFIX + c for c in classes or ()]:
         values = pd.to_numeric(table[column], errors="coerce")
         if not (values.notna().all() and values.between(0, 1).all()):
             raise ArtefactError(f"{path}: column {column!r} must hold numbers within [0, 1]")
@@ -469,24 +484,26 @@ def read_run(run_dir: str | os.PathLike[str]) -> RunFiles:
     path = Path(run_dir)
     if not path.is_dir():
         raise ArtefactError(f"{path}: no such run folder")
+    folder = RunDir(path)
     run = RunFiles(
         path=path,
-        config=_read_yaml(path / "config.yaml"),
-        env=_read_json(path / "env.json"),
-        history=_read_history(path / "history.csv"),
-        operating_point=_read_json(path / "operating_point.json"),
-        split_table=read_split_table(path / "split.csv"),
-        gate_scores=read_gate_scores(path / "gate" / "scores.csv"),
-        selective=_read_json(path / "metrics" / "selective.json"),
-        overlap=_read_json(path / "metrics" / "overlap.json"),
+        config=_read_yaml(folder.config),
+        env=_read_json(folder.env),
+        history=_read_history(folder.history),
+        operating_point=_read_json(folder.operating_point),
+        split_table=read_split_table(folder.split),
+        gate_scores=read_gate_scores(folder.gate_scores),
+        selective=_read_json(folder.selective_metrics),
+        overlap=_read_json(folder.overlap_metrics),
     )
     for split in SPLITS:
         for tta in (False, True):
-            stem = f"{split}_tta" if tta else split
-            metrics_path = path / "metrics" / f"{stem}.json"
+            suffix = TTA_SUFFIX if tta else ""
+            stem = f"{split}{suffix}"
+            metrics_path = folder.metrics(stem)
             metrics = _read_json(metrics_path)
             classes = _metric_classes(metrics, metrics_path)
-            predictions = _read_predictions(path / "predictions" / f"{stem}.csv", classes)
+            predictions = _read_predictions(folder.predictions(split, suffix), classes)
             if classes is None and predictions is not None:
                 classes = _column_classes(predictions)
             if metrics is not None or predictions is not None:

@@ -721,4 +721,4 @@ def plot_run(
         PneumolabError: the folder is not a run folder or one of its files is unreadable.
     """
     run = read_run(run_dir)
-    return plot_run_files(run, run.path / "plots" if out_dir is None else out_dir, splits=splits, dpi=dpi)
+    return plot_run_files(run, run.run_dir.plots if out_dir is None else out_dir, splits=splits, dpi=dpi)

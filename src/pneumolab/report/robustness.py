@@ -18,9 +18,7 @@ from pneumolab.report._runfiles import RunFiles
 from pneumolab.report.plots import save_figure
 from pneumolab.report.sections import plot_entry
 
-__all__ = ["STRESS_FILE", "plot_framing_curve", "robustness_section"]
-
-STRESS_FILE = "stress.json"  # in a run's metrics/: {split: stress block} (evaluate.runner.stress_model)
+__all__ = ["plot_framing_curve", "robustness_section"]
 
 _FRAMING_CAPTION = (
     "How tightly the film is framed (left of 1: the central share of the side kept, a tighter crop; right of 1: the "
@@ -104,7 +102,7 @@ def plot_framing_curve(blocks: dict[str, dict[str, Any]], *, title: str | None =
 
 
 def read_stress(run: RunFiles) -> dict[str, dict[str, Any]] | None:
-    path = run.path / "metrics" / STRESS_FILE
+    path = run.run_dir.stress_metrics  # {split: stress block} (evaluate.runner.stress_model)
     if not path.is_file():
         return None
     try:

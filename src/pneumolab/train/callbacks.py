@@ -151,7 +151,7 @@ class TensorBoardCallback(Callback):
     def on_fit_start(self, trainer: TrainerState) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=str(trainer.run.path / "tensorboard"))
+        self.writer = SummaryWriter(log_dir=str(trainer.run.tensorboard))
 
     def on_epoch_end(self, trainer: TrainerState, row: dict[str, Any]) -> None:
         for key, value in row.items():
