@@ -7,6 +7,10 @@ with several ``--max-batch`` values, each backend is served once per value (1: m
 ``--gate on off``, once with the input gate and once with ``--no-gate``. A film the gate refuses gets HTTP 422 by
 design: it is counted as refused, not as a failure; failures are every other answer that is not 200.
 
+With ``--metrics on off``, the same load is sent to a server with ``/metrics`` (counts, latency histograms, the
+drift watch) and to one started with ``--no-metrics``, alternately, ``--repeats`` times: the medians of throughput
+and of p50 / p99 latency, and their ratios (the cost of the metrics; issue 26's goal: at most 5 %).
+
 With ``--explains K``, each server is measured twice per repeat (``--repeats``), without and then with K
 /v1/explain requests always in flight (K client threads, each posting the next film as soon as its answer comes):
 the medians over the repeats of predict's p50 and p99, and the timeouts (HTTP 504 or no answer within
@@ -16,6 +20,8 @@ the medians over the repeats of predict's p50 and p99, and the timeouts (HTTP 50
         --requests 500 --concurrency 16 [--backend pytorch onnx] [--max-batch 1 16] [--gate on off]
     python benchmarks/load.py --model default --data ../shared/data/chest_xray/test \
         --requests 100 --concurrency 4 --backend pytorch --explains 2 --repeats 3
+    python benchmarks/load.py --model default --data ../shared/data/chest_xray/test \
+        --requests 300 --concurrency 8 --backend onnx --metrics on off --repeats 5
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -63,6 +70,7 @@ def main() -> None:
     parser.add_argument("--backend", choices=BACKENDS, nargs="+", default=list(BACKENDS))
     parser.add_argument("--max-batch", type=int, nargs="+", default=[16], help="serve's --max-batch values")
     parser.add_argument("--gate", choices=("on", "off"), nargs="+", default=["on"], help="serve with or --no-gate")
+    parser.add_argument("--metrics", choices=("on", "off"), nargs="+", default=["on"], help="or --no-metrics")
     parser.add_argument("--explains", type=int, default=0, help="K explain requests kept in flight (0: none)")
     parser.add_argument("--repeats", type=int, default=1, help="with --explains: measurements without and with")
     parser.add_argument("--timeout", type=float, default=120, help="client time limit per request (s)")
@@ -70,6 +78,9 @@ def main() -> None:
 
     files, _ = collect_image_paths([args.data])
     payloads = [(f.name, f.read_bytes()) for f in files]
+    if len(args.metrics) == 2:
+        _metrics_cost(args, payloads)
+        return
     by_gate: dict[str, dict[tuple[str, int], float]] = {}
     for gate in args.gate:
         for backend in args.backend:
@@ -88,14 +99,40 @@ def main() -> None:
         print(f"throughput onnx / pytorch (max-batch {last}) = {ratio:.2f}x")
 
 
+def _metrics_cost(args: argparse.Namespace, payloads: list[tuple[str, bytes]]) -> None:
+    """Servers with and without /metrics, alternately, `args.repeats` times each: medians and their ratios."""
+    runs: dict[str, list[dict[str, float]]] = {"on": [], "off": []}
+    for _ in range(args.repeats):
+        for metrics in ("on", "off"):
+            runs[metrics].append(
+                _load(args, args.backend[0], args.max_batch[0], payloads, args.gate[0], metrics=metrics, figures=True)
+            )
+    medians = {m: {k: statistics.median(r[k] for r in rows) for k in rows[0]} for m, rows in runs.items()}
+    for metrics, figures in medians.items():
+        print(f"metrics {metrics} (medians of {args.repeats}): throughput {figures['rate']:.2f} req/s, "
+              f"p50 {figures['p50']:.0f} ms, p99 {figures['p99']:.0f} ms")  # fmt: skip
+    on, off = medians["on"], medians["off"]
+    print(f"metrics on / off: throughput {on['rate'] / off['rate']:.3f}x, p50 {on['p50'] / off['p50']:.3f}x, "
+          f"p99 {on['p99'] / off['p99']:.3f}x")  # fmt: skip
+
+
 def _load(
-    args: argparse.Namespace, backend: str, max_batch: int, payloads: list[tuple[str, bytes]], gate: str = "on"
-) -> float:
-    """Serve with `backend`, send the load, print the figures; return requests per second."""
+    args: argparse.Namespace,
+    backend: str,
+    max_batch: int,
+    payloads: list[tuple[str, bytes]],
+    gate: str = "on",
+    *,
+    metrics: str = "on",
+    figures: bool = False,
+) -> Any:
+    """Serve with `backend`, send the load, print the figures; return requests per second (with `figures`: a dict of
+    ``rate``, ``p50`` and ``p99``)."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "pneumolab.cli", "serve", "--model", args.model, "--port", str(port)]
     command += ["--backend", backend, "--max-batch", str(max_batch), *(["--no-gate"] if gate == "off" else [])]
+    command += ["--no-metrics"] if metrics == "off" else []
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_until_up(url, 600)  # a busy shared machine can take minutes to load torch
@@ -112,10 +149,13 @@ def _load(
     failures = sum(status not in (200, "refused") for _, status in results)
     refused = sum(status == "refused" for _, status in results)
     print(f"{args.requests} requests, {args.concurrency} at a time, model {Path(args.model).name} ({backend}, "
-          f"max-batch {max_batch}, gate {gate}): {wall:.1f} s")  # fmt: skip
-    summary = f"throughput {args.requests / wall:.1f} req/s; latency p50 {statistics.median(latencies):.0f} ms"
-    summary += f", p95 {np.percentile(latencies, 95):.0f} ms, p99 {np.percentile(latencies, 99):.0f} ms"
+          f"max-batch {max_batch}, gate {gate}, metrics {metrics}): {wall:.1f} s")  # fmt: skip
+    p50, p99 = statistics.median(latencies), float(np.percentile(latencies, 99))
+    summary = f"throughput {args.requests / wall:.1f} req/s; latency p50 {p50:.0f} ms"
+    summary += f", p95 {np.percentile(latencies, 95):.0f} ms, p99 {p99:.0f} ms"
     print(f"{summary}; refused by the gate {refused}; failures {failures}")
+    if figures:
+        return {"rate": args.requests / wall, "p50": p50, "p99": p99}
     return args.requests / wall
 
 

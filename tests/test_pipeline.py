@@ -172,6 +172,16 @@ def test_ensemble_of_two_runs(dataset, tmp_path):
             ensemble_runs([runs[0], other], out)
     assert (tmp_path / "ens" / "metrics" / "test.json").read_text() == before and not (tmp_path / "ens2").exists()
 
+    # a folder of the user's is refused, with --force it is replaced
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("mine")
+    with pytest.raises(PneumolabError, match=r"keep\.txt.*--force"):
+        ensemble_runs(runs, mine)
+    assert (mine / "keep.txt").read_text() == "mine"
+    ensemble_runs(runs, mine, force=True, n_resamples=100)
+    assert (mine / "metrics" / "test.json").is_file() and not (mine / "keep.txt").exists()
+
 
 def _check_stress_of_a_run_and_its_ensemble(run: Path, ensemble: Path, root: Path) -> None:
     """The stress evaluation of a run draws its most-moved films' Grad-CAM (clean beside the case that moved them);

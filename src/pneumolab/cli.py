@@ -480,6 +480,7 @@ def ensemble_command(
     method: Annotated[str, typer.Option(help="mean, weighted or stacking (fit on validation).")] = "mean",
     threshold: Annotated[str, typer.Option(help="How the threshold is chosen on validation.")] = "balanced_accuracy",
     target_sensitivity: Annotated[float | None, typer.Option(help="With --threshold target_sensitivity.")] = None,
+    force: ForceFlag = False,
     json_out: JsonFlag = False,
 ) -> None:
     """Combine evaluated runs from their saved predictions (members may differ in architecture and size)."""
@@ -487,7 +488,9 @@ def ensemble_command(
 
     if target_sensitivity is not None and threshold == "balanced_accuracy":
         threshold = "target_sensitivity"
-    results = ensemble_runs(runs, out, method=method, threshold_method=threshold, target_sensitivity=target_sensitivity)
+    results = ensemble_runs(
+        runs, out, method=method, threshold_method=threshold, target_sensitivity=target_sensitivity, force=force
+    )
     if json_out:
         _print_json(results["test"])
     else:
@@ -952,6 +955,9 @@ def serve_command(
     ssl_certfile: Annotated[
         Path | None, typer.Option(help="TLS certificate chain (PEM), with --ssl-keyfile.", exists=True)
     ] = None,
+    metrics: Annotated[
+        bool, typer.Option(help="Serve /metrics (Prometheus: counts, latencies, the drift watch) and record for it.")
+    ] = True,
 ) -> None:
     """Serve a model over HTTP: an upload page at /, JSON API at /v1/predict and /v1/explain, docs at /docs
     (without an API key).
@@ -975,6 +981,7 @@ def serve_command(
         root_path=root_path,
         ssl_keyfile=str(ssl_keyfile) if ssl_keyfile else None,
         ssl_certfile=str(ssl_certfile) if ssl_certfile else None,
+        metrics=metrics,
     )
 
 

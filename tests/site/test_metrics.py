@@ -102,3 +102,12 @@ def test_metrics_need_the_key_when_the_service_has_one():
         scraped = client.get("/metrics", headers={"X-API-Key": "s3cret"})
         assert scraped.status_code == 200
         assert any(f.name.startswith("pneumolab") for f in text_string_to_metric_families(scraped.text))
+
+
+def test_a_service_without_metrics_has_no_route_and_still_answers():
+    app = create_app(tiny_trained(), workers=1, metrics=False)
+    with running_server(app) as base, httpx.Client(base_url=base, timeout=60) as client:
+        assert client.get("/metrics").status_code == 404
+        answer = client.post("/v1/predict", files={"file": ("film.png", _png(3), "image/png")})
+        assert answer.status_code in (200, 422), answer.text  # answered or refused by the gate, never an error
+        assert client.get("/v1/model").json()["drift"] is None

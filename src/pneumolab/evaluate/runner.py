@@ -878,12 +878,14 @@ def ensemble_runs(
     threshold_method: str = "balanced_accuracy",
     target_sensitivity: float | None = None,
     n_resamples: int = 2000,
+    force: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """Combine evaluated runs from their saved predictions (no model runs again); fit on validation only.
 
     The members may differ in architecture and input size: only their per-image probabilities meet, aligned by
     image path. The ensemble folder gets predictions, metrics and an operating point like any run; it is built
-    beside `out` and replaces it only when complete.
+    beside `out` and replaces it only when complete. An existing `out` that is not an ensemble folder is refused
+    unless `force` (a trained run never is replaced).
     """
     from pneumolab.evaluate.ensemble import EnsembleCombiner
 
@@ -907,6 +909,7 @@ def ensemble_runs(
         combiner.describe(),
         ThresholdSelector(threshold_method, target_sensitivity=target_sensitivity),
         n_resamples,
+        force=force,
     )
 
 
@@ -946,6 +949,8 @@ def write_ensemble(
     combiner: dict[str, Any],
     selector: ThresholdSelector,
     n_resamples: int,
+    *,
+    force: bool = False,
     **facts: Any,
 ) -> dict[str, dict[str, Any]]:
     """Write an ensemble's folder from its combined probabilities per split (binary: P(PNEUMONIA); K classes: N x K):
@@ -955,13 +960,13 @@ def write_ensemble(
     # `out` is replaced whole: never a member's folder, nor any trained run, nor a folder of the user's
     if target.path.resolve() in {m.path.resolve() for m in members} or target.config.is_file():
         raise SettingError(f"{target.path}: a trained run folder; write the ensemble to a new folder (--out)")
-    check_destination(target.path, ENSEMBLE_FOLDER)
+    check_destination(target.path, ENSEMBLE_FOLDER, force=force)
     if classes is not None:
         return _ensemble_classes(members, target, paths, labels, probabilities, classes, combiner, selector,
-                                 n_resamples, facts)  # fmt: skip
+                                 n_resamples, facts, force)  # fmt: skip
     threshold = float(selector.fit(labels["val"], probabilities["val"]).threshold_)
     results = {}
-    with atomic_dir(target.path, kind=ENSEMBLE_FOLDER) as building:
+    with atomic_dir(target.path, kind=ENSEMBLE_FOLDER, force=force) as building:
         run = RunDir(building)
         for split in SPLITS:
             results[split] = _write_split(
@@ -1002,13 +1007,14 @@ def _write_ensemble_env(run: RunDir, members: list[RunDir], combiner: dict[str, 
     write_json_atomic(run.env, env)
 
 
-def _ensemble_classes(members, target, paths, labels, probabilities, classes, combiner, selector, n_resamples, facts):
+def _ensemble_classes(members, target, paths, labels, probabilities, classes, combiner, selector, n_resamples, facts,
+                      force=False):  # fmt: skip
     """`write_ensemble` of K-class runs: the decision the argmax of the combination, the binary views' thresholds
     fit on validation; no band (as for a K-class model)."""
     thresholds = derived_thresholds(labels["val"], probabilities["val"], classes, selector)
     decision = f"argmax of the {combiner['method']} combination"
     results = {}
-    with atomic_dir(target.path, kind=ENSEMBLE_FOLDER) as building:
+    with atomic_dir(target.path, kind=ENSEMBLE_FOLDER, force=force) as building:
         run = RunDir(building)
         for split in SPLITS:
             no_logits = np.full((len(paths[split]), len(classes)), np.nan)

@@ -186,6 +186,7 @@ def create_app(
     batch_wait_s: float = 0.0,
     gate: bool = True,
     allowed_hosts: Sequence[str] | None = None,
+    metrics: bool = True,
 ) -> FastAPI:
     """Build the service around an already loaded model.
 
@@ -208,6 +209,8 @@ def create_app(
             for research only: every readable file gets a label, and every response's ``gate`` says the gate is off.
         allowed_hosts: The ``Host`` names answered (400 otherwise; ``*.example.org`` patterns); None: any. `serve`
             passes this machine's names when it listens on loopback (against DNS rebinding).
+        metrics: ``/metrics`` (Prometheus: counts, latencies, the drift watch); False: no such route and nothing
+            recorded (``drift`` in ``/v1/model`` is null).
     """
     if workers < 1:
         raise SettingError(f"workers: must be at least 1, got {workers}")
@@ -223,7 +226,8 @@ def create_app(
     def _assess(uploads: list[tuple[np.ndarray, XrayMeta]]) -> list[Decision]:
         # the only caller of `trained`: one batch at a time, in one thread
         decisions = trained.assess(np.stack([image for image, _ in uploads]), [meta for _, meta in uploads])
-        metrics.record(decisions)  # counts, histograms and the drift watch (pneumolab.serve.metrics)
+        if watch is not None:
+            watch.record(decisions)  # counts, histograms and the drift watch (pneumolab.serve.metrics)
         return decisions
 
     batcher = MicroBatcher(_assess, model_thread, max_batch=max_batch, max_wait_s=batch_wait_s)
@@ -249,7 +253,8 @@ def create_app(
     app.state.batcher = batcher  # its batch_sizes show how much batching happened
     app.state.lanes = {"predict": predict_lane, "explain": explain_lane}
     guard = [Security(key_guard(api_key))] if api_key else []  # /metrics needs the key when the service has one
-    metrics = install_metrics(app, trained, dependencies=guard)  # /metrics and the /v1 request timer
+    # /metrics and the /v1 request timer
+    watch = install_metrics(app, trained, dependencies=guard) if metrics else None
     # the last added runs first: the headers (on every answer), the Host check, then the body limit
     limit = f"request body: over the upload limit of {_mib(max_upload_bytes)}"
     app.add_middleware(BodyLimitMiddleware, max_body=max_upload_bytes + MULTIPART_SLACK, detail=limit)
@@ -358,7 +363,7 @@ def create_app(
         batch limit; ``gate`` says what the input gate does, ``gate_facts`` are the card's facts about it."""
         card = trained.card()
         facts = {"gate": gate_status, "gate_facts": card.get("gate")}
-        return {**card, **facts, "backend": trained.backend, "max_batch": max_batch, "drift": metrics.facts()}
+        return {**card, **facts, "backend": trained.backend, "max_batch": max_batch, "drift": watch and watch.facts()}
 
     @guarded.post("/v1/predict", response_model=Prediction, responses={422: _REFUSED_DOC, 503: {"description": "busy"}})
     async def predict(file: UploadFile | None = File(None)) -> Prediction:
@@ -438,6 +443,7 @@ def serve(
     root_path: str = "",
     ssl_keyfile: str | None = None,
     ssl_certfile: str | None = None,
+    metrics: bool = True,
 ) -> None:
     """Load the model once and serve it with uvicorn until interrupted (key from ``PNEUMOLAB_API_KEY`` if unset).
 
@@ -455,6 +461,7 @@ def serve(
         root_path: The path prefix a reverse proxy strips before forwarding (uvicorn's ``--root-path``).
         ssl_keyfile: TLS private key (PEM), with `ssl_certfile`: uvicorn serves HTTPS itself.
         ssl_certfile: TLS certificate chain (PEM).
+        metrics: Serve ``/metrics`` and record what it shows (see `create_app`).
 
     Raises:
         PneumolabError: `host` is not a loopback address and there is no API key, or only one TLS file is given,
@@ -468,5 +475,5 @@ def serve(
         raise SettingError("--ssl-keyfile and --ssl-certfile: give both (the key and its certificate) or neither")
     hosts = allowed_host_names(host, allowed_hosts)
     trained = load_backend(model_path, backend)
-    app = create_app(trained, api_key=api_key, max_batch=max_batch, gate=gate, allowed_hosts=hosts)
+    app = create_app(trained, api_key=api_key, max_batch=max_batch, gate=gate, allowed_hosts=hosts, metrics=metrics)
     uvicorn.run(app, host=host, port=port, root_path=root_path, ssl_keyfile=ssl_keyfile, ssl_certfile=ssl_certfile)
