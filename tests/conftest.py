@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+
+# two xdist workers share the cores: one compute thread each (set before torch loads), or their pools fight over them
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 SHARED_DATA = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "chest_xray").resolve()
 

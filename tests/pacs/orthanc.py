@@ -152,14 +152,18 @@ class Node:
         self.process.wait()
         self.log.close()
 
-    def stop(self) -> None:
+    def stop(self) -> bool:
+        """SIGINT, as Ctrl-C would; True when the node ended by itself within 10 s (False: it had to be killed)."""
+        ended = True
         if self.process.poll() is None:
             os.kill(self.process.pid, signal.SIGINT)
-            try:  # it takes about 20 s to wind down after a kill -9 and restart (noted for the node's owners)
-                self.process.wait(timeout=5)
+            try:  # a busy worker is not waited for (its batch is redone on the next start)
+                self.process.wait(timeout=10)
             except subprocess.TimeoutExpired:
+                ended = False
                 self.kill()
         self.log.close()
+        return ended
 
 
 def echo(port: int, ae_title: str = "PNEUMOLAB", calling: str = "ORTHANC") -> bool:

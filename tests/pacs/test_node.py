@@ -204,3 +204,8 @@ def test_kill_9_mid_burst_loses_no_acknowledged_film(pacs, make_film):
             reported |= {g["source"] for g in results.read_sr_groups(sr)}
         time.sleep(1)
     assert acknowledged <= reported
+    # Ctrl-C stops a node promptly, even one that came back from a kill -9 (it was 20 s)
+    started = time.monotonic()
+    assert node.stop(), "the node did not stop within 10 s of SIGINT"
+    assert time.monotonic() - started < 10
+    node.start()  # the module's other tests may follow

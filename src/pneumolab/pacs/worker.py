@@ -206,7 +206,11 @@ class Dispatcher:
         self._to_send.put(None)
         if self._process is not None and self._process.is_alive():
             self._tasks.put(None)
-            self._process.join(timeout=10)
+            # an idle worker ends at once; a busy (or still loading) one is not waited for: its batch is redone
+            self._process.join(timeout=2)
+            if self._process.is_alive():
+                self._process.terminate()
+                self._process.join(timeout=5)
             if self._process.is_alive():
                 self._process.kill()
         for thread in self._threads:
