@@ -886,27 +886,22 @@ def explain_command(
 
     A file the input gate refuses (not a frontal chest X-ray) gets no heatmap: one line on stderr, exit status 2.
     """
-    from pneumolab.fsutil import atomic_path
+    from pneumolab.api import load_model
     from pneumolab.inference.ensemble import is_ensemble
-    from pneumolab.inference.explain import explain_image
-    from pneumolab.inference.pytorch import load_trained
 
-    if model is not None and model.is_dir() and is_ensemble(model):
+    if model is not None and model.is_dir() and is_ensemble(model):  # refused before its members load
         raise SettingError(f"{model}: Grad-CAM explains one network; explain an ensemble per member (--model MEMBER)")
-    trained = load_trained(model)
-    trained.gate_enabled = not no_gate
-    explanation = explain_image(trained, image, target=target_class)
+    loaded = load_model(model, gate=not no_gate)
     target = out or Path(f"{image.stem}.gradcam.png")
-    with atomic_path(target) as tmp:
-        tmp.write_bytes(explanation.png)
+    explanation = loaded.explain(image, target=target_class, out=target)
     decision = explanation.decision
-    summary = {"file": str(image), **decision.fields(), "threshold": trained.threshold, "heatmap": str(target),
-               "target": explanation.target, "gate": trained.gate_status}  # fmt: skip
+    summary = {"file": str(image), **decision.fields(), "threshold": loaded.threshold, "heatmap": str(target),
+               "target": explanation.target, "gate": loaded.gate_status}  # fmt: skip
     if json_out:
         _print_json(summary)
         return
-    if trained.gate_status != "on":
-        _error_line(f"input gate: {trained.gate_status}")
+    if loaded.gate_status != "on":
+        _error_line(f"input gate: {loaded.gate_status}")
     verdict = decision.label if decision.status == "answered" else f"refer ({decision.reason})"
     stdout.print(f"{image}: {verdict} (P(pneumonia) {explanation.probability:.3f}); heatmap {target}", markup=False)
 
