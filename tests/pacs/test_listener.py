@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pydicom
 import pytest
 
@@ -65,3 +67,24 @@ def test_store_is_spooled_durably_and_oversize_is_out_of_resources(tmp_path):
     assert "Destination" not in Destination.parse("ORTHANC@127.0.0.1:4242").ae_title
     with pytest.raises(SettingError):
         Destination.parse("ORTHANC:4242")
+
+
+def test_a_batch_finished_as_the_node_died_is_journaled_processed_once_and_sent(tmp_path):
+    from pneumolab.pacs.worker import Dispatcher, WorkerSettings
+
+    spool = Spool(tmp_path / "spool")
+    outcome = {"instances": {"1.2.3.4": {"status": "answered", "label": "NORMAL", "probability": 0.1,
+                                         "reason": ""}}, "results": []}  # fmt: skip
+    batches = {}
+    for study in ("1.2.3", "1.2.5"):  # the worker wrote both outcomes; the node journaled one before it died
+        (spool.root / "incoming" / study).mkdir(parents=True)
+        (spool.root / "incoming" / study / "1.2.3.4.dcm").write_bytes(b"film")
+        batches[study] = spool.take_batch(study)
+        (batches[study] / "outcome.json").write_text(json.dumps(outcome))
+    spool.journal("processed", study="1.2.5", batch=batches["1.2.5"].name, counts={"answered": 1},
+                  instances=outcome["instances"], results=0)  # fmt: skip
+    dispatcher = Dispatcher(spool, WorkerSettings(), Destination.parse("X@127.0.0.1:1"))
+    dispatcher.resume()
+    processed = [e["batch"] for e in spool.events() if e["event"] == "processed"]
+    assert sorted(processed) == sorted(b.name for b in batches.values())  # one each, none twice
+    assert {dispatcher._to_send.get_nowait().name for _ in batches} == {b.name for b in batches.values()}

@@ -190,15 +190,27 @@ class Dispatcher:
 
     def start(self) -> None:
         """Resume what a crash left, start the worker process and the threads."""
-        self.spool.recover()
-        for batch in self.spool.work_batches():
-            self.spool.journal("resumed", study=batch.name.split("~")[0], batch=batch.name)
-            (self._to_send.put(batch) if (batch / _OUTCOME).is_file() else self._queued.append(batch))
+        self.resume()
         self._start_worker()
         for target in (self._dispatch_loop, self._send_loop):
             thread = threading.Thread(target=target, daemon=True, name=f"pacs-{target.__name__}")
             thread.start()
             self._threads.append(thread)
+
+    def resume(self) -> None:
+        """Queue what a crash left in ``work/``: batches to process again, and batches the worker had finished
+        (to send; their `processed` event is journaled now when the crash came before it)."""
+        self.spool.recover()
+        batches = self.spool.work_batches()
+        processed = {e.get("batch") for e in self.spool.events() if e["event"] == "processed"} if batches else set()
+        for batch in batches:
+            self.spool.journal("resumed", study=batch.name.split("~")[0], batch=batch.name)
+            if not (batch / _OUTCOME).is_file():
+                self._queued.append(batch)
+                continue
+            if batch.name not in processed:  # the worker finished it as the node died: its films' outcome now
+                self._journal_processed(batch, json.loads((batch / _OUTCOME).read_text()))
+            self._to_send.put(batch)
 
     def stop(self) -> None:
         """Stop the threads and the worker (what is in flight resumes on the next start)."""
@@ -268,18 +280,21 @@ class Dispatcher:
             return
         batch = Path(answer[1])
         self._busy = None
-        study = batch.name.split("~")[0]
         if kind == "ok":
-            counts: dict[str, int] = {}
-            for facts in answer[2]["instances"].values():
-                counts[facts["status"]] = counts.get(facts["status"], 0) + 1
-            self.spool.journal(
-                "processed", study=study, batch=batch.name, counts=counts, instances=answer[2]["instances"],
-                results=len(answer[2]["results"]),
-            )  # fmt: skip
+            self._journal_processed(batch, answer[2])
             self._to_send.put(batch)
         else:
             self._fail(batch, f"processing failed: {answer[2]}")
+
+    def _journal_processed(self, batch: Path, outcome: dict[str, Any]) -> None:
+        """The `processed` event of a batch: each film's status, label, probability and reason."""
+        counts: dict[str, int] = {}
+        for facts in outcome["instances"].values():
+            counts[facts["status"]] = counts.get(facts["status"], 0) + 1
+        self.spool.journal(
+            "processed", study=batch.name.split("~")[0], batch=batch.name, counts=counts,
+            instances=outcome["instances"], results=len(outcome["results"]),
+        )  # fmt: skip
 
     def _worker_died(self) -> None:
         code = self._process.exitcode
