@@ -152,13 +152,13 @@ class Node:
         self.process.wait()
         self.log.close()
 
-    def stop(self) -> bool:
-        """SIGINT, as Ctrl-C would; True when the node ended by itself within 10 s (False: it had to be killed)."""
+    def stop(self, timeout: float = 10) -> bool:
+        """SIGINT, as Ctrl-C would; True when the node ended by itself within `timeout` s (False: it was killed)."""
         ended = True
         if self.process.poll() is None:
             os.kill(self.process.pid, signal.SIGINT)
             try:  # a busy worker is not waited for (its batch is redone on the next start)
-                self.process.wait(timeout=10)
+                self.process.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 ended = False
                 self.kill()
