@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import signal
 import threading
 import time
 from collections.abc import Sequence
@@ -232,8 +233,8 @@ class Listener:
 
 
 def run_node(settings: NodeSettings, *, stop: threading.Event | None = None, on_ready: Any = None) -> None:
-    """Run the whole node (listener, dispatcher, worker, sender) until `stop` is set or the process is
-    interrupted.
+    """Run the whole node (listener, dispatcher, worker, sender) until `stop` is set or the process gets SIGINT
+    (Ctrl-C) or SIGTERM.
 
     Args:
         settings: The node's settings.
@@ -258,12 +259,20 @@ def run_node(settings: NodeSettings, *, stop: threading.Event | None = None, on_
     if on_ready is not None:
         on_ready(listener)
     stop = stop or threading.Event()
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        # Ctrl-C and a service manager's SIGTERM both stop the node cleanly, even where the parent process left
+        # SIGINT ignored (a child of a shell's background job, of a test runner's worker)
+        for number in (signal.SIGINT, signal.SIGTERM):
+            previous[number] = signal.signal(number, lambda *_: stop.set())
     try:
         while not stop.wait(0.5):
             pass
     except KeyboardInterrupt:
         pass
     finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
         listener.stop()
         dispatcher.stop()
         spool.journal("stopped")
