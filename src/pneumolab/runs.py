@@ -38,7 +38,9 @@ __all__ = [
     "TTA_SUFFIX",
     "VARIANT_SUFFIXES",
     "RunDir",
+    "class_logit_columns",
     "class_prediction_columns",
+    "class_probability_columns",
     "environment_info",
     "load_checkpoint",
     "predicted_classes",
@@ -56,6 +58,16 @@ CLASS_LOGIT_PREFIX = "logit_"
 GATE_SCORE_COLUMNS = ("group", "name", "gate_score", "refused")
 
 
+def class_probability_columns(classes: Iterable[str]) -> list[str]:
+    """The ``p_<CLASS>`` columns (calibrated probabilities) of a K-class predictions CSV, in label order."""
+    return [CLASS_PROBABILITY_PREFIX + c for c in classes]
+
+
+def class_logit_columns(classes: Iterable[str]) -> list[str]:
+    """The ``logit_<CLASS>`` columns (raw logits) of a K-class predictions CSV, in label order."""
+    return [CLASS_LOGIT_PREFIX + c for c in classes]
+
+
 def class_prediction_columns(classes: Iterable[str]) -> tuple[str, ...]:
     """The columns of a K-class predictions CSV, in order.
 
@@ -67,14 +79,8 @@ def class_prediction_columns(classes: Iterable[str]) -> tuple[str, ...]:
         classes: the model's classes in label order.
     """
     classes = list(classes)
-    return (
-        "path",
-        "label",
-        "prediction",
-        "probability",
-        *(CLASS_PROBABILITY_PREFIX + c for c in classes),
-        *(CLASS_LOGIT_PREFIX + c for c in classes),
-    )
+    return ("path", "label", "prediction", "probability", *class_probability_columns(classes),
+            *class_logit_columns(classes))  # fmt: skip
 
 
 def predicted_classes(columns: Iterable[Any]) -> tuple[str, ...]:

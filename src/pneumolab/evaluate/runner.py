@@ -74,11 +74,11 @@ from pneumolab.inference.pytorch import TrainedModel, load_trained
 from pneumolab.progress import progress_bar
 from pneumolab.runs import (
     BINARY_PREDICTION_COLUMNS,
-    CLASS_PROBABILITY_PREFIX,
     EVALUATED_SPLITS,
     TTA_SUFFIX,
     RunDir,
     class_prediction_columns,
+    class_probability_columns,
     predicted_classes,
 )
 
@@ -704,21 +704,23 @@ def stress_model(
                 progress=lambda _key: advance(1),
             )
         results[split].update(split=split, model=str(getattr(loaded, "source", model)), evaluated_with=key)
-        if run is not None:
-            _draw_flippers(run, np.asarray(cache.images[rows]), results[split], seed=seed)
+        if run is not None and loaded.explainer is not None:
+            _draw_flippers(run, loaded.explainer, np.asarray(cache.images[rows]), results[split], seed=seed)
     if run is not None:  # the other split's block stays
         write_json_atomic(run.stress_metrics, {**saved, **results})
     return results
 
 
-def _draw_flippers(run: RunDir, films: np.ndarray, block: dict[str, Any], *, seed: int, drawn: int = 4) -> None:
-    """Grad-CAM of the run's first `drawn` flippers of one split, clean beside the case that moved each most, written
-    to ``plots/stress/`` and named in the block (``gradcam``, relative to the run); none without the explain extra."""
+def _draw_flippers(
+    run: RunDir, trained: TrainedModel, films: np.ndarray, block: dict[str, Any], *, seed: int, drawn: int = 4
+) -> None:
+    """Grad-CAM (on `trained`, the PyTorch twin of the stressed model) of the run's first `drawn` flippers of one
+    split, clean beside the case that moved each most, written to ``plots/stress/`` and named in the block
+    (``gradcam``, relative to the run); none without the explain extra."""
     from pneumolab.data.perturb import perturb_film
     from pneumolab.errors import MissingExtraError
     from pneumolab.inference.explain import explain_pair
 
-    trained = load_trained(run.path)
     split = block["split"]
     for k, flipper in enumerate(block["flippers"][:drawn]):
         case = flipper.get("largest_change_by")
@@ -735,7 +737,7 @@ def _draw_flippers(run: RunDir, films: np.ndarray, block: dict[str, Any], *, see
             return
         dest = run.stress_plot(split, k)
         with atomic_path(dest) as tmp:
-            Path(tmp).write_bytes(png)
+            tmp.write_bytes(png)
         relative = dest.relative_to(run.path)
         flipper.update(gradcam=relative.as_posix(), gradcam_target=target)
 
@@ -935,8 +937,7 @@ def stack_probabilities(frames: list[pd.DataFrame], classes: tuple[str, ...] | N
     """members x N (binary: P(PNEUMONIA)) or members x N x K (K classes) from prediction tables."""
     if classes is None:
         return np.stack([f["probability"].to_numpy() for f in frames])
-    columns = [CLASS_PROBABILITY_PREFIX + c for c in classes]
-    return np.stack([f[columns].to_numpy(dtype=np.float64) for f in frames])
+    return np.stack([f[class_probability_columns(classes)].to_numpy(dtype=np.float64) for f in frames])
 
 
 def write_ensemble(

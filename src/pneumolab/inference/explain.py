@@ -84,15 +84,19 @@ def _png(canvas: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def _render(gray: np.ndarray, heatmap: np.ndarray, caption: str) -> bytes:
-    """The film and the film with the heatmap (jet colours, 40 %) side by side, with a caption, as PNG."""
-    film, overlay = _blend(gray, heatmap)
-    side = np.concatenate([film, overlay], axis=1)
-    picture = Image.fromarray((side * 255).round().astype(np.uint8))
+def _captioned(rgb: np.ndarray, caption: str) -> Image.Image:
+    """An RGB picture in [0, 1] under a one-line caption on a white strip."""
+    picture = Image.fromarray((rgb * 255).round().astype(np.uint8))
     canvas = Image.new("RGB", (picture.width, picture.height + 22), "white")
     canvas.paste(picture, (0, 22))
     ImageDraw.Draw(canvas).text((6, 5), caption, fill="black")
-    return _png(canvas)
+    return canvas
+
+
+def _render(gray: np.ndarray, heatmap: np.ndarray, caption: str) -> bytes:
+    """The film and the film with the heatmap (jet colours, 40 %) side by side, with a caption, as PNG."""
+    film, overlay = _blend(gray, heatmap)
+    return _png(_captioned(np.concatenate([film, overlay], axis=1), caption))
 
 
 def _render_overlay(gray: np.ndarray, heatmap: np.ndarray, caption: str) -> bytes:
@@ -137,11 +141,7 @@ def explain_pair(
     panels = []
     for image, caption in zip((first_u8, second_u8), captions, strict=True):
         _, overlay = _blend(_as_shown(trained, image), grad_cam(trained, image, index))
-        picture = Image.fromarray((overlay * 255).round().astype(np.uint8))
-        panel = Image.new("RGB", (picture.width, picture.height + 22), "white")
-        panel.paste(picture, (0, 22))
-        ImageDraw.Draw(panel).text((6, 5), caption, fill="black")
-        panels.append(panel)
+        panels.append(_captioned(overlay, caption))
     canvas = Image.new("RGB", (sum(p.width for p in panels) + 8, panels[0].height), "white")
     canvas.paste(panels[0], (0, 0))
     canvas.paste(panels[1], (panels[0].width + 8, 0))

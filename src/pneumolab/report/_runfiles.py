@@ -35,12 +35,12 @@ from pneumolab.constants import CLASSES
 from pneumolab.errors import ArtefactError
 from pneumolab.runs import (
     BINARY_PREDICTION_COLUMNS,
-    CLASS_LOGIT_PREFIX,
-    CLASS_PROBABILITY_PREFIX,
     EVALUATED_SPLITS,
     GATE_SCORE_COLUMNS,
     TTA_SUFFIX,
     RunDir,
+    class_logit_columns,
+    class_probability_columns,
     predicted_classes,
 )
 
@@ -142,13 +142,13 @@ class Evaluation:
         """The N x K calibrated class probabilities (``p_<CLASS>`` columns) of a K-class evaluation, else None."""
         if not self.is_multiclass or self.predictions is None:
             return None
-        return self.predictions[[CLASS_PROBABILITY_PREFIX + c for c in self.classes]].to_numpy(dtype=np.float64)
+        return self.predictions[class_probability_columns(self.classes)].to_numpy(dtype=np.float64)
 
     def class_logits(self) -> np.ndarray | None:
         """The N x K raw logits (``logit_<CLASS>``) of a K-class evaluation, or None when not all are saved."""
         if not self.is_multiclass or self.predictions is None:
             return None
-        columns = [CLASS_LOGIT_PREFIX + c for c in self.classes]
+        columns = class_logit_columns(self.classes)
         if any(c not in self.predictions for c in columns):
             return None
         values = self.predictions[columns].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
@@ -394,7 +394,7 @@ def _read_predictions(path: Path, classes: tuple[str, ...] | None = None) -> pd.
     _require_columns(table, PREDICTION_COLUMNS, path)
     classes = classes or _column_classes(table)
     if classes is not None:
-        _require_columns(table, [CLASS_PROBABILITY_PREFIX + c for c in classes], path)
+        _require_columns(table, class_probability_columns(classes), path)
     if table.empty:
         return None
     table["path"] = table["path"].astype(str)
@@ -407,7 +407,7 @@ def _read_predictions(path: Path, classes: tuple[str, ...] | None = None) -> pd.
                 f"{path}: column {column!r} must hold class indices 0 to {len(classes) - 1} ({', '.join(classes)}) only"
             )
         table[column] = values.astype(np.int64)
-    for column in [CLASS_PROBABILITY_PREFIX + c for c in classes or ()]:
+    for column in class_probability_columns(classes or ()):
         values = pd.to_numeric(table[column], errors="coerce")
         if not (values.notna().all() and values.between(0, 1).all()):
             raise ArtefactError(f"{path}: column {column!r} must hold numbers within [0, 1]")

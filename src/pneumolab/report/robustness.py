@@ -112,6 +112,10 @@ def read_stress(run: RunFiles) -> dict[str, dict[str, Any]] | None:
     return blocks if isinstance(blocks, dict) and blocks else None
 
 
+def _film_name(flipper: dict[str, Any]) -> str:
+    return Path(flipper["path"]).name if flipper.get("path") else f"film {flipper['index']}"
+
+
 def _flipper_heatmaps(run: RunFiles, slug: str, images: Path, split: str, block: dict[str, Any]) -> list[dict]:
     """The flippers' Grad-CAM panels that the stress evaluation drew in the run (``plots/stress/``), as plots."""
     heatmaps = []
@@ -122,9 +126,8 @@ def _flipper_heatmaps(run: RunFiles, slug: str, images: Path, split: str, block:
         copy = images / slug / f"stress_{split}_{k}.png"
         copy.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(drawn, copy)
-        film = Path(f["path"]).name if f.get("path") else f"film {f['index']}"
         caption = f"Grad-CAM of {f.get('gradcam_target', '')}: clean, and under {f['largest_change_by']}."
-        heatmaps.append(plot_entry(run, slug, f"stress_{split}_{k}", copy, f"{film} ({f['label']})", caption))
+        heatmaps.append(plot_entry(run, slug, f"stress_{split}_{k}", copy, f"{_film_name(f)} ({f['label']})", caption))
     return heatmaps
 
 
@@ -150,7 +153,7 @@ def robustness_section(run: RunFiles, slug: str, images: Path) -> dict[str, Any]
                 "stress_log_loss": None if block.get("stress_log_loss") is None else f"{block['stress_log_loss']:.4f}",
                 "flippers": [
                     {
-                        "path": Path(f["path"]).name if f.get("path") else f"film {f['index']}",
+                        "path": _film_name(f),
                         "label": f["label"],
                         "clean_probability": f"{f['clean_probability']:.3f}",
                         "largest_change": f"{f['largest_change']:.3f}",
