@@ -1026,6 +1026,21 @@ def site_calibrate(
     method: Annotated[str, typer.Option(help="logistic or temperature recalibration.")] = "logistic",
     alpha: Annotated[float | None, typer.Option(help="The band's per-class level (default: the card's).")] = None,
     confidence: Annotated[float, typer.Option(help="One-sided confidence of a sensitivity target's bound.")] = 0.9,
+    prevalence: Annotated[
+        float | None,
+        typer.Option(
+            help="The site's share of pneumonia, which the probabilities are moved to (default: estimated from "
+            "--unlabelled, else the labelled films' share).",
+            min=0,
+            max=1,
+        ),
+    ] = None,
+    unlabelled: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="Unlabelled films of the site (files or folders; repeat): its prevalence is estimated by EM."
+        ),
+    ] = None,
     backend: BackendOption = "pytorch",
     json_out: JsonFlag = False,
     quiet: QuietFlag = False,
@@ -1034,6 +1049,7 @@ def site_calibrate(
     from pneumolab.site.calibrate import calibrate_artefact
 
     card = calibrate_artefact(model, data=data, out=out, site=site, method=method, alpha=alpha,
+                              prevalence=prevalence, unlabelled=unlabelled,
                               confidence=confidence, backend=backend, progress=not quiet)  # fmt: skip
     if json_out:
         _print_json(card["site"])
@@ -1042,6 +1058,7 @@ def site_calibrate(
     before, after = facts["local_figures"]["before"], facts["local_figures"]["after"]
     stdout.print(f"site {facts['name']}: {facts['counts']['NORMAL']} NORMAL, {facts['counts']['PNEUMONIA']} "
                  f"PNEUMONIA films ({facts['refused_by_gate']} refused by the gate)")  # fmt: skip
+    stdout.print(f"prevalence {facts['prevalence']['value']:.1%}: {facts['prevalence']['how']}")
     for key in ("ece", "error_normal", "error_pneumonia", "coverage", "sensitivity", "specificity"):
         low, high = after["ci95"][key]
         stdout.print(f"{key}: {before[key]:.3f} before -> {after[key]:.3f} after [{low:.3f}, {high:.3f}] (cross-fit)")
@@ -1050,7 +1067,14 @@ def site_calibrate(
 
 @app.command("listen")
 def listen_command(
-    dest: Annotated[str, typer.Option(help="Where results go: AE@HOST:PORT (e.g. ORTHANC@127.0.0.1:4242).")],
+    dest: Annotated[
+        str,
+        typer.Option(
+            help="Where results go: AE@HOST:PORT by C-STORE (e.g. ORTHANC@127.0.0.1:4242), or a DICOMweb root by "
+            "STOW-RS (e.g. http://127.0.0.1:8042/dicom-web; credentials from PNEUMOLAB_DEST_TOKEN, or "
+            "PNEUMOLAB_DEST_USERNAME and PNEUMOLAB_DEST_PASSWORD)."
+        ),
+    ],
     spool: Annotated[Path, typer.Option(help="Spool folder: received films, batches, results, journal.jsonl.")] = Path(
         "pacs-spool"
     ),
@@ -1076,6 +1100,9 @@ def listen_command(
     tls_cert: Annotated[Path | None, typer.Option(help="TLS certificate (PEM).")] = None,
     tls_key: Annotated[Path | None, typer.Option(help="TLS private key (PEM).")] = None,
     tls_ca: Annotated[Path | None, typer.Option(help="CA that signs the client certificates required.")] = None,
+    dest_ca: Annotated[
+        Path | None, typer.Option(help="CAs to trust for an https:// --dest (PEM; default: the system's).")
+    ] = None,
     allow_unprotected_remote: Annotated[
         bool,
         typer.Option(
@@ -1089,16 +1116,18 @@ def listen_command(
     threads: Annotated[int, typer.Option(help="Torch threads of the worker process.", min=1)] = 1,
 ) -> None:
     """Be a DICOM node: take chest films by C-STORE, and store a TID 1500 SR and a Grad-CAM secondary capture back
-    into each study at --dest once the study has been quiet for --quiet-seconds (see docs/guides/pacs.md)."""
+    into each study at --dest (C-STORE or STOW-RS) once the study has been quiet for --quiet-seconds (see
+    docs/guides/pacs.md)."""
     import logging
 
     from pneumolab.pacs.listener import NodeSettings, run_node
-    from pneumolab.pacs.sender import Destination
+    from pneumolab.pacs.sender import parse_destination
     from pneumolab.pacs.worker import WorkerSettings
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per STOW-RS request otherwise
     settings = NodeSettings(
-        spool=spool, dest=Destination.parse(dest), ae_title=ae_title, host=host, port=port,
+        spool=spool, dest=parse_destination(dest, ca_bundle=dest_ca), ae_title=ae_title, host=host, port=port,
         allowed_aes=tuple(allow_ae or ()), quiet_seconds=quiet_seconds,
         max_instance_bytes=int(max_instance_mb * 2**20), reserve_bytes=int(reserve_mb * 2**20),
         max_associations=max_associations, idle_timeout=idle_timeout, retries=retries, tls_cert=tls_cert,

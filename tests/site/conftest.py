@@ -20,10 +20,14 @@ def write_labels_csv(shared_data: Path, folder: Path, per_class: int, *, offset:
 
 @pytest.fixture(scope="session")
 def calibrated(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    """The bundled model calibrated on 8 real test films per class (band at alpha 0.2: 4 per class suffice)."""
+    """The bundled model calibrated on 8 real test films per class (band at alpha 0.2: 4 per class suffice), its
+    probabilities moved to the prevalence EM finds in 6 unlabelled pneumonia films."""
     from pneumolab.site.calibrate import calibrate_artefact
 
     folder = tmp_path_factory.mktemp("site")
     csv = write_labels_csv(shared_data, folder / "local", 8)
-    card = calibrate_artefact(None, data=csv, out=folder / "calibrated", site="st-elsewhere", alpha=0.2, progress=False)
+    unlabelled = sorted((shared_data / "test" / "PNEUMONIA").iterdir())[100:106]  # the site's prevalence, from these
+    card = calibrate_artefact(
+        None, data=csv, out=folder / "calibrated", site="st-elsewhere", alpha=0.2, unlabelled=unlabelled, progress=False
+    )
     return folder / "calibrated", card

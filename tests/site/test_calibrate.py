@@ -15,7 +15,7 @@ from pneumolab.errors import SettingError
 from pneumolab.fsutil import file_sha256
 from pneumolab.inference.card import bundled_path
 from pneumolab.inference.pytorch import load_trained
-from pneumolab.site.calibrate import SiteCalibrator, band_error_range, check_band_counts
+from pneumolab.site.calibrate import SiteCalibrator, band_error_range, check_band_counts, estimate_prevalence
 from tests.site.conftest import write_labels_csv
 
 
@@ -61,6 +61,30 @@ def test_the_sensitivity_threshold_holds_its_lower_bound_and_the_band_its_films(
     assert np.allclose(p, expit(margins / fitted.temperature_ + fitted.bias_))
 
 
+def test_the_probabilities_move_to_the_site_prevalence_and_the_decisions_stay():
+    """Labelled films come per class (here half pneumonia); the site has 20 %: EM on its unlabelled films finds it,
+    and the calibrator moved there is calibrated on the site while deciding exactly the same films."""
+    margins, labels = _local(400)
+    rng = np.random.default_rng(2)
+    site_labels = (rng.random(3000) < 0.2).astype(int)
+    site_margins = rng.normal(4 * site_labels - 2, 1.5)
+    plain = SiteCalibrator("logistic", "sensitivity >= 0.95 on validation", 0.02).fit(margins, labels)
+    estimate = estimate_prevalence(plain, site_margins)
+    assert abs(estimate - site_labels.mean()) < 0.06  # the few labelled films' fit is itself noisy
+    moved = SiteCalibrator("logistic", "sensitivity >= 0.95 on validation", 0.02, prevalence=estimate)
+    moved.fit(margins, labels)
+    assert moved.bias_ - plain.bias_ == pytest.approx(np.log(estimate / (1 - estimate)))  # from 50 %
+    p_plain, p_moved = plain.transform(site_margins), moved.transform(site_margins)
+    assert p_moved.mean() == pytest.approx(estimate, abs=2e-3)  # EM's fixed point: the mean posterior is the prior
+    assert abs(p_moved.mean() - site_labels.mean()) < abs(p_plain.mean() - site_labels.mean()) / 3
+    assert ((p_plain >= plain.threshold_) == (p_moved >= moved.threshold_)).all()
+    assert (plain.band_.refers(p_plain) == moved.band_.refers(p_moved)).all()
+    with pytest.raises(SettingError, match="without one"):
+        estimate_prevalence(moved, site_margins)
+    with pytest.raises(SettingError, match="prevalence"):
+        SiteCalibrator(prevalence=1.0)
+
+
 def test_a_new_artefact_records_its_provenance_and_the_original_is_untouched(calibrated):
     out, card = calibrated
     bundled = bundled_path(None)  # the current default, whichever it is
@@ -81,6 +105,11 @@ def test_a_new_artefact_records_its_provenance_and_the_original_is_untouched(cal
     )
     assert card["reference_sha256"] == file_sha256(out / "reference.npz")
     assert json.loads((bundled / "card.json").read_text()).get("site") is None  # the original is untouched
+    # the prevalence came from the unlabelled films the fixture gave (all pneumonia): EM moved it above the share
+    prevalence = site["prevalence"]
+    assert prevalence["how"].startswith("EM") and prevalence["inputs"]
+    assert prevalence["labelled_share"] == pytest.approx(site["counts"]["PNEUMONIA"] / sum(site["counts"].values()))
+    assert prevalence["value"] > prevalence["labelled_share"]
 
 
 def test_predict_takes_the_calibrated_artefact(calibrated, shared_data):

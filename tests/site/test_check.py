@@ -73,3 +73,37 @@ def test_the_page_shows_the_verdict_and_escapes_what_it_prints(model):
     report.update(model="<model>", reference={"source": "validation & co"})
     page = render_check(report)
     assert report["verdict"]["text"].split(" (")[0] in page and "&lt;model&gt;" in page and "<model>" not in page
+
+
+def test_film_statistics_follow_framing_and_exposure(shared_data):
+    """On real films: a tighter crop raises edge-to-centre, a looser black frame darkens the border, and a
+    brighter film has a higher exposure; the report compares them with the reference."""
+    from PIL import Image
+
+    from pneumolab.data.perturb import perturb_batch
+    from pneumolab.site.check import film_statistics_report
+    from pneumolab.site.films import STATISTICS, film_statistics
+
+    files = sorted((shared_data / "test" / "NORMAL").glob("*.jpeg"))[:12]
+    films = np.stack([np.asarray(Image.open(f).convert("L").resize((128, 128))) for f in files])
+    column = {name: i for i, name in enumerate(STATISTICS)}
+    clean = film_statistics(films)
+    assert clean.shape == (12, len(STATISTICS)) and np.isfinite(clean).all()
+    tighter = film_statistics(perturb_batch(films, "crop", 0.75))
+    looser = film_statistics(perturb_batch(films, "frame_black", 1.3))
+    brighter = film_statistics(perturb_batch(films, "brightness", 1.2))
+    assert np.median(tighter[:, column["edge_to_centre"]] - clean[:, column["edge_to_centre"]]) > 0.05
+    assert (looser[:, column["dark_border"]] > clean[:, column["dark_border"]] + 0.2).all()
+    assert (looser[:, column["edge_to_centre"]] < clean[:, column["edge_to_centre"]]).all()
+    assert (brighter[:, column["exposure"]] > clean[:, column["exposure"]]).all()
+
+    def scored(statistics):
+        n = len(statistics)
+        return FilmScores(np.full(n, 0.5), np.zeros(n), np.zeros(n), np.zeros(n, bool), np.empty((n, 0)),
+                          statistics=statistics)  # fmt: skip
+
+    block = film_statistics_report(scored(tighter), scored(clean))
+    assert set(block) == set(STATISTICS)
+    assert block["edge_to_centre"]["local"][1] > block["edge_to_centre"]["reference"][1]
+    assert block["edge_to_centre"]["p_value"] < 0.05
+    assert film_statistics_report(scored(clean), FilmScores(**{**scored(clean).__dict__, "statistics": None})) == {}

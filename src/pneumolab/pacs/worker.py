@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from pneumolab.pacs.sender import Destination, SendError, send_files
+from pneumolab.pacs.sender import AnyDestination, SendError, send_files
 from pneumolab.pacs.spool import Spool
 
 __all__ = ["Dispatcher", "WorkerSettings", "process_batch"]
@@ -150,7 +150,7 @@ class Dispatcher:
     Args:
         spool: The spool.
         settings: The worker's settings.
-        dest: Where results go.
+        dest: Where results go (C-STORE or STOW-RS).
         calling_ae: Our AE title when sending.
         quiet_seconds: A study is complete when nothing arrived for this long.
         retries: Send retries after the first attempt.
@@ -162,7 +162,7 @@ class Dispatcher:
         self,
         spool: Spool,
         settings: WorkerSettings,
-        dest: Destination,
+        dest: AnyDestination,
         *,
         calling_ae: str = "PNEUMOLAB",
         quiet_seconds: float = 5.0,

@@ -4,7 +4,12 @@ What was fit on the model's validation films is fit again on the local ones (`Si
 conventions):
 
 * the probabilities: a temperature, or a logistic recalibration ``sigmoid(a z + b)`` of the logit margin ``z``
-  (Platt), stored as the card's temperature ``1 / a`` and class bias ``(0, b)``, which every backend already applies;
+  (Platt), stored as the card's temperature ``1 / a`` and class bias ``(0, b)``, which every backend already applies.
+  A fit learns the labelled films' share of pneumonia as its prior, and labelled films are usually gathered per
+  class, not at the site's prevalence; so the bias is moved by ``logit(q) - logit(share)`` to the site's prevalence
+  ``q`` (Saerens et al. 2002): given, or estimated by EM (`estimate_prevalence`) from the site's unlabelled films
+  with the recalibrated probabilities, which label shift alone no longer biases. The move is monotone, so the
+  decisions below (threshold, band) are the same films either way; only the probabilities change;
 * the threshold, by the model's own rule (its card's ``threshold_method``). For a sensitivity target the threshold
   is the highest one whose one-sided Clopper-Pearson lower bound on local sensitivity reaches the target (a
   Learn-then-Test fixed-sequence test: sensitivity falls as the threshold rises, so the first threshold that fails
@@ -33,7 +38,7 @@ from typing import Any
 
 import numpy as np
 from scipy import stats
-from scipy.special import expit
+from scipy.special import expit, logit
 from sklearn.base import BaseEstimator
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import log_loss
@@ -46,7 +51,16 @@ from pneumolab.fsutil import atomic_dir, file_sha256
 from pneumolab.inference.card import GATE_FILE, read_card
 from pneumolab.inference.loader import load_backend
 from pneumolab.referral import ReferralBand
-from pneumolab.site.films import REFERENCE_FILE, FilmScores, check_binary, labelled_films, save_reference, score_films
+from pneumolab.site.films import (
+    REFERENCE_FILE,
+    FilmScores,
+    check_binary,
+    labelled_films,
+    read_films,
+    save_reference,
+    score_films,
+)
+from pneumolab.site.shift import em_prevalence
 
 __all__ = [
     "RECALIBRATIONS",
@@ -54,6 +68,7 @@ __all__ = [
     "band_error_range",
     "calibrate_artefact",
     "check_band_counts",
+    "estimate_prevalence",
     "site_figures",
     "threshold_rule",
 ]
@@ -139,6 +154,7 @@ class SiteCalibrator(BaseEstimator):
         confidence: one-sided confidence of the sensitivity bound.
         strict: refuse too few films for the band (False: fit it anyway; every film of such a class is referred,
             which a cross-fit must be able to show).
+        prevalence: the site's share of pneumonia the probabilities are moved to (None: the labelled films' share).
     """
 
     def __init__(
@@ -148,6 +164,7 @@ class SiteCalibrator(BaseEstimator):
         alpha: float | None = 0.02,
         confidence: float = DEFAULT_CONFIDENCE,
         strict: bool = True,
+        prevalence: float | None = None,
     ) -> None:
         if method not in RECALIBRATIONS:
             raise SettingError(f"recalibration method: {method!r} is not one of {', '.join(RECALIBRATIONS)}")
@@ -156,8 +173,11 @@ class SiteCalibrator(BaseEstimator):
         self.method = method
         self.threshold_method = threshold_method
         self.alpha = alpha
+        if prevalence is not None and not 0 < prevalence < 1:
+            raise SettingError(f"prevalence: must be in (0, 1), got {prevalence}")
         self.confidence = confidence
         self.strict = strict
+        self.prevalence = prevalence
 
     def fit(self, margins: np.ndarray, labels: np.ndarray) -> SiteCalibrator:
         """Fit on the local films' logit margins (before any temperature) and 0/1 labels."""
@@ -175,6 +195,9 @@ class SiteCalibrator(BaseEstimator):
             if slope <= 0:
                 raise SettingError("local films: the model ranks them backwards (logistic slope <= 0); do not use it")
             self.temperature_, self.bias_ = 1.0 / slope, float(fit.intercept_[0])
+        self.labelled_prevalence_ = float(y.mean())
+        if self.prevalence is not None:  # from the labelled films' prior to the site's (module doc)
+            self.bias_ += float(logit(self.prevalence) - logit(self.labelled_prevalence_))
         p = self.transform(z)
         rule = threshold_rule(self.threshold_method)
         self.sensitivity_bound_ = None
@@ -201,6 +224,15 @@ class SiteCalibrator(BaseEstimator):
         """Recalibrated P(PNEUMONIA) of logit margins."""
         check_is_fitted(self, "temperature_")
         return expit(np.asarray(margins, float) / self.temperature_ + self.bias_)
+
+
+def estimate_prevalence(calibrator: SiteCalibrator, margins: np.ndarray) -> float:
+    """The site's share of pneumonia by EM on unlabelled films' margins, through a calibrator fit with no
+    `prevalence` (its probabilities then carry the labelled films' prior, which EM starts from)."""
+    check_is_fitted(calibrator, "labelled_prevalence_")
+    if calibrator.prevalence is not None:
+        raise SettingError("estimate the prevalence with a calibrator fit without one")
+    return em_prevalence(calibrator.transform(margins), calibrator.labelled_prevalence_)
 
 
 def site_figures(
@@ -255,8 +287,11 @@ def crossfit(scores: FilmScores, calibrator: SiteCalibrator, *, folds: int = _CR
     y, groups = scores.labels.astype(int), scores.patients
     folds = max(2, min(folds, len(np.unique(groups[y == 0])), len(np.unique(groups[y == 1]))))
     p_out, said_threshold, referred = np.zeros(len(y)), np.zeros(len(y)), np.zeros(len(y), bool)
+    # at the labelled films' own prior: these films are not at the site's prevalence, so probabilities moved to it
+    # would read as miscalibrated here (the decisions do not depend on it)
+    params = {**calibrator.get_params(), "strict": False, "prevalence": None}
     for train, held in StratifiedGroupKFold(folds, shuffle=True, random_state=0).split(y, y, groups):
-        fold = SiteCalibrator(**{**calibrator.get_params(), "strict": False}).fit(scores.margins[train], y[train])
+        fold = SiteCalibrator(**params).fit(scores.margins[train], y[train])
         p_out[held] = fold.transform(scores.margins[held])
         said_threshold[held] = fold.threshold_
         if fold.band_ is not None:
@@ -278,10 +313,15 @@ def calibrate_artefact(
     method: str = "logistic",
     alpha: float | None = None,
     confidence: float = DEFAULT_CONFIDENCE,
+    prevalence: float | None = None,
+    unlabelled: list[str | os.PathLike[str]] | None = None,
     backend: str = "pytorch",
     progress: bool = True,
 ) -> dict[str, Any]:
     """Fit the model's operating point on labelled local films and write a new artefact at `out` (module doc).
+
+    The probabilities are moved to the site's prevalence: `prevalence` when given, else estimated by EM from the
+    `unlabelled` films (files or folders of the site), else the labelled films' own share is kept.
 
     Returns the new card. Raises `SettingError` (one line) for too few films of a class, `ArtefactError` for a
     model that is not an artefact (a run folder: export it first) or an `out` that already exists.
@@ -303,9 +343,33 @@ def calibrate_artefact(
     kept = scores.subset(np.flatnonzero(~scores.refused))  # the gate refuses these in service too
     counts = {"NORMAL": int((kept.labels == 0).sum()), "PNEUMONIA": int((kept.labels == 1).sum())}
     check_band_counts(counts, alpha, f"{data} (after {int(scores.refused.sum())} films refused by the gate)")
-    calibrator = SiteCalibrator(method, card.get("threshold_method", ""), alpha, confidence).fit(
-        kept.margins, kept.labels
-    )
+    if prevalence is not None and unlabelled:
+        raise SettingError(
+            "--prevalence and --unlabelled: give the site's prevalence or films to estimate it, not both"
+        )
+    calibrator = SiteCalibrator(method, card.get("threshold_method", ""), alpha, confidence)
+    share = float(kept.labels.mean())
+    prevalence_facts: dict[str, Any] = {"value": share, "how": "the labelled films' own share (nothing else given)"}
+    if prevalence is not None:
+        prevalence_facts = {"value": prevalence, "how": "given"}
+    elif unlabelled:
+        paths, unlabelled_images = read_films(trained, unlabelled)
+        site_films = score_films(trained, unlabelled_images, progress=progress)
+        answered = ~site_films.refused
+        if not answered.any():
+            raise SettingError(
+                f"{unlabelled[0]}: every unlabelled film was refused by the gate; nothing to estimate from"
+            )
+        estimate = estimate_prevalence(calibrator.fit(kept.margins, kept.labels), site_films.margins[answered])
+        prevalence_facts = {
+            "value": estimate,
+            "how": f"EM (Saerens et al. 2002) on {int(answered.sum())} unlabelled films of the site, through the "
+            f"recalibration ({len(paths) - int(answered.sum())} refused by the gate)",
+            "inputs": [str(i) for i in unlabelled],
+        }
+    prevalence_facts["labelled_share"] = share
+    calibrator.set_params(prevalence=prevalence_facts["value"] if prevalence_facts["value"] != share else None)
+    calibrator.fit(kept.margins, kept.labels)
     band = calibrator.band_
     before_band = ReferralBand.from_saved(card["referral"]) if card.get("referral") else None
     before = site_figures(
@@ -335,6 +399,7 @@ def calibrate_artefact(
         "source_artefact": str(source),
         "source_weights_sha256": card.get("weights_sha256"),
         "recalibration": method,
+        "prevalence": prevalence_facts,
         "before": {
             "temperature": card.get("temperature"),
             "class_bias": card.get("class_bias"),
@@ -353,14 +418,14 @@ def calibrate_artefact(
         "local_figures": {
             "before": {"how": "the original card on all local films (nothing fit)", **before},
             "after": {
-                "how": "patient-grouped cross-fit on the local films (out of fold)",
+                "how": "patient-grouped cross-fit on the local films (out of fold), at their own share of pneumonia",
                 **crossfit(kept, calibrator),
             },
         },
     }
     card.update(
         temperature=calibrator.temperature_,
-        class_bias=[0.0, calibrator.bias_] if method == "logistic" else None,
+        class_bias=[0.0, calibrator.bias_] if method == "logistic" or calibrator.bias_ else None,
         threshold=calibrator.threshold_,
         threshold_method=calibrator.threshold_method_,
         referral=band_facts,

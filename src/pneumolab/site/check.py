@@ -6,7 +6,11 @@ score and the features depend on the class, so a change of prevalence alone move
 the reference subsampled to the prevalence EM estimates (one class kept whole), and only what that does not explain
 counts as the films differing. The
 prevalence the model implies by EM and by BBSE with bootstrap intervals; the shares the gate refuses and the band
-refers. The verdict, at a family-wise level of 5 % (Bonferroni over the tests that ran):
+refers; and how the films are framed and exposed (`pneumolab.site.films.STATISTICS`, what the stress evaluation
+perturbs), each against the prevalence-matched reference with its KS p-value. Those say what differs; they are not
+in the verdict's family of tests (the features already carry what the network sees of framing and exposure).
+
+The verdict, at a family-wise level of 5 % (Bonferroni over the tests that ran):
 
 * **the films themselves differ**: the gate score or the features moved. The band's promise and the probabilities
   were made for other films: calibrate on a few labelled local films before trusting them;
@@ -31,7 +35,7 @@ import numpy as np
 from pneumolab.fsutil import write_json_atomic, write_text_atomic
 from pneumolab.inference.loader import load_backend
 from pneumolab.inference.steps import InferenceModel
-from pneumolab.site.films import FilmScores, load_reference, read_films, score_films
+from pneumolab.site.films import STATISTICS, FilmScores, load_reference, read_films, score_films
 from pneumolab.site.shift import ks_test, mmd_test, prevalence_estimates
 
 __all__ = ["LEVEL", "check_site", "render_check", "shift_report"]
@@ -86,6 +90,7 @@ def shift_report(
     return {
         "n": len(local),
         "n_reference": len(reference),
+        "film_statistics": film_statistics_report(local, matched),
         "level": LEVEL,
         "level_per_test": each,
         "tests": tests,
@@ -93,6 +98,23 @@ def shift_report(
         "shares": shares,
         "verdict": verdict(tests, prevalence, len(local)),
     }
+
+
+def film_statistics_report(local: FilmScores, reference: FilmScores) -> dict[str, dict[str, Any]]:
+    """Per framing / exposure statistic: local and reference medians and quartiles, KS statistic and p-value (empty
+    when the reference was written without them)."""
+    if local.statistics is None or reference.statistics is None or not len(local) or not len(reference):
+        return {}
+    out = {}
+    for column, (name, meaning) in enumerate(STATISTICS.items()):
+        mine, theirs = local.statistics[:, column], reference.statistics[:, column]
+        out[name] = {
+            "meaning": meaning,
+            "local": [float(q) for q in np.quantile(mine, (0.25, 0.5, 0.75))],
+            "reference": [float(q) for q in np.quantile(theirs, (0.25, 0.5, 0.75))],
+            **ks_test(mine, theirs),
+        }
+    return out
 
 
 def prevalence_matched(labels: np.ndarray, prevalence: float, *, seed: int = 0) -> np.ndarray:

@@ -2,7 +2,9 @@
 
 `score_films` runs a model once over uint8 films: calibrated P(PNEUMONIA) over its TTA views, the logit margin
 before calibration (what a recalibration refits), the input gate's score and its pooled features (channel mean + std
-at the gate's layers, concatenated: the "network's features" the shift tests compare).
+at the gate's layers, concatenated: the "network's features" the shift tests compare), and `film_statistics`: how
+each film is framed and exposed, read from its pixels (what the stress evaluation perturbs: framing, exposure,
+contrast), so that a check can say what about the films differs, not only that they do.
 
 The reference is the same scores of the films the model's operating point was fit on. It is found, in order:
 
@@ -39,7 +41,9 @@ from pneumolab.progress import progress_bar
 
 __all__ = [
     "REFERENCE_FILE",
+    "STATISTICS",
     "FilmScores",
+    "film_statistics",
     "labelled_films",
     "load_reference",
     "read_films",
@@ -48,6 +52,16 @@ __all__ = [
 ]
 
 REFERENCE_FILE = "reference.npz"
+# film_statistics' columns, and what each says (the names the check's report and page use)
+STATISTICS = {
+    "exposure": "mean intensity of the central half of the film (0 black, 1 white)",
+    "contrast": "standard deviation of the central half's intensity",
+    "edge_to_centre": "mean intensity of the outer eighth all round over the centre's: higher when the frame is "
+    "tighter (body at the edges), lower with a looser frame (air, collimation)",
+    "dark_border": "share of the outer eighth darker than 4 % (a black, collimated border)",
+}
+_EDGE = 8  # the ring is the outer 1/8 of the side all round
+_DARK = 0.04 * 255
 
 
 @dataclass(frozen=True)
@@ -61,6 +75,7 @@ class FilmScores:
     features: np.ndarray  # N x D pooled gate features (N x 0 without a gate)
     labels: np.ndarray | None = None  # 0 NORMAL / 1 PNEUMONIA
     patients: np.ndarray | None = None
+    statistics: np.ndarray | None = None  # N x len(STATISTICS) (None in references written before 0.2.0)
 
     def __len__(self) -> int:
         return len(self.probabilities)
@@ -79,6 +94,27 @@ def check_binary(model: InferenceModel) -> None:
             f"{model.source}: a {len(model.classes)}-class model; site check and calibrate "
             "need a binary (NORMAL / PNEUMONIA) model"
         )
+
+
+def film_statistics(images: np.ndarray) -> np.ndarray:
+    """`STATISTICS` of uint8 N x S x S films, one row per film (module doc)."""
+    films = np.asarray(images, np.float32).reshape(len(images), *np.shape(images)[-2:])
+    side = films.shape[-1]
+    ring = max(1, side // _EDGE)
+    centre = films[:, side // 4 : side - side // 4, side // 4 : side - side // 4].reshape(len(films), -1)
+    edges = np.ones((side, side), bool)
+    edges[ring:-ring, ring:-ring] = False
+    outer = films[:, edges]
+    centre_mean = centre.mean(axis=1)
+    return np.stack(
+        [
+            centre_mean / 255,
+            centre.std(axis=1) / 255,
+            outer.mean(axis=1) / np.maximum(centre_mean, 1.0),
+            (outer < _DARK).mean(axis=1),
+        ],
+        axis=1,
+    ).astype(np.float32)
 
 
 def score_films(model: InferenceModel, images: np.ndarray, *, progress: bool = True, **truth: Any) -> FilmScores:
@@ -109,6 +145,7 @@ def score_films(model: InferenceModel, images: np.ndarray, *, progress: bool = T
         gate_scores=np.asarray(scores, np.float64),
         refused=np.asarray(refused, bool),
         features=features,
+        statistics=film_statistics(images) if len(images) else np.empty((0, len(STATISTICS)), np.float32),
         labels=None if truth.get("labels") is None else np.asarray(truth["labels"]),
         patients=None if truth.get("patients") is None else np.asarray(truth["patients"]).astype(str),
     )
@@ -167,7 +204,7 @@ def _cache_file(model: InferenceModel) -> Path:
     source = Path(model.source)
     card = source / "card.json"
     identity = card.read_bytes() if card.is_file() else str(source.resolve()).encode()
-    key = hashlib.sha256(identity + f"|{model.backend}|{model.compute_precision}".encode()).hexdigest()[:20]
+    key = hashlib.sha256(identity + f"|{model.backend}|{model.compute_precision}|statistics".encode()).hexdigest()[:20]
     return default_cache_root().parent / "site-references" / f"{key}.npz"
 
 
