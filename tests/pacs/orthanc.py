@@ -117,18 +117,19 @@ class Orthanc:
 
 
 class Node:
-    """`pneumolab listen` as a child process (so that a test can kill -9 it)."""
+    """`pneumolab listen` as a child process (so that a test can kill -9 it); `dest` (``AE@HOST:PORT``) is where it
+    sends results (default: the Orthanc)."""
 
-    def __init__(self, spool: Path, port: int, orthanc: Orthanc, *extra: str) -> None:
+    def __init__(self, spool: Path, port: int, orthanc: Orthanc, *extra: str, dest: str | None = None) -> None:
         self.spool, self.port, self.orthanc, self.extra = spool, port, orthanc, extra
+        self.dest = dest or f"{orthanc.ae_title}@127.0.0.1:{orthanc.dicom_port}"
         self.start()
 
     def start(self) -> None:
         self.log = open(self.spool.parent / f"{self.spool.name}.log", "ab")  # noqa: SIM115 (closed in stop)
         command = [
             sys.executable, "-m", "pneumolab.cli", "listen", "--spool", str(self.spool), "--port", str(self.port),
-            "--dest", f"{self.orthanc.ae_title}@127.0.0.1:{self.orthanc.dicom_port}", "--quiet-seconds", "1",
-            "--retries", "1", *self.extra,
+            "--dest", self.dest, "--quiet-seconds", "1", "--retries", "1", *self.extra,
         ]  # fmt: skip
         self.process = subprocess.Popen(command, stdout=self.log, stderr=self.log)
         deadline = time.monotonic() + 120

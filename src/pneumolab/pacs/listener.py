@@ -16,6 +16,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import signal
+import ssl
 import threading
 import time
 from collections.abc import Sequence
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from pneumolab.errors import MissingExtraError, SettingError
-from pneumolab.pacs.sender import Destination
+from pneumolab.pacs.sender import AnyDestination
 from pneumolab.pacs.spool import Spool, safe_uid
 from pneumolab.pacs.worker import Dispatcher, WorkerSettings
 
@@ -70,6 +71,7 @@ TRANSFER_SYNTAXES = [
 OUT_OF_RESOURCES = 0xA700
 CANNOT_UNDERSTAND = 0xC000
 PROCESSING_FAILURE = 0x0110
+_FORGET_AFTER_S = 3600.0  # how long past the quiet period an arrival time is kept (`Listener._handle_store`)
 
 
 def check_exposure(host: str, *, tls_protected: bool, allow_unprotected_remote: bool = False) -> None:
@@ -100,7 +102,7 @@ class NodeSettings:
     """Everything `pneumolab listen` is told (defaults: a loopback node with a 5 s quiet period)."""
 
     spool: Path
-    dest: Destination
+    dest: AnyDestination
     ae_title: str = "PNEUMOLAB"
     host: str = "127.0.0.1"
     port: int = 11112
@@ -117,6 +119,19 @@ class NodeSettings:
     tls_ca: Path | None = None
     allow_unprotected_remote: bool = False
     worker: WorkerSettings = field(default_factory=WorkerSettings)
+
+
+class _LateHandshake(ssl.SSLContext):
+    """A server context whose TLS handshake waits for the association's first read, in the association's thread.
+
+    pynetdicom wraps each accepted socket in the server's one accepting thread, where the handshake would wait on
+    the peer: one that never starts it (a bare TCP connection) stopped every other association for as long as it
+    stayed. The first read is bounded by the timeout `Listener._handle_open` sets.
+    """
+
+    def wrap_socket(self, sock: Any, *args: Any, **kwargs: Any) -> Any:
+        kwargs["do_handshake_on_connect"] = False
+        return super().wrap_socket(sock, *args, **kwargs)
 
 
 class Listener:
@@ -136,6 +151,15 @@ class Listener:
 
     def _handle_echo(self, event: Any) -> int:
         return 0x0000
+
+    def _handle_open(self, event: Any) -> None:
+        """Give each accepted connection a read timeout: pynetdicom reads a PDU with blocking reads on a socket that
+        has none, so a peer that sends part of a PDU (an HTTP request, a probe, a link gone dead) and then nothing
+        would hold its thread, and one of the --max-associations, for ever; now the read fails after
+        --idle-timeout seconds and the connection is closed."""
+        sock = event.assoc.dul.socket
+        if sock is not None and sock.socket is not None and self.settings.idle_timeout > 0:
+            sock.socket.settimeout(self.settings.idle_timeout)
 
     def _handle_store(self, event: Any) -> int:
         from pydicom.filebase import DicomBytesIO
@@ -171,7 +195,14 @@ class Listener:
             self.spool.journal("refused", study=study, sop=sop, reason=f"spool write failed: {error.strerror}")
             return OUT_OF_RESOURCES
         with self._lock:
-            self._last_received[study] = time.time()
+            now = time.time()
+            self._last_received[study] = now
+            # an arrival time older than the quiet period no longer holds its study back (the dispatcher takes the
+            # later of it and the files' time), so it is forgotten, after an hour's margin for clock steps: else a
+            # node running for months would keep an entry for every study it ever received
+            horizon = now - self.settings.quiet_seconds - _FORGET_AFTER_S
+            for old in [uid for uid, when in self._last_received.items() if when < horizon]:
+                del self._last_received[old]
         self.spool.journal("received", study=study, sop=sop, bytes=stored.size, calling_ae=calling)
         return 0x0000
 
@@ -181,9 +212,7 @@ class Listener:
             return None
         if not (s.tls_cert and s.tls_key):
             raise SettingError("--tls-cert and --tls-key go together")
-        import ssl
-
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context = _LateHandshake(ssl.PROTOCOL_TLS_SERVER)  # as ssl.create_default_context(Purpose.CLIENT_AUTH)
         context.load_cert_chain(s.tls_cert, s.tls_key)
         if s.tls_ca:
             context.verify_mode = ssl.CERT_REQUIRED
@@ -214,7 +243,11 @@ class Listener:
         ae.require_called_aet = True
         if s.allowed_aes:
             ae.require_calling_aet = list(s.allowed_aes)
-        handlers = [(evt.EVT_C_STORE, self._handle_store), (evt.EVT_C_ECHO, self._handle_echo)]
+        handlers = [
+            (evt.EVT_CONN_OPEN, self._handle_open),
+            (evt.EVT_C_STORE, self._handle_store),
+            (evt.EVT_C_ECHO, self._handle_echo),
+        ]
         self._server = ae.start_server(
             (s.host, s.port), block=False, evt_handlers=handlers, ssl_context=self._ssl_context()
         )
