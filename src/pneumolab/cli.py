@@ -1091,6 +1091,10 @@ def listen_command(
         list[str] | None, typer.Option(help="Calling AE titles allowed to associate (repeat; default: any).")
     ] = None,
     quiet_seconds: Annotated[float, typer.Option(help="A study is complete after this long without a film.")] = 5.0,
+    restart_grace: Annotated[
+        float,
+        typer.Option(help="After a start, studies spooled before it wait this long for films their senders re-send."),
+    ] = 30.0,
     max_instance_mb: Annotated[float, typer.Option(help="Larger instances are answered 'out of resources'.")] = 200,
     reserve_mb: Annotated[float, typer.Option(help="Free disk the spool never eats into.")] = 512,
     max_associations: Annotated[int, typer.Option(help="Concurrent associations.", min=1)] = 10,
@@ -1128,7 +1132,7 @@ def listen_command(
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per STOW-RS request otherwise
     settings = NodeSettings(
         spool=spool, dest=parse_destination(dest, ca_bundle=dest_ca), ae_title=ae_title, host=host, port=port,
-        allowed_aes=tuple(allow_ae or ()), quiet_seconds=quiet_seconds,
+        allowed_aes=tuple(allow_ae or ()), quiet_seconds=quiet_seconds, restart_grace=restart_grace,
         max_instance_bytes=int(max_instance_mb * 2**20), reserve_bytes=int(reserve_mb * 2**20),
         max_associations=max_associations, idle_timeout=idle_timeout, retries=retries, tls_cert=tls_cert,
         tls_key=tls_key, tls_ca=tls_ca, allow_unprotected_remote=allow_unprotected_remote,

@@ -108,6 +108,7 @@ class NodeSettings:
     port: int = 11112
     allowed_aes: Sequence[str] = ()
     quiet_seconds: float = 5.0
+    restart_grace: float = 30.0
     max_instance_bytes: int = 200 * 2**20
     reserve_bytes: int = 512 * 2**20
     max_associations: int = 10
@@ -285,6 +286,7 @@ def run_node(settings: NodeSettings, *, stop: threading.Event | None = None, on_
         retries=settings.retries,
         retry_delay=settings.retry_delay,
         last_received=listener.last_received,
+        restart_grace=settings.restart_grace,
     )
     listener.start()  # exposure is checked before the model loads
     spool.journal("started", ae_title=settings.ae_title, port=listener.port)

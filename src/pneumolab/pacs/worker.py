@@ -6,7 +6,9 @@ classifies its films with the same code and the same decision as `pneumolab pred
 `InferenceModel.assess`), builds the SR and SC and writes them with ``outcome.json`` into the batch. The sender
 thread then stores them at the destination (bounded retries) and closes the batch: ``done/``, or ``failed/`` with
 the reason. Every step is journaled. On start, batches left in ``work/`` by a crash are resumed (a built batch
-goes straight to sending).
+goes straight to sending), and studies spooled before the start wait at least `restart_grace` seconds: their
+senders are re-sending what the node refused while it was down, and a study completed before those films came back
+would get two results.
 
 Every acknowledged instance ends in the journal's ``processed`` event as ``answered``, ``refer``, ``refused``
 (with the reason) or ``skipped`` (a duplicate of one already processed, a structured report, or one of our own
@@ -156,6 +158,7 @@ class Dispatcher:
         retries: Send retries after the first attempt.
         retry_delay: Seconds before the first retry (doubling).
         last_received: A callable giving the in-memory arrival times (study -> epoch seconds) of the listener.
+        restart_grace: Seconds after the start before a study spooled earlier is complete (module doc).
     """
 
     def __init__(
@@ -169,8 +172,10 @@ class Dispatcher:
         retries: int = 3,
         retry_delay: float = 2.0,
         last_received: Callable[[], dict[str, float]] | None = None,
+        restart_grace: float = 30.0,
     ) -> None:
         self.spool, self.settings, self.dest = spool, settings, dest
+        self.restart_grace, self._started = restart_grace, time.time()
         self.calling_ae, self.quiet_seconds = calling_ae, quiet_seconds
         self.retries, self.retry_delay = retries, retry_delay
         self._last_received = last_received or dict
@@ -190,6 +195,7 @@ class Dispatcher:
 
     def start(self) -> None:
         """Resume what a crash left, start the worker process and the threads."""
+        self._started = time.time()
         self.resume()
         self._start_worker()
         for target in (self._dispatch_loop, self._send_loop):
@@ -254,6 +260,8 @@ class Dispatcher:
             last = max(disk_time, memory.get(study, 0.0))
             if now - last < self.quiet_seconds:
                 continue
+            if last < self._started and now - self._started < self.restart_grace:
+                continue  # spooled before this start: wait for what its senders re-send (module doc)
             batch = self.spool.take_batch(study)
             count = len(list(batch.glob("*.dcm")))
             self.spool.journal("complete", study=study, batch=batch.name, instances=count, quiet_s=self.quiet_seconds)
