@@ -1012,6 +1012,10 @@ def site_check(
         stdout.print(f"{name}: {facts['test']}, p = {facts['p_value']:.3g}{' (flagged)' if facts['flagged'] else ''}")
     shares = report["shares"]
     stdout.print(f"refused {shares['refused']:.1%}, referred {shares['referred']:.1%} of {report['n']} films")
+    for name, facts in report["film_statistics"].items():  # medians, local against reference
+        stdout.print(
+            f"{name}: {facts['local'][1]:.3f} against {facts['reference'][1]:.3f}, KS p = {facts['p_value']:.2g}"
+        )
     stdout.print(f"verdict: {report['verdict']['text']}")
     if out is not None:
         stdout.print(f"wrote {out / 'site-check.html'}")
