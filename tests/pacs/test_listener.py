@@ -88,3 +88,19 @@ def test_a_batch_finished_as_the_node_died_is_journaled_processed_once_and_sent(
     processed = [e["batch"] for e in spool.events() if e["event"] == "processed"]
     assert sorted(processed) == sorted(b.name for b in batches.values())  # one each, none twice
     assert {dispatcher._to_send.get_nowait().name for _ in batches} == {b.name for b in batches.values()}
+
+
+def test_a_film_re_sent_while_its_results_are_being_sent_counts_as_seen(tmp_path):
+    from pneumolab.pacs.worker import Dispatcher, WorkerSettings
+
+    spool = Spool(tmp_path / "spool")
+    dispatcher = Dispatcher(spool, WorkerSettings(), Destination.parse("X@127.0.0.1:1"))
+    for sop in ("1.2.3.4", "1.2.3.5"):
+        (spool.root / "incoming" / "1.2.3").mkdir(parents=True, exist_ok=True)
+        (spool.root / "incoming" / "1.2.3" / f"{sop}.dcm").write_bytes(b"film")
+        batch = spool.take_batch("1.2.3")
+        if sop == "1.2.3.4":
+            (batch / "outcome.json").write_text("{}")  # built, being sent
+    assert dispatcher._seen("1.2.3") == {"1.2.3.4"}  # not the one still waiting for the worker
+    spool.finish(batch, {})  # and what was sent before
+    assert dispatcher._seen("1.2.3") == {"1.2.3.4", "1.2.3.5"} and dispatcher._seen("9.9") == set()

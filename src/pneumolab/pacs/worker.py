@@ -272,7 +272,16 @@ class Dispatcher:
             self._busy = self._queued.pop(0)
             study = self._busy.name.split("~")[0]
             self.spool.journal("processing", study=study, batch=self._busy.name)
-            self._tasks.put((str(self._busy), sorted(self.spool.seen(study))))
+            self._tasks.put((str(self._busy), sorted(self._seen(study))))
+
+    def _seen(self, study: str) -> set[str]:
+        """The study's films processed in earlier batches: those sent (the spool's list) and those whose results
+        are built and still being sent, so that a film re-sent meanwhile is skipped, not reported twice."""
+        seen = self.spool.seen(study)
+        for batch in self.spool.work_batches():
+            if batch.name.split("~")[0] == study and (batch / _OUTCOME).is_file():
+                seen |= {film.stem for film in batch.glob("*.dcm")}
+        return seen
 
     def _collect(self, timeout: float) -> None:
         try:
