@@ -148,6 +148,14 @@ class Node:
                 out.append(json.loads(line))
         return out
 
+    def outcomes(self) -> dict[str, dict]:
+        """Every processed instance's outcome in the journal, by SOP Instance UID."""
+        out = {}
+        for event in self.journal():
+            if event["event"] == "processed":
+                out.update(event["instances"])
+        return out
+
     def kill(self) -> None:
         os.kill(self.process.pid, signal.SIGKILL)
         self.process.wait()

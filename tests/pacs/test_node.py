@@ -29,15 +29,6 @@ def pacs(tmp_path_factory):
     orthanc.stop()
 
 
-def _outcomes(node: Node) -> dict[str, dict]:
-    """Every processed instance's outcome in the node's journal, by SOP Instance UID."""
-    out = {}
-    for event in node.journal():
-        if event["event"] == "processed":
-            out.update(event["instances"])
-    return out
-
-
 def test_orthanc_sends_a_study_and_gets_sr_and_sc_back(pacs, model, make_film):
     orthanc, node = pacs
     study = pydicom.uid.generate_uid()
@@ -109,7 +100,7 @@ def _scu(port: int, contexts, calling: str = "PYTEST"):
 def _wait_accounted(node: Node, sops: set[str], timeout: float) -> dict[str, dict]:
     deadline = time.monotonic() + timeout
     while True:
-        outcomes = _outcomes(node)
+        outcomes = node.outcomes()
         if sops <= outcomes.keys():
             return outcomes
         if time.monotonic() > deadline:

@@ -72,22 +72,13 @@ def _wait(condition: Callable[[], Any], timeout: float, what: str) -> Any:
         time.sleep(0.2)
 
 
-def _outcomes(node: Node) -> dict[str, dict]:
-    """Every processed instance's outcome in the node's journal, by SOP Instance UID."""
-    out = {}
-    for event in node.journal():
-        if event["event"] == "processed":
-            out.update(event["instances"])
-    return out
-
-
 def _film(make_film, kind: str, name: str, study: str) -> pydicom.Dataset:
     return pydicom.dcmread(make_film(shared_jpegs(kind, 1)[0], name, study_uid=study))
 
 
 def _outcome(node: Node, sop: str, timeout: float = 90) -> dict:
     """One instance's outcome in the node's journal, once it is there."""
-    return _wait(lambda: _outcomes(node).get(sop), timeout, f"{sop} was not processed")
+    return _wait(lambda: node.outcomes().get(sop), timeout, f"{sop} was not processed")
 
 
 def _assert_every_acknowledged_accounted_for(node: Node, timeout: float = 60) -> None:
@@ -96,7 +87,7 @@ def _assert_every_acknowledged_accounted_for(node: Node, timeout: float = 60) ->
     received = {e["sop"] for e in node.journal() if e["event"] == "received"}
     deadline = time.monotonic() + timeout
     while True:
-        journal, outcomes = node.journal(), _outcomes(node)
+        journal, outcomes = node.journal(), node.outcomes()
         failed = {p.stem for e in journal if e["event"] == "failed" and e["reason"]
                   for p in (node.spool / "failed" / e["batch"]).glob("*.dcm")}  # fmt: skip
         missing = received - outcomes.keys() - failed
