@@ -107,3 +107,22 @@ def test_film_statistics_follow_framing_and_exposure(shared_data):
     assert block["edge_to_centre"]["local"][1] > block["edge_to_centre"]["reference"][1]
     assert block["edge_to_centre"]["p_value"] < 0.05
     assert film_statistics_report(scored(clean), FilmScores(**{**scored(clean).__dict__, "statistics": None})) == {}
+
+
+def test_em_starts_from_the_prior_a_site_calibration_moved_the_model_to(model, tmp_path):
+    """Probabilities moved to a site's 40 % are read against 40 %, not the reference films' own share."""
+    served, reference = model
+    import json
+
+    from pneumolab.inference.card import bundled_path
+
+    card = json.loads((bundled_path(None) / "card.json").read_text())
+    (tmp_path / "card.json").write_text(json.dumps({**card, "site": {"prevalence": {"value": 0.4}}}))
+    moved = SimpleNamespace(threshold=0.5, band=served.band, source=str(tmp_path))
+    local = _films(300, 0.7, seed=6)
+    as_fit = shift_report(served, local, reference, permutations=20, resamples=0)
+    as_moved = shift_report(moved, local, reference, permutations=20, resamples=0)
+    assert as_fit["prevalence"]["reference"] == pytest.approx(reference.labels.mean())
+    assert as_moved["prevalence"]["reference"] == 0.4
+    # the same probabilities, calibrated to a lower prior, carry stronger evidence: more pneumonia than read at 70 %
+    assert as_moved["prevalence"]["em"]["estimate"] > as_fit["prevalence"]["em"]["estimate"] + 0.1

@@ -33,6 +33,7 @@ import jinja2
 import numpy as np
 
 from pneumolab.fsutil import write_json_atomic, write_text_atomic
+from pneumolab.inference.card import read_card
 from pneumolab.inference.loader import load_backend
 from pneumolab.inference.steps import InferenceModel
 from pneumolab.site.films import STATISTICS, FilmScores, load_reference, read_films, score_films
@@ -59,6 +60,7 @@ def shift_report(
         reference_labels=reference.labels,
         reference_probabilities=reference.probabilities,
         threshold=model.threshold,
+        prior=calibrated_prior(model),
         resamples=resamples,
         seed=seed,
     )
@@ -98,6 +100,16 @@ def shift_report(
         "shares": shares,
         "verdict": verdict(tests, prevalence, len(local)),
     }
+
+
+def calibrated_prior(model: Any) -> float | None:
+    """The share of pneumonia `site calibrate` moved the model's probabilities to, from its artefact's card (None:
+    not moved, so the reference films' own share, which they were fit on)."""
+    card_file = Path(getattr(model, "source", "") or "") / "card.json"
+    if not card_file.is_file():
+        return None
+    value = ((read_card(card_file).facts.get("site") or {}).get("prevalence") or {}).get("value")
+    return None if value is None else float(value)
 
 
 def film_statistics_report(local: FilmScores, reference: FilmScores) -> dict[str, dict[str, Any]]:

@@ -104,13 +104,16 @@ def prevalence_estimates(
     reference_labels: np.ndarray,
     reference_probabilities: np.ndarray,
     threshold: float,
+    prior: float | None = None,
     resamples: int = 300,
     seed: int = 0,
 ) -> dict[str, Any]:
     """EM and BBSE estimates of the local P(PNEUMONIA), each with a 95 % percentile bootstrap interval over the local
-    films, the reference's own prevalence, and whether the two agree (within `AGREE_POINTS` or overlapping)."""
+    films, the reference's own prevalence, and whether the two agree (within `AGREE_POINTS` or overlapping).
+    `prior` is the share of pneumonia the probabilities are calibrated to (default: the reference films' share;
+    a model `site calibrate` moved to its site's prevalence says so in its card)."""
     p = np.asarray(probabilities, float)
-    prior = float(np.mean(reference_labels))
+    prior = float(np.mean(reference_labels)) if prior is None else float(prior)
     confusion = reference_confusion(reference_labels, reference_probabilities, threshold)
     rng = np.random.default_rng(seed)
     out: dict[str, Any] = {"reference": prior}
