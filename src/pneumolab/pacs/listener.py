@@ -13,7 +13,6 @@ Logs carry UIDs, AE titles, sizes and counts, never a patient's name or id.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import signal
 import ssl
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from pneumolab.errors import MissingExtraError, SettingError
+from pneumolab.network import is_loopback
 from pneumolab.pacs.sender import AnyDestination
 from pneumolab.pacs.spool import Spool, safe_uid
 from pneumolab.pacs.worker import Dispatcher, WorkerSettings
@@ -84,12 +84,7 @@ def check_exposure(host: str, *, tls_protected: bool, allow_unprotected_remote: 
     """
     if tls_protected or allow_unprotected_remote:
         return
-    bare = host.strip().strip("[]").lower()
-    try:
-        loopback = ipaddress.ip_address(bare).is_loopback
-    except ValueError:
-        loopback = bare in {"localhost", "localhost."}
-    if not loopback:
+    if not is_loopback(host):
         raise SettingError(
             f"--host {host}: listens beyond this machine unprotected, so anyone who can reach it may send films "
             "and get results; set --tls-cert, --tls-key and --tls-ca (client certificates), or pass "

@@ -11,7 +11,6 @@ after a restart stores the same objects again, which the PACS keeps once.
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import logging
 import os
 import re
@@ -24,6 +23,7 @@ from typing import Any, TypeAlias
 from urllib.parse import urlsplit
 
 from pneumolab.errors import SettingError
+from pneumolab.network import is_loopback
 
 __all__ = [
     "PASSWORD_ENV",
@@ -128,19 +128,12 @@ def parse_destination(
         raise SettingError(f"{USERNAME_ENV} and {PASSWORD_ENV} go together")
     if token and username:
         raise SettingError(f"set {TOKEN_ENV} or {USERNAME_ENV}/{PASSWORD_ENV}, not both")
-    if (token or username) and parts.scheme == "http" and not _is_loopback(parts.hostname):
+    if (token or username) and parts.scheme == "http" and not is_loopback(parts.hostname):
         raise SettingError(f"--dest {text}: credentials would travel in clear; use https:// beyond this machine")
     if ca_bundle is not None and (parts.scheme != "https" or not Path(ca_bundle).is_file()):
         raise SettingError(f"--dest-ca {ca_bundle}: needs an https:// destination and an existing PEM file")
     url = text.rstrip("/")
     return StowDestination(url, token=token, username=username, password=password, ca_bundle=ca_bundle)
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host.lower() == "localhost"
 
 
 def _send_once(files: Sequence[Path], dest: Destination, calling_ae: str, timeout: float) -> None:

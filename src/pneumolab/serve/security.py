@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import ipaddress
 import re
 from collections.abc import Callable, Sequence
 
@@ -22,6 +21,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pneumolab.errors import SettingError
+from pneumolab.network import is_loopback
 
 __all__ = [
     "API_CSP",
@@ -56,15 +56,6 @@ def header_value(text: str, limit: int = 256) -> str:
     """`text` as an HTTP header value: one line, ASCII (anything else backslash-escaped), at most `limit` characters."""
     value = " ".join(text.split()).encode("ascii", "backslashreplace").decode("ascii")
     return value if len(value) <= limit else value[: limit - 3] + "..."
-
-
-def is_loopback(host: str) -> bool:
-    """Whether `host` (an address or name to listen on) stays on this machine: 127.0.0.0/8, ::1 or localhost."""
-    bare = host.strip().strip("[]").lower()
-    try:
-        return ipaddress.ip_address(bare).is_loopback
-    except ValueError:  # a host name: only localhost is known to stay on this machine
-        return bare in {"localhost", "localhost."}
 
 
 def loopback_hosts() -> list[str]:
