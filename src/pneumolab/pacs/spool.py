@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Spool", "StoredInstance", "safe_uid"]
+__all__ = ["Spool", "StoredInstance", "batch_study", "safe_uid"]
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
@@ -39,6 +39,11 @@ def safe_uid(uid: str) -> str | None:
     """`uid` when it is a well-formed DICOM UID (safe as a file name), else None."""
     uid = str(uid).strip().rstrip("\x00")
     return uid if 0 < len(uid) <= 64 and _UID.match(uid) else None
+
+
+def batch_study(batch: Path) -> str:
+    """The Study Instance UID a batch folder (``<study>~<time>~<n>``, `Spool.take_batch`) belongs to."""
+    return batch.name.split("~")[0]
 
 
 def _fsync_dir(path: Path) -> None:
@@ -136,7 +141,7 @@ class Spool:
     def finish(self, batch: Path, outcome: dict[str, Any], *, failed_reason: str | None = None) -> Path:
         """Close a batch: sent (``done/``; its instances removed, their UIDs added to the study's seen list) or
         failed (``failed/`` with ``reason.json``, everything kept)."""
-        study = batch.name.split("~")[0]
+        study = batch_study(batch)
         if failed_reason is not None:
             (batch / "reason.json").write_text(json.dumps({"reason": failed_reason}) + "\n")
             target = self.root / "failed" / batch.name

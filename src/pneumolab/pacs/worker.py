@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from pneumolab.pacs.sender import AnyDestination, SendError, send_files
-from pneumolab.pacs.spool import Spool
+from pneumolab.pacs.spool import Spool, batch_study
 
 __all__ = ["Dispatcher", "WorkerSettings", "process_batch"]
 
@@ -210,7 +210,7 @@ class Dispatcher:
         batches = self.spool.work_batches()
         processed = {e.get("batch") for e in self.spool.events() if e["event"] == "processed"} if batches else set()
         for batch in batches:
-            self.spool.journal("resumed", study=batch.name.split("~")[0], batch=batch.name)
+            self.spool.journal("resumed", study=batch_study(batch), batch=batch.name)
             if not (batch / _OUTCOME).is_file():
                 self._queued.append(batch)
                 continue
@@ -270,7 +270,7 @@ class Dispatcher:
     def _feed_worker(self) -> None:
         if self._busy is None and self._queued:
             self._busy = self._queued.pop(0)
-            study = self._busy.name.split("~")[0]
+            study = batch_study(self._busy)
             self.spool.journal("processing", study=study, batch=self._busy.name)
             self._tasks.put((str(self._busy), sorted(self._seen(study))))
 
@@ -279,7 +279,7 @@ class Dispatcher:
         are built and still being sent, so that a film re-sent meanwhile is skipped, not reported twice."""
         seen = self.spool.seen(study)
         for batch in self.spool.work_batches():
-            if batch.name.split("~")[0] == study and (batch / _OUTCOME).is_file():
+            if batch_study(batch) == study and (batch / _OUTCOME).is_file():
                 seen |= {film.stem for film in batch.glob("*.dcm")}
         return seen
 
@@ -309,7 +309,7 @@ class Dispatcher:
         for facts in outcome["instances"].values():
             counts[facts["status"]] = counts.get(facts["status"], 0) + 1
         self.spool.journal(
-            "processed", study=batch.name.split("~")[0], batch=batch.name, counts=counts,
+            "processed", study=batch_study(batch), batch=batch.name, counts=counts,
             instances=outcome["instances"], results=len(outcome["results"]),
         )  # fmt: skip
 
@@ -327,7 +327,7 @@ class Dispatcher:
         self._start_worker()
 
     def _fail(self, batch: Path, reason: str) -> None:
-        study = batch.name.split("~")[0]
+        study = batch_study(batch)
         self.spool.finish(batch, {}, failed_reason=reason)
         self.spool.journal("failed", study=study, batch=batch.name, reason=reason)
         log.error("study batch %s failed: %s", batch.name, reason)
@@ -346,7 +346,7 @@ class Dispatcher:
                 self._fail(batch, f"sending failed: {error}")
 
     def _send(self, batch: Path) -> None:
-        study = batch.name.split("~")[0]
+        study = batch_study(batch)
         outcome = json.loads((batch / _OUTCOME).read_text())
         files = sorted((batch / "results").glob("*.dcm"))
         if not files:
