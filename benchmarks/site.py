@@ -39,7 +39,7 @@ from pneumolab.data.tasks import task_for_classes, task_labels
 from pneumolab.inference.loader import load_backend
 from pneumolab.referral import ReferralBand
 from pneumolab.site.calibrate import SiteCalibrator, estimate_prevalence, site_figures
-from pneumolab.site.check import shift_report
+from pneumolab.site.check import calibrated_prior, shift_report
 from pneumolab.site.films import FilmScores, load_reference, score_films
 
 KS = (25, 50, 100, 200)
@@ -123,13 +123,13 @@ def calibration_rows(model, test: FilmScores, draws: int, rng, alpha: float | No
 
 
 def check_rows(model, reference: FilmScores, test: FilmScores, draws: int, rng) -> list[dict]:
-    rows = []
+    rows, prior = [], calibrated_prior(model)
     for n in NS:
         flagged_test, flagged_val, em, bbse, verdicts = [], [], [], [], {}
         statistics: dict[str, dict[str, list[bool]]] = {"test": {}, "val": {}}
         for _ in range(draws):
             local = test.subset(patient_draw(test, {0: round(n * 0.375), 1: n - round(n * 0.375)}, rng))
-            report = shift_report(model, local, reference, permutations=200, resamples=100)
+            report = shift_report(model, local, reference, prior=prior, permutations=200, resamples=100)
             flagged_test.append(report["verdict"]["shifted"])
             verdicts[report["verdict"]["kind"]] = verdicts.get(report["verdict"]["kind"], 0) + 1
             em.append(report["prevalence"]["em"]["estimate"])
@@ -139,7 +139,9 @@ def check_rows(model, reference: FilmScores, test: FilmScores, draws: int, rng) 
             if n < len(reference):
                 drawn = rng.choice(len(reference), n, replace=False)
                 rest = reference.subset(np.setdiff1d(np.arange(len(reference)), drawn))
-                val_report = shift_report(model, reference.subset(drawn), rest, permutations=200, resamples=100)
+                val_report = shift_report(
+                    model, reference.subset(drawn), rest, prior=prior, permutations=200, resamples=100
+                )
                 flagged_val.append(val_report["verdict"]["shifted"])
                 for name, facts in val_report["film_statistics"].items():
                     statistics["val"].setdefault(name, []).append(facts["p_value"] < 0.05)

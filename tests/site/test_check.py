@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pneumolab.referral import ReferralBand
-from pneumolab.site.check import render_check, shift_report
+from pneumolab.site.check import calibrated_prior, render_check, shift_report
 from pneumolab.site.films import FilmScores
 from pneumolab.site.shift import em_prevalence
 
@@ -120,8 +120,8 @@ def test_em_starts_from_the_prior_a_site_calibration_moved_the_model_to(model, t
     (tmp_path / "card.json").write_text(json.dumps({**card, "site": {"prevalence": {"value": 0.4}}}))
     moved = SimpleNamespace(threshold=0.5, band=served.band, source=str(tmp_path))
     local = _films(300, 0.7, seed=6)
-    as_fit = shift_report(served, local, reference, permutations=20, resamples=0)
-    as_moved = shift_report(moved, local, reference, permutations=20, resamples=0)
+    as_fit = shift_report(served, local, reference, prior=calibrated_prior(served), permutations=20, resamples=0)
+    as_moved = shift_report(moved, local, reference, prior=calibrated_prior(moved), permutations=20, resamples=0)
     assert as_fit["prevalence"]["reference"] == pytest.approx(reference.labels.mean())
     assert as_moved["prevalence"]["reference"] == 0.4
     # the same probabilities, calibrated to a lower prior, carry stronger evidence: more pneumonia than read at 70 %

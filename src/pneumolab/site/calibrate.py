@@ -170,11 +170,11 @@ class SiteCalibrator(BaseEstimator):
             raise SettingError(f"recalibration method: {method!r} is not one of {', '.join(RECALIBRATIONS)}")
         if not 0.5 <= confidence < 1:
             raise SettingError(f"confidence: must be in [0.5, 1), got {confidence}")
+        if prevalence is not None and not 0 < prevalence < 1:
+            raise SettingError(f"prevalence: must be in (0, 1), got {prevalence}")
         self.method = method
         self.threshold_method = threshold_method
         self.alpha = alpha
-        if prevalence is not None and not 0 < prevalence < 1:
-            raise SettingError(f"prevalence: must be in (0, 1), got {prevalence}")
         self.confidence = confidence
         self.strict = strict
         self.prevalence = prevalence
@@ -368,7 +368,7 @@ def calibrate_artefact(
             "inputs": [str(i) for i in unlabelled],
         }
     prevalence_facts["labelled_share"] = share
-    calibrator.set_params(prevalence=prevalence_facts["value"] if prevalence_facts["value"] != share else None)
+    calibrator.set_params(prevalence=prevalence_facts["value"])  # the labelled share itself moves nothing
     calibrator.fit(kept.margins, kept.labels)
     band = calibrator.band_
     before_band = ReferralBand.from_saved(card["referral"]) if card.get("referral") else None

@@ -39,7 +39,7 @@ from pneumolab.inference.steps import InferenceModel
 from pneumolab.site.films import STATISTICS, FilmScores, load_reference, read_films, score_films
 from pneumolab.site.shift import ks_test, mmd_test, prevalence_estimates
 
-__all__ = ["LEVEL", "check_site", "render_check", "shift_report"]
+__all__ = ["LEVEL", "calibrated_prior", "check_site", "render_check", "shift_report"]
 
 LEVEL = 0.05  # family-wise: each of m tests is judged at LEVEL / m
 
@@ -49,18 +49,21 @@ def shift_report(
     local: FilmScores,
     reference: FilmScores,
     *,
+    prior: float | None = None,
     permutations: int = 500,
     resamples: int = 300,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """The tests, prevalence estimates, shares and verdict for scored local films against a reference."""
+    """The tests, prevalence estimates, shares and verdict for scored local films against a reference; `prior` is
+    the share of pneumonia the model's probabilities are calibrated to when it is not the reference's
+    (`calibrated_prior`)."""
     kept = ~local.refused
     prevalence = prevalence_estimates(
         local.probabilities[kept],
         reference_labels=reference.labels,
         reference_probabilities=reference.probabilities,
         threshold=model.threshold,
-        prior=calibrated_prior(model),
+        prior=prior,
         resamples=resamples,
         seed=seed,
     )
@@ -105,8 +108,9 @@ def shift_report(
 def calibrated_prior(model: Any) -> float | None:
     """The share of pneumonia `site calibrate` moved the model's probabilities to, from its artefact's card (None:
     not moved, so the reference films' own share, which they were fit on)."""
-    card_file = Path(getattr(model, "source", "") or "") / "card.json"
-    if not card_file.is_file():
+    source = getattr(model, "source", None)
+    card_file = Path(source) / "card.json" if source else None
+    if card_file is None or not card_file.is_file():
         return None
     value = ((read_card(card_file).facts.get("site") or {}).get("prevalence") or {}).get("value")
     return None if value is None else float(value)
@@ -187,7 +191,7 @@ def check_site(
         "model": str(trained.source),
         "reference": facts,
         "inputs": [str(i) for i in inputs],
-        **shift_report(trained, local, reference),
+        **shift_report(trained, local, reference, prior=calibrated_prior(trained)),
     }
     report["films"] = [
         {"path": str(path), "probability": float(p), "gate_score": float(g), "refused": bool(r)}

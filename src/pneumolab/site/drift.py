@@ -20,7 +20,7 @@ import numpy as np
 
 from pneumolab.errors import PneumolabError
 from pneumolab.inference.steps import Decision, InferenceModel
-from pneumolab.site.check import shift_report
+from pneumolab.site.check import calibrated_prior, shift_report
 from pneumolab.site.films import FilmScores, load_reference
 
 __all__ = ["DriftWatch"]
@@ -60,6 +60,7 @@ class DriftWatch:
         if reference is not None:  # the features are not watched (module doc); drop them from the reference
             reference = FilmScores(**{**reference.__dict__, "features": np.empty((len(reference), 0), np.float32)})
         self.reference = reference
+        self.prior = calibrated_prior(model)  # read once: the card does not change while the model serves
         self._probabilities: deque[float] = deque(maxlen=window)
         self._gate_scores: deque[float] = deque(maxlen=window)
         self._since = 0
@@ -86,7 +87,7 @@ class DriftWatch:
     def _check(self, probabilities: np.ndarray, gate_scores: np.ndarray) -> dict[str, Any]:
         n = len(probabilities)
         local = FilmScores(probabilities, np.zeros(n), gate_scores, np.zeros(n, bool), np.empty((n, 0), np.float32))
-        report = shift_report(self.model, local, self.reference, resamples=0)
+        report = shift_report(self.model, local, self.reference, prior=self.prior, resamples=0)
         was = self.report is not None and self.report["verdict"]["shifted"]
         if report["verdict"]["shifted"] != was:
             word = "crossed its limit" if report["verdict"]["shifted"] else "is back within its limit"

@@ -97,8 +97,14 @@ def check_binary(model: InferenceModel) -> None:
 
 
 def film_statistics(images: np.ndarray) -> np.ndarray:
-    """`STATISTICS` of uint8 N x S x S films, one row per film (module doc)."""
-    films = np.asarray(images, np.float32).reshape(len(images), *np.shape(images)[-2:])
+    """`STATISTICS` of uint8 N x S x S films, one row per film (module doc); a chunk of films at a time, so that a
+    site's thousands of films are never all copied to float at once."""
+    rows = [_statistics(images[start : start + 256]) for start in range(0, len(images), 256)]
+    return np.concatenate(rows) if rows else np.empty((0, len(STATISTICS)), np.float32)
+
+
+def _statistics(chunk: np.ndarray) -> np.ndarray:
+    films = np.asarray(chunk, np.float32).reshape(len(chunk), *np.shape(chunk)[-2:])
     side = films.shape[-1]
     ring = max(1, side // _EDGE)
     centre = films[:, side // 4 : side - side // 4, side // 4 : side - side // 4].reshape(len(films), -1)
@@ -145,7 +151,7 @@ def score_films(model: InferenceModel, images: np.ndarray, *, progress: bool = T
         gate_scores=np.asarray(scores, np.float64),
         refused=np.asarray(refused, bool),
         features=features,
-        statistics=film_statistics(images) if len(images) else np.empty((0, len(STATISTICS)), np.float32),
+        statistics=film_statistics(images),
         labels=None if truth.get("labels") is None else np.asarray(truth["labels"]),
         patients=None if truth.get("patients") is None else np.asarray(truth["patients"]).astype(str),
     )
